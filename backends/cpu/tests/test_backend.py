@@ -1,0 +1,419 @@
+"""CPU-specific behaviour: dtype and thread choice, KV sizing and refusals, the hooks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pluggy
+import pytest
+import torch
+from tgi_backend_cpu import _host, plugin
+from tgi_backend_cpu.backend import TransformersCpuBackend
+
+from tgi.backend import hookspecs
+from tgi.backend.contract import (
+    Backend,
+    DecodeBatch,
+    DecodeRow,
+    Limits,
+    PrefillBatch,
+    PrefillRow,
+)
+from tgi.config import ServeConfig
+from tgi.errors import BackendError, ConfigError
+from tgi.testing.tiny_models import build_tiny_model
+
+# tiny llama: 2 layers x 2 KV heads x head_dim 16 x (K and V) x 4 bytes (float32)
+TINY_BYTES_PER_TOKEN = 512
+LIMITS = Limits(
+    max_input_tokens=16,
+    max_total_tokens=32,
+    max_batch_prefill_tokens=64,
+    max_batch_total_tokens=None,
+    max_batch_size=None,
+)
+
+
+@dataclass(frozen=True)
+class FakeModelFiles:
+    """Stands in for tgi.models.source.ModelFiles: the hooks only read these fields."""
+
+    model_id: str
+    path: Path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[int]:
+    before = torch.get_num_threads()
+    try:
+        yield before
+    finally:
+        torch.set_num_threads(before)
+
+
+def _meminfo(tmp_path: Path, available_kb: int) -> Path:
+    path = tmp_path / "meminfo"
+    path.write_text(f"MemTotal: 99999999 kB\nMemFree: 1 kB\nMemAvailable: {available_kb} kB\n")
+    return path
+
+
+def _backend(model_dir: Path, **kwargs: object) -> TransformersCpuBackend:
+    return TransformersCpuBackend(model_dir, dtype=torch.float32, **kwargs)  # type: ignore[arg-type]
+
+
+def _warm(model_dir: Path, tmp_path: Path, capacity_tokens: int) -> TransformersCpuBackend:
+    budget = capacity_tokens * TINY_BYTES_PER_TOKEN
+    backend = _backend(
+        model_dir, environ={"TGI_KV_CACHE_MEMORY": str(budget)}, meminfo=_meminfo(tmp_path, 10**9)
+    )
+    backend.warmup(LIMITS)
+    return backend
+
+
+def _prefill(backend: TransformersCpuBackend, seq_id: int, num_tokens: int) -> None:
+    backend.prefill(PrefillBatch((PrefillRow(seq_id, tuple(range(1, num_tokens + 1))),)))
+
+
+def _cpu(flags: str = "", threads: int = 4) -> _host.CpuInfo:
+    return _host.CpuInfo("Test CPU", frozenset(flags.split()), "AVX2", threads)
+
+
+# -- host facts ---------------------------------------------------------------------------
+
+
+def test_read_cpu_info_parses_the_first_processor(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Xeon Test\nflags\t\t: fpu avx2 amx_bf16\n\n"
+        "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n"
+    )
+    info = _host.read_cpu_info(cpuinfo)
+    assert info.model_name == "Xeon Test"
+    assert info.flags == frozenset({"fpu", "avx2", "amx_bf16"})
+    assert info.fast_bf16 and not info.fast_fp16
+    assert info.num_threads == len(os.sched_getaffinity(0))
+    assert "Xeon Test" in info.describe() and "amx_bf16" in info.describe()
+
+
+def test_read_cpu_info_without_the_file_has_no_flags(tmp_path: Path) -> None:
+    info = _host.read_cpu_info(tmp_path / "missing")
+    assert info.flags == frozenset() and info.model_name == ""
+
+
+@pytest.mark.parametrize(
+    ("requested", "flags", "expected"),
+    [
+        (None, "avx2 avx512f", torch.float32),
+        (None, "avx512f avx512_bf16", torch.bfloat16),
+        (None, "amx_bf16", torch.bfloat16),
+        ("float32", "amx_bf16", torch.float32),
+        ("bfloat16", "avx2", torch.bfloat16),
+        ("float16", "avx2", torch.float16),
+    ],
+)
+def test_choose_dtype(requested: str | None, flags: str, expected: torch.dtype) -> None:
+    choice = _host.choose_dtype(requested, _cpu(flags))
+    assert choice.dtype == expected
+    assert ("asked for" in choice.reason) == (requested is not None)
+
+
+def test_choose_threads_prefers_the_setting_then_the_affinity_mask() -> None:
+    assert _host.choose_threads(3, _cpu(threads=8)) == (3, "--cpu-threads")
+    assert _host.choose_threads(None, _cpu(threads=8))[0] == 8
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("2GiB", 2 * 2**30), ("512MB", 512_000_000), ("1000", 1000), (" 1.5 kib ", 1536)],
+)
+def test_parse_bytes(text: str, expected: int) -> None:
+    assert _host.parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "2 GiBs", "-1GiB", "two"])
+def test_parse_bytes_rejects_junk(text: str) -> None:
+    with pytest.raises(ValueError, match="expected a size"):
+        _host.parse_bytes(text)
+
+
+def test_kv_memory_override_names_the_variable() -> None:
+    assert _host.kv_memory_override({"TGI_KV_CACHE_MEMORY": "1MiB"}) == 2**20
+    assert _host.kv_memory_override({}) is None
+    with pytest.raises(ConfigError, match="TGI_KV_CACHE_MEMORY='lots'"):
+        _host.kv_memory_override({"TGI_KV_CACHE_MEMORY": "lots"})
+
+
+def test_mem_available_reads_kilobytes(tmp_path: Path) -> None:
+    assert _host.mem_available_bytes(_meminfo(tmp_path, 2048)) == 2048 * 1024
+    assert _host.mem_available_bytes(tmp_path / "missing") is None
+
+
+# -- the backend ---------------------------------------------------------------------------
+
+
+def test_threads_are_set_from_the_argument(model_dir: Path, restore_threads: int) -> None:
+    _backend(model_dir, num_threads=1)
+    assert torch.get_num_threads() == 1
+
+
+def test_bytes_per_token_follows_the_model_config_and_dtype(model_dir: Path) -> None:
+    assert _backend(model_dir).bytes_per_token == TINY_BYTES_PER_TOKEN
+    bf16 = TransformersCpuBackend(model_dir, dtype=torch.bfloat16)
+    assert bf16.bytes_per_token == TINY_BYTES_PER_TOKEN // 2
+
+
+def test_bfloat16_backend_returns_float32_logits(model_dir: Path, tmp_path: Path) -> None:
+    backend = TransformersCpuBackend(
+        model_dir, dtype=torch.bfloat16, meminfo=_meminfo(tmp_path, 10**6)
+    )
+    backend.warmup(LIMITS)
+    out = backend.prefill(PrefillBatch((PrefillRow(1, (5, 6, 7)),)))
+    assert out.logits.dtype == torch.float32 and tuple(out.logits.shape) == (1, 1, 259)
+
+
+def test_warmup_sizes_kv_from_the_override(model_dir: Path, tmp_path: Path) -> None:
+    backend = _backend(
+        model_dir, environ={"TGI_KV_CACHE_MEMORY": "1MiB"}, meminfo=_meminfo(tmp_path, 10**9)
+    )
+    capacity = backend.warmup(LIMITS)
+    assert capacity.max_total_tokens == 2**20 // TINY_BYTES_PER_TOKEN == 2048
+    assert capacity.bytes_per_token == TINY_BYTES_PER_TOKEN
+    assert backend.kv_usage().capacity_tokens == 2048
+
+
+def test_warmup_sizes_kv_from_half_of_mem_available(model_dir: Path, tmp_path: Path) -> None:
+    backend = _backend(model_dir, meminfo=_meminfo(tmp_path, 1000))
+    assert backend.warmup(LIMITS).max_total_tokens == 1000 * 1024 // 2 // TINY_BYTES_PER_TOKEN
+
+
+def test_warmup_takes_max_batch_total_tokens_when_given(model_dir: Path, tmp_path: Path) -> None:
+    backend = _backend(model_dir, meminfo=_meminfo(tmp_path, 10**6))
+    limits = Limits(16, 32, 64, max_batch_total_tokens=96, max_batch_size=None)
+    assert backend.warmup(limits).max_total_tokens == 96
+
+
+def test_warmup_refuses_max_batch_total_tokens_beyond_memory(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    backend = _backend(model_dir, meminfo=_meminfo(tmp_path, 1))  # 1024 bytes: 2 tokens
+    limits = Limits(16, 32, 64, max_batch_total_tokens=96, max_batch_size=None)
+    with pytest.raises(BackendError, match="--max-batch-total-tokens 96"):
+        backend.warmup(limits)
+
+
+def test_warmup_refuses_a_budget_below_one_full_sequence(model_dir: Path, tmp_path: Path) -> None:
+    backend = _backend(
+        model_dir, environ={"TGI_KV_CACHE_MEMORY": "8KiB"}, meminfo=_meminfo(tmp_path, 10**9)
+    )  # 16 tokens < 32
+    with pytest.raises(BackendError, match=r"--max-total-tokens 32.*TGI_KV_CACHE_MEMORY"):
+        backend.warmup(LIMITS)
+
+
+def test_warmup_refuses_an_unreadable_kv_memory_setting(model_dir: Path, tmp_path: Path) -> None:
+    backend = _backend(model_dir, environ={"TGI_KV_CACHE_MEMORY": "a lot"})
+    with pytest.raises(BackendError, match="TGI_KV_CACHE_MEMORY='a lot'"):
+        backend.warmup(LIMITS)
+
+
+def test_warmup_without_meminfo_asks_for_a_budget(model_dir: Path, tmp_path: Path) -> None:
+    backend = _backend(model_dir, meminfo=tmp_path / "missing")
+    with pytest.raises(BackendError, match="TGI_KV_CACHE_MEMORY"):
+        backend.warmup(LIMITS)
+
+
+def test_steps_before_warmup_are_refused(model_dir: Path) -> None:
+    with pytest.raises(BackendError, match="warmup"):
+        _prefill(_backend(model_dir), 1, 3)
+
+
+def test_prefill_past_capacity_is_refused_and_changes_nothing(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    backend = _warm(model_dir, tmp_path, capacity_tokens=40)
+    _prefill(backend, 1, 16)
+    _prefill(backend, 2, 16)
+    before = backend.kv_usage()
+    rows = (PrefillRow(3, (1, 2, 3)), PrefillRow(4, tuple(range(6))))  # 32 + 9 > 40
+    with pytest.raises(BackendError, match="KV full: the step adds 9 tokens to 32 held"):
+        backend.prefill(PrefillBatch(rows))
+    assert backend.kv_usage() == before
+
+
+def test_decode_past_capacity_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    backend = _warm(model_dir, tmp_path, capacity_tokens=33)
+    _prefill(backend, 1, 16)
+    _prefill(backend, 2, 16)
+    backend.decode(DecodeBatch((DecodeRow(1, (5,), 16),)))
+    with pytest.raises(BackendError, match="KV full"):
+        backend.decode(DecodeBatch((DecodeRow(1, (5,), 17), DecodeRow(2, (5,), 16))))
+    assert backend.kv_usage().used_tokens == 33
+
+
+def test_a_sequence_past_max_total_tokens_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    backend = _warm(model_dir, tmp_path, capacity_tokens=1000)
+    backend.prefill(PrefillBatch((PrefillRow(1, tuple(range(16))),)))
+    backend.prefill(PrefillBatch((PrefillRow(1, tuple(range(16)), start_position=16),)))
+    with pytest.raises(BackendError, match="33 tokens, past --max-total-tokens 32"):
+        backend.decode(DecodeBatch((DecodeRow(1, (5,), 32),)))
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        (DecodeBatch((DecodeRow(9, (5,), 4),)), "seq 9, which is not live"),
+        (DecodeBatch((DecodeRow(1, (5,), 3),)), "position 3 but the backend holds 4"),
+        (DecodeBatch((DecodeRow(1, (999,), 4),)), "outside the vocabulary"),
+        (PrefillBatch((PrefillRow(1, (5,)),)), "starts at position 0 but the backend holds 4"),
+        (PrefillBatch((PrefillRow(2, ()),)), "no tokens"),
+        (PrefillBatch((PrefillRow(2, (1,)), PrefillRow(2, (1,)))), "names seq 2 twice"),
+    ],
+)
+def test_contract_violations_are_refused(
+    model_dir: Path, tmp_path: Path, batch: DecodeBatch | PrefillBatch, message: str
+) -> None:
+    backend = _warm(model_dir, tmp_path, capacity_tokens=1000)
+    _prefill(backend, 1, 4)
+    step = backend.decode if isinstance(batch, DecodeBatch) else backend.prefill
+    with pytest.raises(BackendError, match=message):
+        step(batch)  # type: ignore[arg-type]
+    assert backend.kv_usage().used_tokens == 4
+
+
+def test_kv_usage_counts_the_tokens_the_caches_really_hold(model_dir: Path, tmp_path: Path) -> None:
+    backend = _warm(model_dir, tmp_path, capacity_tokens=1000)
+    _prefill(backend, 1, 7)
+    backend.decode(DecodeBatch((DecodeRow(1, (3, 4), 7),)))  # two tokens at once
+    assert backend.kv_usage().used_tokens == 9
+    assert backend._seqs[1].cache.get_seq_length() == 9
+
+
+def test_a_failed_forward_drops_the_row_and_raises(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = _warm(model_dir, tmp_path, capacity_tokens=1000)
+    _prefill(backend, 1, 4)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(backend._model, "forward", broken)
+    with pytest.raises(BackendError, match="forward of seq 1 failed: out of memory"):
+        backend.decode(DecodeBatch((DecodeRow(1, (5,), 4),)))
+    assert backend.kv_usage().seq_ids == frozenset()
+
+
+def test_health_runs_until_close(model_dir: Path, tmp_path: Path) -> None:
+    backend = _warm(model_dir, tmp_path, capacity_tokens=100)
+    backend.health()
+    backend.close()
+    with pytest.raises(BackendError, match="closed"):
+        backend.health()
+
+
+# -- the plugin hooks ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def pm() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    manager.register(plugin, name="cpu")
+    return manager
+
+
+def test_entry_point_names_the_plugin_module() -> None:
+    found = [ep for ep in entry_points(group="tgi.backends") if ep.name == "cpu"]
+    assert [ep.value for ep in found] == ["tgi_backend_cpu.plugin"]
+
+
+def test_probe_is_available_at_low_priority(pm: pluggy.PluginManager) -> None:
+    (probe,) = pm.hook.tgi_backend_probe()
+    assert (probe.name, probe.available, probe.priority, probe.batching) == (
+        "cpu",
+        True,
+        10,
+        "continuous",
+    )
+    assert probe.version == "0.1.0"
+    assert torch.backends.cpu.get_cpu_capability() in probe.reason
+    assert f"{len(os.sched_getaffinity(0))} usable threads" in probe.reason
+
+
+def test_validate_fills_dtype_and_threads_as_backend_values(pm: pluggy.PluginManager) -> None:
+    config = pm.hook.tgi_validate_config(config=ServeConfig())
+    expected = "bfloat16" if _host.read_cpu_info().fast_bf16 else "float32"
+    assert config.dtype == expected
+    assert config.cpu_threads == len(os.sched_getaffinity(0))
+    assert config.source_of("dtype") == config.source_of("cpu_threads") == "backend cpu"
+
+
+def test_validate_keeps_explicit_settings(pm: pluggy.PluginManager) -> None:
+    config = ServeConfig(dtype="float32", cpu_threads=1)
+    assert pm.hook.tgi_validate_config(config=config) is None
+
+
+def test_validate_rejects_more_threads_than_cores(pm: pluggy.PluginManager) -> None:
+    cores = len(os.sched_getaffinity(0))
+    config = ServeConfig(cpu_threads=cores + 1, sources={"cpu_threads": "env TGI_CPU_THREADS"})
+    with pytest.raises(ConfigError, match=rf"--cpu-threads {cores + 1} \(env TGI_CPU_THREADS\)"):
+        pm.hook.tgi_validate_config(config=config)
+
+
+def test_validate_rejects_a_bad_kv_memory_setting(pm: pluggy.PluginManager) -> None:
+    with pytest.raises(ConfigError, match="TGI_KV_CACHE_MEMORY"):
+        pm.hook.tgi_validate_config(config=ServeConfig(environ={"TGI_KV_CACHE_MEMORY": "x"}))
+
+
+def test_validate_warns_about_float16_without_native_fp16(
+    pm: pluggy.PluginManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    if _host.read_cpu_info().fast_fp16:
+        pytest.skip("this CPU has native fp16, so float16 is not warned about")
+    config = ServeConfig(dtype="float16", cpu_threads=1, sources={"dtype": "env DTYPE"})
+    with caplog.at_level(logging.WARNING, logger="tgi_backend_cpu.plugin"):
+        assert pm.hook.tgi_validate_config(config=config) is None
+    assert "--dtype float16 (env DTYPE)" in caplog.text
+
+
+def test_create_builds_the_backend_from_config(
+    pm: pluggy.PluginManager, model_dir: Path, restore_threads: int
+) -> None:
+    config = ServeConfig(dtype="float32", cpu_threads=1)
+    backend = pm.hook.tgi_backend_create(config=config, model=FakeModelFiles("tiny", model_dir))
+    assert isinstance(backend, Backend) and isinstance(backend, TransformersCpuBackend)
+    assert backend.dtype == torch.float32
+    assert torch.get_num_threads() == 1
+    backend.close()
+
+
+def test_create_logs_the_dtype_and_thread_choice(
+    pm: pluggy.PluginManager,
+    model_dir: Path,
+    restore_threads: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = ServeConfig(dtype="float32", cpu_threads=1)
+    with caplog.at_level(logging.INFO, logger="tgi_backend_cpu.backend"):
+        pm.hook.tgi_backend_create(config=config, model=FakeModelFiles("tiny", model_dir)).close()
+    assert "computes in torch.float32 because --dtype float32 was asked for" in caplog.text
+    assert "uses 1 threads (--cpu-threads)" in caplog.text
+
+
+def test_create_recomputes_a_dtype_the_validate_hook_filled(
+    pm: pluggy.PluginManager, model_dir: Path, restore_threads: int
+) -> None:
+    config = ServeConfig(dtype="bfloat16", cpu_threads=1, sources={"dtype": "backend cpu"})
+    backend = pm.hook.tgi_backend_create(config=config, model=FakeModelFiles("tiny", model_dir))
+    fast_bf16 = _host.read_cpu_info().fast_bf16
+    assert backend.dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
+    backend.close()

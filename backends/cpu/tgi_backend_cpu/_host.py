@@ -1,0 +1,175 @@
+"""Facts about the host CPU this backend decides from: ISA flags, cores, free memory.
+
+Every reader takes the file it reads as an argument so tests can hand in a fake
+`/proc/cpuinfo` or `/proc/meminfo`; nothing here reads `os.environ` (the backend's own
+settings come from `ServeConfig.environ`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tgi.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "KV_MEMORY_ENV",
+    "CpuInfo",
+    "DtypeChoice",
+    "choose_dtype",
+    "choose_threads",
+    "kv_memory_override",
+    "mem_available_bytes",
+    "parse_bytes",
+    "read_cpu_info",
+]
+
+CPUINFO = Path("/proc/cpuinfo")
+MEMINFO = Path("/proc/meminfo")
+KV_MEMORY_ENV = "TGI_KV_CACHE_MEMORY"
+
+# Flags that mean the CPU multiplies bf16 natively (AVX512-BF16 dot products, AMX tiles);
+# without them torch upcasts bf16 per op and it is slower than fp32.
+FAST_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# Native fp16 arithmetic (Sapphire Rapids AVX512-FP16, Granite Rapids AMX-FP16).
+FAST_FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16"})
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CpuInfo:
+    """What the probe reports and the dtype choice reads."""
+
+    model_name: str  # "model name" of the first processor, "" when unknown
+    flags: frozenset[str]  # ISA flags of the first processor
+    capability: str  # torch's dispatch level: "AVX512", "AVX2", "DEFAULT", ...
+    num_threads: int  # cores this process may run on
+
+    @property
+    def fast_bf16(self) -> bool:
+        return bool(self.flags & FAST_BF16_FLAGS)
+
+    @property
+    def fast_fp16(self) -> bool:
+        return bool(self.flags & FAST_FP16_FLAGS)
+
+    def describe(self) -> str:
+        """One line for `tgi backends` and the start-up log."""
+        name = self.model_name or "unknown CPU"
+        extras = sorted(self.flags & (FAST_BF16_FLAGS | FAST_FP16_FLAGS))
+        isa = self.capability + (" + " + ", ".join(extras) if extras else "")
+        return f"{name}; torch ISA {isa}; {self.num_threads} usable threads"
+
+
+@dataclass(frozen=True, slots=True)
+class DtypeChoice:
+    """The compute dtype and the reason, so the log says why."""
+
+    dtype: torch.dtype
+    reason: str
+
+
+def read_cpu_info(cpuinfo: Path = CPUINFO) -> CpuInfo:
+    """Parse the first processor block of `cpuinfo`; missing file gives empty flags."""
+    model_name, flags = "", frozenset[str]()
+    try:
+        text = cpuinfo.read_text()
+    except OSError as exc:
+        logger.debug("cannot read %s: %s", cpuinfo, exc)
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model_name:
+            model_name = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = frozenset(value.split())
+        if model_name and flags:
+            break
+    return CpuInfo(model_name, flags, torch.backends.cpu.get_cpu_capability(), _usable_cores())
+
+
+def _usable_cores() -> int:
+    # sched_getaffinity honours taskset and cgroup cpusets; os.cpu_count() does not.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def choose_dtype(requested: str | None, cpu: CpuInfo) -> DtypeChoice:
+    """An explicit `--dtype` wins; otherwise bf16 only where the CPU has native bf16."""
+    if requested is not None:
+        return DtypeChoice(_DTYPES[requested], f"--dtype {requested} was asked for")
+    if cpu.fast_bf16:
+        found = ", ".join(sorted(cpu.flags & FAST_BF16_FLAGS))
+        return DtypeChoice(torch.bfloat16, f"the CPU multiplies bf16 natively ({found})")
+    return DtypeChoice(
+        torch.float32,
+        "the CPU lacks avx512_bf16/amx_bf16, so bf16 would be emulated and slower than float32",
+    )
+
+
+def choose_threads(requested: int | None, cpu: CpuInfo) -> tuple[int, str]:
+    """Threads for torch's intra-op pool, and where the number came from."""
+    if requested is not None:
+        return requested, "--cpu-threads"
+    return cpu.num_threads, "cores in this process's affinity mask"
+
+
+def mem_available_bytes(meminfo: Path = MEMINFO) -> int | None:
+    """MemAvailable from `meminfo` (what can be allocated without swapping), or None."""
+    try:
+        text = meminfo.read_text()
+    except OSError as exc:
+        logger.debug("cannot read %s: %s", meminfo, exc)
+        return None
+    match = re.search(r"^MemAvailable:\s+(\d+)\s*kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1000000' -> bytes. Raises ValueError on anything else."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"expected a size like 2GiB, 512MB or 1000000, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def kv_memory_override(environ: Mapping[str, str]) -> int | None:
+    """The KV budget in bytes from TGI_KV_CACHE_MEMORY, or None when unset."""
+    raw = environ.get(KV_MEMORY_ENV)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = parse_bytes(raw)
+    except ValueError as exc:
+        raise ConfigError(f"environment variable {KV_MEMORY_ENV}={raw!r}: {exc}") from None
+    if value <= 0:
+        raise ConfigError(f"environment variable {KV_MEMORY_ENV}={raw!r} must be positive")
+    return value

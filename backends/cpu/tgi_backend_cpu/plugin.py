@@ -1,0 +1,92 @@
+"""The `cpu` entry point of the `tgi.backends` group: probe, validate, create.
+
+The CPU is always there, so the probe always answers available, at a low priority:
+any real accelerator that is present wins when `--backend` names none.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+from tgi.backend.hookspecs import BackendProbe, hookimpl
+from tgi.errors import ConfigError
+from tgi_backend_cpu._host import (
+    choose_dtype,
+    choose_threads,
+    kv_memory_override,
+    read_cpu_info,
+)
+
+if TYPE_CHECKING:
+    from tgi.backend.contract import Backend
+    from tgi.config import ServeConfig
+    from tgi.models.source import ModelFiles
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NAME", "PRIORITY", "tgi_backend_create", "tgi_backend_probe", "tgi_validate_config"]
+
+NAME = "cpu"
+PRIORITY = 10  # accelerators use higher numbers, so they win wherever they are present
+DISTRIBUTION = "tgi-backend-cpu"
+
+
+def _version() -> str:
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@hookimpl
+def tgi_backend_probe() -> BackendProbe:
+    """Always available; the reason line names the CPU, its torch ISA level and threads."""
+    return BackendProbe(
+        name=NAME,
+        version=_version(),
+        available=True,
+        reason=read_cpu_info().describe(),
+        priority=PRIORITY,
+        batching="continuous",
+    )
+
+
+@hookimpl
+def tgi_validate_config(config: ServeConfig) -> ServeConfig | None:
+    """Check the CPU-relevant settings; fill dtype and threads so `tgi config` shows them.
+
+    Raises ConfigError for a thread count above the usable cores or an unreadable
+    TGI_KV_CACHE_MEMORY; warns (keeps the user's choice) for float16 on a CPU without
+    native fp16, where every op converts and runs several times slower than float32.
+    """
+    cpu = read_cpu_info()
+    kv_memory_override(config.environ)  # raises ConfigError naming the variable
+    if config.cpu_threads is not None and config.cpu_threads > cpu.num_threads:
+        raise ConfigError(
+            f"--cpu-threads {config.cpu_threads} ({config.source_of('cpu_threads')}) is more "
+            f"than the {cpu.num_threads} cores this process may use; oversubscribed threads "
+            f"slow every step. Set it to at most {cpu.num_threads} or leave it unset"
+        )
+    if config.dtype == "float16" and not cpu.fast_fp16:
+        logger.warning(
+            "--dtype float16 (%s) on a CPU without avx512_fp16/amx_fp16: torch emulates fp16 "
+            "and it is much slower than float32; use --dtype float32%s or leave it unset",
+            config.source_of("dtype"),
+            " or bfloat16" if cpu.fast_bf16 else "",
+        )
+    updates: dict[str, Any] = {}
+    if config.dtype is None:
+        updates["dtype"] = str(choose_dtype(None, cpu).dtype).removeprefix("torch.")
+    if config.cpu_threads is None:
+        updates["cpu_threads"] = choose_threads(None, cpu)[0]
+    return config.with_values(f"backend {NAME}", **updates) if updates else None
+
+
+@hookimpl
+def tgi_backend_create(config: ServeConfig, model: ModelFiles) -> Backend:
+    """Load `model` with transformers and return the generic per-sequence-cache backend."""
+    from tgi_backend_cpu.backend import TransformersCpuBackend
+
+    return TransformersCpuBackend.from_config(config, model)

@@ -1,0 +1,167 @@
+"""`tgi`: serve a model, list backend plugins, show the effective configuration."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any
+
+import typer
+
+from tgi import __version__
+from tgi.config import ServeConfig, env_help, resolve_config, snapshot_environ
+from tgi.errors import TgiError
+
+__all__ = ["app"]
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(
+    help="A Text Generation Inference compatible server on pluggable hardware backends.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _opt(name: str, *flags: str) -> Any:
+    return typer.Option(*flags, help=env_help(name), show_default=False)
+
+
+def _config(values: dict[str, Any]) -> ServeConfig:
+    try:
+        return resolve_config(values, snapshot_environ())
+    except TgiError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+ModelId = Annotated[str | None, _opt("model_id", "--model-id")]
+Revision = Annotated[str | None, _opt("revision", "--revision")]
+Dtype = Annotated[str | None, _opt("dtype", "--dtype")]
+BackendName = Annotated[str | None, _opt("backend", "--backend")]
+Hostname = Annotated[str | None, _opt("hostname", "--hostname")]
+Port = Annotated[int | None, _opt("port", "--port", "-p")]
+MaxInput = Annotated[
+    int | None, _opt("max_input_tokens", "--max-input-tokens", "--max-input-length")
+]
+MaxTotal = Annotated[int | None, _opt("max_total_tokens", "--max-total-tokens")]
+MaxPrefill = Annotated[int | None, _opt("max_batch_prefill_tokens", "--max-batch-prefill-tokens")]
+MaxBatchTotal = Annotated[int | None, _opt("max_batch_total_tokens", "--max-batch-total-tokens")]
+MaxBatchSize = Annotated[int | None, _opt("max_batch_size", "--max-batch-size")]
+MaxConcurrent = Annotated[int | None, _opt("max_concurrent_requests", "--max-concurrent-requests")]
+MaxBestOf = Annotated[int | None, _opt("max_best_of", "--max-best-of")]
+MaxStop = Annotated[int | None, _opt("max_stop_sequences", "--max-stop-sequences")]
+MaxTopN = Annotated[int | None, _opt("max_top_n_tokens", "--max-top-n-tokens")]
+MaxClientBatch = Annotated[int | None, _opt("max_client_batch_size", "--max-client-batch-size")]
+WaitingRatio = Annotated[float | None, _opt("waiting_served_ratio", "--waiting-served-ratio")]
+MaxWaiting = Annotated[int | None, _opt("max_waiting_tokens", "--max-waiting-tokens")]
+Workers = Annotated[int | None, _opt("validation_workers", "--validation-workers")]
+PayloadLimit = Annotated[int | None, _opt("payload_limit", "--payload-limit")]
+JsonOutput = Annotated[bool | None, _opt("json_output", "--json-output/--no-json-output")]
+TrustRemote = Annotated[
+    bool | None, _opt("trust_remote_code", "--trust-remote-code/--no-trust-remote-code")
+]
+HubCache = Annotated[str | None, _opt("huggingface_hub_cache", "--huggingface-hub-cache")]
+CacheDir = Annotated[str | None, _opt("cache_dir", "--cache-dir")]
+CpuThreads = Annotated[int | None, _opt("cpu_threads", "--cpu-threads")]
+
+
+def _serve_values(**values: Any) -> dict[str, Any]:
+    return values
+
+
+@app.command()
+def serve(
+    model_id: ModelId = None,
+    revision: Revision = None,
+    dtype: Dtype = None,
+    backend: BackendName = None,
+    hostname: Hostname = None,
+    port: Port = None,
+    max_input_tokens: MaxInput = None,
+    max_total_tokens: MaxTotal = None,
+    max_batch_prefill_tokens: MaxPrefill = None,
+    max_batch_total_tokens: MaxBatchTotal = None,
+    max_batch_size: MaxBatchSize = None,
+    max_concurrent_requests: MaxConcurrent = None,
+    max_best_of: MaxBestOf = None,
+    max_stop_sequences: MaxStop = None,
+    max_top_n_tokens: MaxTopN = None,
+    max_client_batch_size: MaxClientBatch = None,
+    waiting_served_ratio: WaitingRatio = None,
+    max_waiting_tokens: MaxWaiting = None,
+    validation_workers: Workers = None,
+    payload_limit: PayloadLimit = None,
+    json_output: JsonOutput = None,
+    trust_remote_code: TrustRemote = None,
+    huggingface_hub_cache: HubCache = None,
+    cache_dir: CacheDir = None,
+    cpu_threads: CpuThreads = None,
+) -> None:
+    """Serve a model over TGI's HTTP API (the embedded SmolLM2 when no --model-id)."""
+    config = _config(dict(locals()))
+    from tgi.launcher import run_server
+    from tgi.logs import setup_logging
+
+    setup_logging(config.json_output)
+    logger.info("tgi %s starting", __version__)
+    try:
+        run_server(config)
+    except TgiError as exc:
+        logger.error("%s", exc)
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def backends(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the backend plugins found, whether each can run here, and why not."""
+    from tgi.backend.listing import backends_json, backends_table
+    from tgi.backend.manager import discover
+
+    logging.basicConfig(level=logging.ERROR)
+    records = discover(snapshot_environ())
+    typer.echo(backends_json(records) if as_json else backends_table(records))
+
+
+@app.command("config")
+def show_config(
+    model_id: ModelId = None,
+    backend: BackendName = None,
+    max_input_tokens: MaxInput = None,
+    max_total_tokens: MaxTotal = None,
+    max_batch_prefill_tokens: MaxPrefill = None,
+    max_batch_total_tokens: MaxBatchTotal = None,
+    max_batch_size: MaxBatchSize = None,
+) -> None:
+    """Print the effective settings and where each came from, loading no weights."""
+    config = _config(dict(locals()))
+    from tgi.backend.manager import select_backend
+    from tgi.config import SETTINGS, derive_limits
+    from tgi.models.source import inspect_model
+
+    try:
+        selected = select_backend(config)
+        info = inspect_model(config)
+        config = derive_limits(selected.validate_config(config), info.max_position_embeddings)
+    except TgiError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    rows = {
+        s.name: {"value": getattr(config, s.name), "source": config.source_of(s.name)}
+        for s in SETTINGS
+    }
+    rows["backend"]["value"] = selected.name
+    typer.echo(json.dumps(rows, indent=2))
+
+
+@app.command()
+def version() -> None:
+    """Print tgi's version."""
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

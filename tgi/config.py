@@ -1,0 +1,392 @@
+"""The one typed configuration of a tgi server, and where each value came from.
+
+NOTE: this is the only module that reads `os.environ`. Every launcher flag keeps the
+environment variable TGI's launcher reads (users' scripts and images already set
+them); settings of tgi's own take a `TGI_` prefix. Resolution order per setting:
+command line, then environment, then a value derived from other settings or the
+model, then the default. `ServeConfig.sources` records which one won, so start-up can
+log it and a backend's validation can name it in an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from tgi.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SETTINGS",
+    "ServeConfig",
+    "Setting",
+    "derive_limits",
+    "env_help",
+    "resolve_config",
+    "snapshot_environ",
+]
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+# TGI caps its derived default context here to leave memory for more users.
+DEFAULT_MAX_TOTAL_TOKENS_CAP = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One launcher setting: its environment variables and how to parse them."""
+
+    name: str
+    env: tuple[str, ...]  # first one is the documented name; others are aliases
+    parse: Callable[[str], Any]
+    default: Any = None
+    help: str = ""
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean, got {text!r}")
+
+
+def _dtype(text: str) -> str:
+    aliases = {
+        "float32": "float32",
+        "fp32": "float32",
+        "bfloat16": "bfloat16",
+        "bf16": "bfloat16",
+        "float16": "float16",
+        "fp16": "float16",
+    }
+    try:
+        return aliases[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"expected one of float32, bfloat16, float16; got {text!r}") from None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "model_id",
+        ("MODEL_ID",),
+        str,
+        None,
+        "Local directory, .gguf file or hub id; unset serves the embedded SmolLM2.",
+    ),
+    Setting("revision", ("REVISION",), str, None, "Hub revision of --model-id."),
+    Setting(
+        "dtype",
+        ("DTYPE",),
+        _dtype,
+        None,
+        "Compute dtype; unset lets the backend choose what its hardware runs fast.",
+    ),
+    Setting(
+        "backend",
+        ("TGI_BACKEND",),
+        str,
+        None,
+        "Backend plugin to use; unset picks the available one of highest priority.",
+    ),
+    Setting("hostname", ("HOSTNAME",), str, "0.0.0.0", "Address to listen on."),
+    Setting("port", ("PORT",), int, 3000, "Port to listen on."),
+    Setting(
+        "max_input_tokens",
+        ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"),
+        int,
+        None,
+        "Longest prompt in tokens; default max_total_tokens - 1.",
+    ),
+    Setting(
+        "max_total_tokens",
+        ("MAX_TOTAL_TOKENS",),
+        int,
+        None,
+        "Prompt plus generated tokens of one request; default from the model, capped.",
+    ),
+    Setting(
+        "max_batch_prefill_tokens",
+        ("MAX_BATCH_PREFILL_TOKENS",),
+        int,
+        None,
+        "Prompt tokens in one prefill step; default max_input_tokens + 50.",
+    ),
+    Setting(
+        "max_batch_total_tokens",
+        ("MAX_BATCH_TOTAL_TOKENS",),
+        int,
+        None,
+        "KV tokens across the running batch; default: what the backend's warmup measures.",
+    ),
+    Setting("max_batch_size", ("MAX_BATCH_SIZE",), int, None, "Rows in one batch."),
+    Setting(
+        "max_concurrent_requests",
+        ("MAX_CONCURRENT_REQUESTS",),
+        int,
+        128,
+        "Requests in flight before new ones get 429.",
+    ),
+    Setting("max_best_of", ("MAX_BEST_OF",), int, 2, "Largest `best_of` a client may ask."),
+    Setting(
+        "max_stop_sequences", ("MAX_STOP_SEQUENCES",), int, 4, "Most stop sequences in one request."
+    ),
+    Setting(
+        "max_top_n_tokens",
+        ("MAX_TOP_N_TOKENS",),
+        int,
+        5,
+        "Largest `top_n_tokens` a client may ask.",
+    ),
+    Setting(
+        "max_client_batch_size",
+        ("MAX_CLIENT_BATCH_SIZE",),
+        int,
+        4,
+        "Most inputs in one client request.",
+    ),
+    Setting(
+        "waiting_served_ratio",
+        ("WAITING_SERVED_RATIO",),
+        float,
+        1.2,
+        "Waiting/running ratio above which waiting requests pause the batch for a prefill.",
+    ),
+    Setting(
+        "max_waiting_tokens",
+        ("MAX_WAITING_TOKENS",),
+        int,
+        20,
+        "Decode steps after which waiting requests are forced into the batch.",
+    ),
+    Setting("validation_workers", ("VALIDATION_WORKERS",), int, 2, "Tokenizer worker threads."),
+    Setting("payload_limit", ("PAYLOAD_LIMIT",), int, 2_000_000, "Largest request body in bytes."),
+    Setting("json_output", ("JSON_OUTPUT",), _bool, False, "Log as JSON lines."),
+    Setting(
+        "trust_remote_code",
+        ("TRUST_REMOTE_CODE",),
+        _bool,
+        False,
+        "Allow model code from the model's repository.",
+    ),
+    Setting(
+        "huggingface_hub_cache",
+        ("HUGGINGFACE_HUB_CACHE", "HF_HUB_CACHE"),
+        str,
+        None,
+        "Hub cache to resolve hub ids from.",
+    ),
+    Setting(
+        "cache_dir",
+        ("TGI_CACHE_DIR",),
+        str,
+        None,
+        "Where converted models are kept between starts; default ~/.cache/tgi.",
+    ),
+    Setting(
+        "cpu_threads",
+        ("TGI_CPU_THREADS",),
+        int,
+        None,
+        "Threads for CPU compute; default the cores this process may use.",
+    ),
+)
+
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+class ServeConfig(BaseModel):
+    """Everything `tgi serve` was asked for, resolved. Frozen: derive copies instead."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_id: str | None = None
+    revision: str | None = None
+    dtype: Dtype | None = None
+    backend: str | None = None
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_batch_prefill_tokens: int | None = None
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_client_batch_size: int = 4
+    waiting_served_ratio: float = 1.2
+    max_waiting_tokens: int = 20
+    validation_workers: int = 2
+    payload_limit: int = 2_000_000
+    json_output: bool = False
+    trust_remote_code: bool = False
+    huggingface_hub_cache: str | None = None
+    cache_dir: str | None = None
+    cpu_threads: int | None = None
+    # setting name -> "cli", "env NAME", "derived (...)", "backend <name>" or "default"
+    sources: dict[str, str] = {}
+    # the environment at start-up, for backends' own settings (read them from here)
+    environ: dict[str, str] = {}
+
+    def source_of(self, name: str) -> str:
+        return self.sources.get(name, "default")
+
+    def with_values(self, source: str, **values: Any) -> ServeConfig:
+        """A copy with `values` set and their source recorded as `source`."""
+        sources = dict(self.sources)
+        sources.update({name: source for name in values})
+        return self.model_copy(update={**values, "sources": sources})
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        xdg = self.environ.get("XDG_CACHE_HOME")
+        base = Path(xdg) if xdg else Path(self.environ.get("HOME", str(Path.home()))) / ".cache"
+        return base / "tgi"
+
+    def log_summary(self) -> None:
+        """Log every setting once, with where it came from."""
+        for setting in SETTINGS:
+            logger.info(
+                "%s = %r (%s)",
+                setting.name,
+                getattr(self, setting.name),
+                self.source_of(setting.name),
+            )
+
+
+def snapshot_environ() -> dict[str, str]:
+    """The process environment, read once here so nothing else has to."""
+    return dict(os.environ)
+
+
+def env_help(name: str) -> str:
+    """Help text for a CLI option, naming its environment variable as TGI's launcher does."""
+    setting = _BY_NAME[name]
+    default = f" [default: {setting.default}]" if setting.default is not None else ""
+    return f"{setting.help} [env: {setting.env[0]}]{default}"
+
+
+def resolve_config(cli_values: Mapping[str, Any], environ: Mapping[str, str]) -> ServeConfig:
+    """Merge command line values (None = not given) over the environment over defaults."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for setting in SETTINGS:
+        given = cli_values.get(setting.name)
+        if given is not None:
+            if isinstance(given, str) and setting.parse is not str:
+                try:
+                    given = setting.parse(given)
+                except ValueError as exc:
+                    raise ConfigError(f"--{setting.name.replace('_', '-')}: {exc}") from None
+            values[setting.name] = given
+            sources[setting.name] = "cli"
+            continue
+        for var in setting.env:
+            raw = environ.get(var)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[setting.name] = setting.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"environment variable {var}={raw!r}: {exc}") from None
+            sources[setting.name] = f"env {var}"
+            break
+        else:
+            values[setting.name] = setting.default
+    unknown = set(cli_values) - set(_BY_NAME)
+    if unknown:
+        raise ConfigError(f"unknown settings: {sorted(unknown)}")
+    config = ServeConfig(**values, sources=sources, environ=dict(environ))
+    _check_ranges(config)
+    return config
+
+
+def _check_ranges(config: ServeConfig) -> None:
+    positive = (
+        "port",
+        "max_input_tokens",
+        "max_total_tokens",
+        "max_batch_prefill_tokens",
+        "max_batch_total_tokens",
+        "max_batch_size",
+        "max_concurrent_requests",
+        "max_best_of",
+        "validation_workers",
+        "payload_limit",
+        "cpu_threads",
+    )
+    for name in positive:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be positive, got {value} "
+                f"({config.source_of(name)})"
+            )
+
+
+def derive_limits(config: ServeConfig, max_position_embeddings: int | None) -> ServeConfig:
+    """Fill the token limits left unset, from the model's context length as TGI does.
+
+    Defaults: max_total_tokens = min(model context, 4096); max_input_tokens =
+    max_total_tokens - 1; max_batch_prefill_tokens = max_input_tokens + 50. Raises
+    `ConfigError` naming both flags when the given values contradict each other.
+    """
+    updates: dict[str, Any] = {}
+    total = config.max_total_tokens
+    if total is None:
+        if config.max_input_tokens is not None:
+            total = config.max_input_tokens + 1
+            why = "derived (max_input_tokens + 1)"
+        else:
+            context = max_position_embeddings or DEFAULT_MAX_TOTAL_TOKENS_CAP
+            total = min(context, DEFAULT_MAX_TOTAL_TOKENS_CAP)
+            why = f"derived (min(model context {context}, {DEFAULT_MAX_TOTAL_TOKENS_CAP}))"
+        config = config.with_values(why, max_total_tokens=total)
+    if config.max_input_tokens is None:
+        config = config.with_values("derived (max_total_tokens - 1)", max_input_tokens=total - 1)
+    if config.max_batch_prefill_tokens is None:
+        assert config.max_input_tokens is not None  # set just above
+        updates["max_batch_prefill_tokens"] = config.max_input_tokens + 50
+        config = config.with_values("derived (max_input_tokens + 50)", **updates)
+    _check_limits(config, max_position_embeddings)
+    return config
+
+
+def _check_limits(config: ServeConfig, max_position_embeddings: int | None) -> None:
+    total, inputs = config.max_total_tokens, config.max_input_tokens
+    prefill, batch_total = config.max_batch_prefill_tokens, config.max_batch_total_tokens
+    assert total is not None and inputs is not None and prefill is not None
+    if inputs >= total:
+        raise ConfigError(
+            f"--max-input-tokens ({inputs}, {config.source_of('max_input_tokens')}) must be "
+            f"below --max-total-tokens ({total}, {config.source_of('max_total_tokens')})"
+        )
+    if prefill < inputs:
+        raise ConfigError(
+            f"--max-batch-prefill-tokens ({prefill}, "
+            f"{config.source_of('max_batch_prefill_tokens')}) must be at least "
+            f"--max-input-tokens ({inputs}): a prompt of max_input_tokens could never be prefilled"
+        )
+    if batch_total is not None and batch_total < total:
+        raise ConfigError(
+            f"--max-batch-total-tokens ({batch_total}) must be at least --max-total-tokens "
+            f"({total}): one full-length request must fit"
+        )
+    if max_position_embeddings is not None and total > max_position_embeddings:
+        logger.warning(
+            "max_total_tokens %d exceeds the model's context length %d; output past it may degrade",
+            total,
+            max_position_embeddings,
+        )

@@ -1,0 +1,96 @@
+"""The router's record of one request while it waits, runs and finishes."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from tgi.router.detokenizer import IncrementalDetokenizer
+from tgi.router.request import (
+    FinalEvent,
+    FinishReason,
+    GeneratedToken,
+    GenerationRequest,
+    PrefillToken,
+)
+from tgi.router.stopping import StopChecker
+
+if TYPE_CHECKING:
+    from tgi.router.scheduler import Event
+
+__all__ = ["Sequence", "TokenizerLike"]
+
+
+class TokenizerLike(Protocol):
+    """The tokenizer calls the router makes (a transformers tokenizer has them all)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+
+@dataclass(slots=True, eq=False)  # eq=False: membership tests compare identity
+class Sequence:
+    seq_id: int
+    request: GenerationRequest
+    events: asyncio.Queue[Event]
+    detokenizer: IncrementalDetokenizer
+    stop: StopChecker
+    arrival_s: float
+    scheduled_s: float | None = None
+    tokens: list[GeneratedToken] = field(default_factory=list)
+    prefill: tuple[PrefillToken, ...] = ()
+    cancelled: bool = False  # the client went away
+    done: bool = False  # a final or error event was sent
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        seq_id: int,
+        request: GenerationRequest,
+        tokenizer: TokenizerLike,
+        eos_token_ids: frozenset[int],
+        arrival_s: float,
+    ) -> Sequence:
+        return cls(
+            seq_id=seq_id,
+            request=request,
+            events=asyncio.Queue(),
+            detokenizer=IncrementalDetokenizer(tokenizer, request.input_ids),
+            stop=StopChecker(request.stopping, eos_token_ids),
+            arrival_s=arrival_s,
+        )
+
+    @property
+    def max_total_tokens(self) -> int:
+        """The KV this sequence may grow to: prompt plus every allowed new token."""
+        return len(self.request.input_ids) + self.request.stopping.max_new_tokens
+
+    @property
+    def next_position(self) -> int:
+        """Position of the last generated token, the one the next decode feeds."""
+        return len(self.request.input_ids) + len(self.tokens) - 1
+
+    def record(self, token: GeneratedToken) -> None:
+        self.tokens.append(token)
+
+    def final_event(self, tokenizer: TokenizerLike, reason: FinishReason, now: float) -> FinalEvent:
+        ids = [token.id for token in self.tokens]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if self.request.return_full_text:
+            text = self.request.inputs + text
+        scheduled = self.scheduled_s if self.scheduled_s is not None else now
+        sampling = self.request.sampling
+        return FinalEvent(
+            index=len(self.tokens),
+            token=self.tokens[-1],
+            generated_text=text,
+            finish_reason=reason,
+            generated_tokens=len(self.tokens),
+            input_length=len(self.request.input_ids),
+            seed=sampling.seed if sampling.do_sample else None,
+            tokens=tuple(self.tokens),
+            prefill=self.prefill,
+            queued_s=scheduled - self.arrival_s,
+            inference_s=now - scheduled,
+        )

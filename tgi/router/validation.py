@@ -1,0 +1,186 @@
+"""Turn client parameters into a `GenerationRequest`, with TGI's rules and messages.
+
+The messages are TGI's own, word for word, because clients and tests match on them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Protocol
+
+from tgi.errors import InvalidRequest
+from tgi.router.request import GenerationRequest, StoppingParams
+from tgi.sampling.params import SamplingParams
+
+__all__ = ["ClientParameters", "Tokenizer", "ValidationLimits", "Validator"]
+
+
+class Tokenizer(Protocol):
+    """The part of a transformers tokenizer validation needs."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationLimits:
+    max_input_tokens: int
+    max_total_tokens: int
+    max_stop_sequences: int
+    max_best_of: int
+    max_top_n_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientParameters:
+    """The generation parameters as a client sent them (None: not given)."""
+
+    do_sample: bool = False
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    truncate: int | None = None
+    best_of: int | None = None
+    top_n_tokens: int | None = None
+    watermark: bool = False
+    decoder_input_details: bool = False
+    return_full_text: bool | None = None
+    grammar: object | None = None
+    adapter_id: str | None = None
+    ignore_eos: bool = False
+
+
+class Validator:
+    """Checks parameters and tokenizes; raises `InvalidRequest` with TGI's message."""
+
+    def __init__(self, tokenizer: Tokenizer, limits: ValidationLimits) -> None:
+        self._tokenizer = tokenizer
+        self.limits = limits
+
+    def validate(self, inputs: str, params: ClientParameters) -> GenerationRequest:
+        sampling = self._sampling(params)
+        self._check_unsupported(params)
+        limits = self.limits
+        if params.max_new_tokens is not None and params.max_new_tokens <= 0:
+            raise InvalidRequest("`max_new_tokens` must be strictly positive")
+        if len(params.stop) > limits.max_stop_sequences:
+            raise InvalidRequest(
+                f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
+                f"Given: {len(params.stop)}"
+            )
+        top_n = params.top_n_tokens or 0
+        if top_n > limits.max_top_n_tokens or top_n < 0:
+            raise InvalidRequest(
+                f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {top_n}"
+            )
+        if not inputs:
+            raise InvalidRequest("`inputs` cannot be empty")
+        truncate = params.truncate
+        if truncate is not None and (truncate <= 0 or truncate > limits.max_input_tokens):
+            raise InvalidRequest(
+                "`truncate` must be strictly positive and less than "
+                f"{limits.max_input_tokens}. Given: {truncate}"
+            )
+        input_ids = self._tokenize(inputs, truncate)
+        # TGI checks the total budget before the input length; keep its order.
+        max_new_tokens = self._max_new_tokens(len(input_ids), params.max_new_tokens)
+        if len(input_ids) > limits.max_input_tokens:
+            raise InvalidRequest(
+                f"`inputs` must have less than {limits.max_input_tokens} tokens. "
+                f"Given: {len(input_ids)}"
+            )
+        return GenerationRequest(
+            inputs=inputs,
+            input_ids=input_ids,
+            sampling=sampling,
+            stopping=StoppingParams(
+                max_new_tokens=max_new_tokens,
+                stop_sequences=tuple(params.stop),
+                ignore_eos=params.ignore_eos,
+            ),
+            decoder_input_details=params.decoder_input_details,
+            return_full_text=bool(params.return_full_text),
+        )
+
+    def _sampling(self, params: ClientParameters) -> SamplingParams:
+        temperature = 1.0 if params.temperature is None else params.temperature
+        if temperature <= 0.0:
+            raise InvalidRequest("`temperature` must be strictly positive")
+        if params.repetition_penalty is not None and params.repetition_penalty <= 0.0:
+            raise InvalidRequest("`repetition_penalty` must be strictly positive")
+        if params.frequency_penalty is not None and not -2.0 <= params.frequency_penalty <= 2.0:
+            raise InvalidRequest("`frequency_penalty` must be >= -2.0 and <= 2.0")
+        top_p = 1.0 if params.top_p is None else params.top_p
+        if params.top_p is not None and not 0.0 < top_p < 1.0:
+            raise InvalidRequest("`top_p` must be > 0.0 and < 1.0")
+        if params.typical_p is not None and not 0.0 < params.typical_p < 1.0:
+            raise InvalidRequest("`typical_p` must be > 0.0 and < 1.0")
+        top_k = 0 if params.top_k is None else params.top_k
+        if params.top_k is not None and top_k <= 0:
+            raise InvalidRequest("`top_k` must be strictly positive")
+        best_of = params.best_of or 1
+        sampling = params.do_sample or any(
+            value is not None
+            for value in (params.temperature, params.top_k, params.top_p, params.typical_p)
+        )
+        if best_of > 1 and not sampling:
+            raise InvalidRequest("you must use sampling when `best_of` is > 1")
+        if best_of > 1 and params.seed is not None:
+            raise InvalidRequest("`seed` must not be set when `best_of` > 1")
+        if best_of > self.limits.max_best_of or best_of <= 0:
+            raise InvalidRequest(
+                f"`best_of` must be > 0 and <= {self.limits.max_best_of}. Given: {best_of}"
+            )
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        return SamplingParams(
+            do_sample=params.do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
+
+    @staticmethod
+    def _check_unsupported(params: ClientParameters) -> None:
+        """Refuse, loudly, what this version cannot honour yet (never ignore it)."""
+        unsupported = {
+            "typical_p": params.typical_p is not None,
+            "repetition_penalty": params.repetition_penalty not in (None, 1.0),
+            "frequency_penalty": params.frequency_penalty not in (None, 0.0),
+            "best_of": (params.best_of or 1) > 1,
+            "top_n_tokens": (params.top_n_tokens or 0) > 0,
+            "watermark": params.watermark,
+            "grammar": params.grammar is not None,
+        }
+        for name, asked in unsupported.items():
+            if asked:
+                raise InvalidRequest(f"`{name}` is not supported by this server yet")
+        if params.adapter_id is not None:
+            raise InvalidRequest(
+                f"adapter `{params.adapter_id}` not found: this server serves no LoRA adapters"
+            )
+
+    def _tokenize(self, inputs: str, truncate: int | None) -> tuple[int, ...]:
+        try:
+            ids = self._tokenizer.encode(inputs, add_special_tokens=True)
+        except Exception as exc:  # tokenizers raises plain Exceptions on odd input
+            raise InvalidRequest(f"tokenizer error {exc}") from exc
+        if truncate is not None:
+            ids = ids[-truncate:]
+        return tuple(ids)
+
+    def _max_new_tokens(self, input_length: int, asked: int | None) -> int:
+        max_total = self.limits.max_total_tokens
+        max_new_tokens = asked if asked is not None else max(max_total - input_length, 0)
+        if input_length + max_new_tokens > max_total or max_new_tokens <= 0:
+            raise InvalidRequest(
+                f"`inputs` tokens + `max_new_tokens` must be <= {max_total}. Given: "
+                f"{input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+            )
+        return max_new_tokens

@@ -1,0 +1,106 @@
+"""Service routes: /info, /health, /metrics and /tokenize."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tgi import __version__
+from tgi.errors import BackendUnavailable, InvalidRequest
+from tgi.server.schemas import ErrorResponse, GenerateRequest, SimpleToken
+from tgi.server.state import ServerState, get_state
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["Text Generation Inference"])
+
+
+@router.get("/info")
+async def info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """TGI's Info fields, then the backend's name, capabilities and live KV use."""
+    config, model = state.config, state.model
+    stats = state.router.stats()
+    return {
+        "model_id": model.model_id,
+        "model_sha": model.model_sha,
+        "model_dtype": model.model_dtype,
+        "model_device_type": model.device_type,
+        "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": config.max_concurrent_requests,
+        "max_best_of": config.max_best_of,
+        "max_stop_sequences": config.max_stop_sequences,
+        "max_input_tokens": config.max_input_tokens,
+        "max_total_tokens": config.max_total_tokens,
+        "validation_workers": config.validation_workers,
+        "max_client_batch_size": config.max_client_batch_size,
+        "waiting_served_ratio": config.waiting_served_ratio,
+        "max_batch_total_tokens": model.capacity.max_total_tokens,
+        "max_batch_prefill_tokens": config.max_batch_prefill_tokens,
+        "max_waiting_tokens": config.max_waiting_tokens,
+        "max_batch_size": config.max_batch_size,
+        "router": "text-generation-router",
+        "version": __version__,
+        "sha": None,
+        "docker_label": config.environ.get("DOCKER_LABEL"),
+        "backend": model.backend,
+        "backend_version": model.backend_version,
+        "backend_capabilities": _jsonable(asdict(model.capabilities)),
+        "batch": {
+            "queue_size": stats.queue_size,
+            "current_size": stats.batch_size,
+            "reserved_tokens": stats.reserved_tokens,
+            "kv_live_sequences": len(stats.kv.seq_ids),
+            "kv_used_tokens": stats.kv.used_tokens,
+            "kv_capacity_tokens": stats.kv.capacity_tokens,
+            "kv_bytes_per_token": model.capacity.bytes_per_token,
+        },
+    }
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: getattr(value, "value", value) for key, value in values.items()}
+
+
+@router.get("/health", responses={503: {"model": ErrorResponse}})
+async def health(state: ServerState = Depends(get_state)) -> Response:
+    """Cheap while healthy; after a failure, a real one-token forward decides."""
+    if not state.router.healthy:
+        try:
+            await state.router.check_health()
+        except BackendUnavailable:
+            return JSONResponse(
+                status_code=503, content={"error": "unhealthy", "error_type": "healthcheck"}
+            )
+    return Response(status_code=200)
+
+
+@router.get("/metrics")
+async def metrics(state: ServerState = Depends(get_state)) -> Response:
+    """Prometheus text format."""
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post(
+    "/tokenize", response_model=list[SimpleToken], responses={404: {"model": ErrorResponse}}
+)
+async def tokenize(
+    body: GenerateRequest, state: ServerState = Depends(get_state)
+) -> list[SimpleToken]:
+    """The prompt's tokens with their character offsets."""
+    if not getattr(state.tokenizer, "is_fast", False):
+        return JSONResponse(  # type: ignore[return-value]
+            status_code=404, content={"error": "No fast tokenizer available"}
+        )
+    if not body.inputs:
+        raise InvalidRequest("`inputs` cannot be empty")
+    encoding = state.tokenizer(body.inputs, return_offsets_mapping=True, add_special_tokens=True)
+    return [
+        SimpleToken(id=token_id, text=body.inputs[start:stop], start=start, stop=stop)
+        for token_id, (start, stop) in zip(
+            encoding["input_ids"], encoding["offset_mapping"], strict=True
+        )
+    ]

@@ -1,0 +1,46 @@
+"""What the HTTP layer needs from a running server, handed to routes through `Depends`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from tgi.backend.contract import Capabilities, KVCapacity
+from tgi.config import ServeConfig
+from tgi.metrics import Metrics
+from tgi.router.scheduler import Router
+from tgi.router.validation import Validator
+
+__all__ = ["ServedModel", "ServerState", "get_state"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """What /info says about the model and the backend serving it."""
+
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    backend: str  # the plugin's name, e.g. "cpu"
+    backend_version: str
+    device_type: str  # what the backend runs on, e.g. "cpu", "neuron (emulated)"
+    capabilities: Capabilities
+    capacity: KVCapacity
+
+
+@dataclass(slots=True)
+class ServerState:
+    config: ServeConfig
+    model: ServedModel
+    router: Router
+    validator: Validator
+    tokenizer: Any  # a transformers tokenizer
+    metrics: Metrics
+
+
+def get_state(request: Request) -> ServerState:
+    """FastAPI dependency; tests override it with `app.dependency_overrides`."""
+    state: ServerState = request.app.state.tgi
+    return state
