@@ -1,0 +1,112 @@
+"""A real tgi server on SmolLM2 (uvicorn on loopback, in a thread) and its reference.
+
+Session-scoped: loading and warming the model once keeps the suite fast. The reference
+is transformers' own `generate()` on the very same converted weights.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tgi.config import resolve_config, snapshot_environ
+from tgi.errors import ModelNotFound
+from tgi.launcher import build_state, prepare
+from tgi.server.app import create_app
+from tgi.server.state import ServerState
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE_DIR = REPO / ".cache" / "tgi-test"  # shared with tests/models: converted once
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    url: str
+    state: ServerState
+
+
+@pytest.fixture(scope="session")
+def smollm2_server() -> Iterator[RunningServer]:
+    import uvicorn
+
+    environ = snapshot_environ()
+    environ.pop("TGI_BACKEND", None)
+    environ["TGI_BACKENDS"] = "cpu"
+    config = resolve_config(
+        {"cache_dir": str(CACHE_DIR), "max_total_tokens": 512, "port": free_port(),
+         "hostname": "127.0.0.1"},
+        environ,
+    )
+    try:
+        state = build_state(prepare(config))
+    except ModelNotFound as exc:
+        pytest.skip(f"the embedded SmolLM2 is not installed: {exc}")
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(state), host="127.0.0.1", port=config.port, log_config=None,
+                       lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, name="tgi-test-server", daemon=True)
+    thread.start()
+    started = threading.Event()
+    for _ in range(600):
+        if server.started:
+            started.set()
+            break
+        threading.Event().wait(0.05)  # waiting for another thread's socket: no event to await
+    if not started.is_set():
+        pytest.fail("test server did not start")
+    try:
+        yield RunningServer(f"http://127.0.0.1:{config.port}", state)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@dataclass
+class Reference:
+    tokenizer: Any
+    model: Any
+
+    def greedy(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """transformers' greedy continuation of `prompt` (token ids, EOS included)."""
+        import torch
+
+        input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.eos_token_id,
+            )
+        return output[0, input_ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="session")
+def reference(smollm2_server: RunningServer) -> Reference:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tgi.testing.fixtures import smollm2_files
+
+    files = smollm2_files(CACHE_DIR)
+    model = AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32).eval()
+    return Reference(AutoTokenizer.from_pretrained(files.path), model)
+
+
+def chat(tokenizer: Any, question: str) -> str:
+    messages = [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
