@@ -82,5 +82,3 @@ def openapi() -> dict[str, Any]:
     import json
 
     return json.loads((Path(__file__).parent / "data" / "tgi-openapi.json").read_text())
-
-

@@ -45,8 +45,12 @@ def smollm2_server() -> Iterator[RunningServer]:
     environ.pop("TGI_BACKEND", None)
     environ["TGI_BACKENDS"] = "cpu"
     config = resolve_config(
-        {"cache_dir": str(CACHE_DIR), "max_total_tokens": 512, "port": free_port(),
-         "hostname": "127.0.0.1"},
+        {
+            "cache_dir": str(CACHE_DIR),
+            "max_total_tokens": 512,
+            "port": free_port(),
+            "hostname": "127.0.0.1",
+        },
         environ,
     )
     try:
@@ -54,8 +58,9 @@ def smollm2_server() -> Iterator[RunningServer]:
     except ModelNotFound as exc:
         pytest.skip(f"the embedded SmolLM2 is not installed: {exc}")
     server = uvicorn.Server(
-        uvicorn.Config(create_app(state), host="127.0.0.1", port=config.port, log_config=None,
-                       lifespan="on")
+        uvicorn.Config(
+            create_app(state), host="127.0.0.1", port=config.port, log_config=None, lifespan="on"
+        )
     )
     thread = threading.Thread(target=server.run, name="tgi-test-server", daemon=True)
     thread.start()
@@ -92,7 +97,7 @@ class Reference:
                 do_sample=False,
                 pad_token_id=self.tokenizer.eos_token_id,
             )
-        return output[0, input_ids.shape[1]:].tolist()
+        return output[0, input_ids.shape[1] :].tolist()
 
 
 @pytest.fixture(scope="session")

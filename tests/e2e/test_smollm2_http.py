@@ -50,12 +50,20 @@ async def test_greedy_equals_transformers_inside_a_mixed_batch(
     lengths = [8, 28, 16, 20]
     expected = [reference.greedy(p, n) for p, n in zip(prompts, lengths, strict=True)]
     async with httpx.AsyncClient(base_url=smollm2_server.url, timeout=300) as client:
-        greedy = [generate(client, p, max_new_tokens=n) for p, n in zip(prompts, lengths,
-                                                                         strict=True)]
+        greedy = [
+            generate(client, p, max_new_tokens=n) for p, n in zip(prompts, lengths, strict=True)
+        ]
         # Sampled companions with other lengths share the batch and must not disturb it.
         sampled = [
-            generate(client, "Once upon a time" + " very" * i, max_new_tokens=12 + i,
-                     do_sample=True, temperature=0.8, top_k=40, seed=i + 1)
+            generate(
+                client,
+                "Once upon a time" + " very" * i,
+                max_new_tokens=12 + i,
+                do_sample=True,
+                temperature=0.8,
+                top_k=40,
+                seed=i + 1,
+            )
             for i in range(3)
         ]
         bodies = await asyncio.gather(*greedy, *sampled)
@@ -81,8 +89,7 @@ async def test_a_request_joining_mid_stream_keeps_both_exact(
     first_prompt = chat(reference.tokenizer, QUESTIONS[1])
     second_prompt = chat(reference.tokenizer, QUESTIONS[0])
     async with httpx.AsyncClient(base_url=smollm2_server.url, timeout=300) as client:
-        payload = {"inputs": first_prompt, "parameters": {"max_new_tokens": 30,
-                                                          "details": True}}
+        payload = {"inputs": first_prompt, "parameters": {"max_new_tokens": 30, "details": True}}
         async with client.stream("POST", "/generate_stream", json=payload) as stream:
             events: list[dict[str, Any]] = []
             joined: asyncio.Future[dict[str, Any]] | None = None
@@ -92,13 +99,15 @@ async def test_a_request_joining_mid_stream_keeps_both_exact(
                 events.append(json.loads(line[5:]))
                 if len(events) == 5:
                     joined = asyncio.ensure_future(
-                        generate(client, second_prompt, max_new_tokens=10))
+                        generate(client, second_prompt, max_new_tokens=10)
+                    )
             assert joined is not None
             second = await joined
     assert [e["token"]["id"] for e in events] == reference.greedy(first_prompt, 30)
     assert token_ids(second) == reference.greedy(second_prompt, 10)
     assert events[-1]["generated_text"] == reference.tokenizer.decode(
-        [e["token"]["id"] for e in events], skip_special_tokens=True)
+        [e["token"]["id"] for e in events], skip_special_tokens=True
+    )
 
 
 async def read_stream(client: httpx.AsyncClient, prompt: str, n: int) -> list[dict[str, Any]]:

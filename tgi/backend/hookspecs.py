@@ -37,8 +37,9 @@ class BackendProbe:
 
 
 @hookspec
-def tgi_backend_probe() -> BackendProbe:
+def tgi_backend_probe() -> BackendProbe:  # type: ignore[empty-body]
     """Say who you are and whether your hardware is here. Must not load weights."""
+    ...
 
 
 @hookspec(firstresult=True)
@@ -48,8 +49,10 @@ def tgi_validate_config(config: ServeConfig) -> ServeConfig | None:
     Return an adjusted copy (`config.with_values("backend <name>", ...)`) or None to
     keep it; raise `tgi.errors.ConfigError` naming the flag, its source and the fix.
     """
+    ...
 
 
 @hookspec(firstresult=True)
-def tgi_backend_create(config: ServeConfig, model: ModelFiles) -> Backend:
+def tgi_backend_create(config: ServeConfig, model: ModelFiles) -> Backend:  # type: ignore[empty-body]
     """Build the backend and load the weights; called on the chosen backend only."""
+    ...

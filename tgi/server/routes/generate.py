@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["Text Generation Inference"])
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "Input validation error"},
     424: {"model": ErrorResponse, "description": "Generation Error"},
     429: {"model": ErrorResponse, "description": "Model is overloaded"},

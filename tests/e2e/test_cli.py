@@ -1,0 +1,142 @@
+"""The `tgi` command as users run it: real processes, real ports, the real model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import CACHE_DIR, free_port
+
+TGI = str(Path(sys.executable).with_name("tgi"))
+
+
+def write_broken_plugin(root: Path) -> None:
+    """An installed distribution whose backend module raises on import."""
+    dist = root / "broken_backend-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-backend\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[tgi.backends]\nbroken = broken_backend_mod\n")
+    (root / "broken_backend_mod.py").write_text(
+        "raise ImportError('libfancyaccel.so: cannot open shared object file')\n"
+    )
+
+
+def cli_env(extra_path: Path | None = None, **values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TGI_", "MAX_"))}
+    if extra_path is not None:
+        env["PYTHONPATH"] = str(extra_path)
+    env.update(values)
+    return env
+
+
+def test_backends_lists_cpu_and_a_broken_plugin(tmp_path: Path) -> None:
+    write_broken_plugin(tmp_path)
+    result = subprocess.run(
+        [TGI, "backends", "--json"],
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    records = {record["name"]: record for record in json.loads(result.stdout)}
+    assert records["cpu"]["available"] is True
+    assert records["cpu"]["distribution"] == "tgi-backend-cpu"
+    assert records["broken"]["status"] == "broken"
+    assert "libfancyaccel.so" in records["broken"]["reason"]
+    table = subprocess.run(
+        [TGI, "backends"],
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "broken" in table and "libfancyaccel.so" in table
+
+
+def test_config_shows_where_each_value_came_from() -> None:
+    env = cli_env(MAX_INPUT_TOKENS="300", TGI_CACHE_DIR=str(CACHE_DIR))
+    result = subprocess.run(
+        [TGI, "config", "--max-total-tokens", "400"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = json.loads(result.stdout)
+    assert rows["max_total_tokens"] == {"value": 400, "source": "cli"}
+    assert rows["max_input_tokens"] == {"value": 300, "source": "env MAX_INPUT_TOKENS"}
+    assert rows["max_batch_prefill_tokens"]["value"] == 350
+    assert rows["max_batch_prefill_tokens"]["source"].startswith("derived")
+    assert rows["backend"]["value"] == "cpu"
+
+
+def test_bad_flags_stop_start_up_before_weights_load() -> None:
+    result = subprocess.run(
+        [TGI, "serve", "--max-input-tokens", "500", "--max-total-tokens", "400"],
+        env=cli_env(TGI_CACHE_DIR=str(CACHE_DIR)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "--max-input-tokens (500, cli) must be below --max-total-tokens (400, cli)" in (
+        result.stderr
+    )
+    assert "loaded" not in result.stderr  # failed before the backend loaded weights
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_serve_answers_generate_despite_a_broken_plugin(tmp_path: Path) -> None:
+    write_broken_plugin(tmp_path)
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [TGI, "serve", "--port", str(port), "--hostname", "127.0.0.1", "--max-total-tokens", "512"],
+        env=cli_env(tmp_path, TGI_CACHE_DIR=str(CACHE_DIR)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"tgi serve exited: {(tmp_path / 'serve.log').read_text()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)  # polling another process's port: nothing to await
+        else:
+            pytest.fail("tgi serve never became healthy")
+        prompt = (
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        )
+        response = httpx.post(
+            f"{url}/generate",
+            timeout=120,
+            json={"inputs": prompt, "parameters": {"max_new_tokens": 20}},
+        )
+        assert response.status_code == 200
+        assert "Paris" in response.json()["generated_text"]
+        info = httpx.get(f"{url}/info", timeout=10).json()
+        assert info["backend"] == "cpu"
+        assert info["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        log.close()
+    logged = (tmp_path / "serve.log").read_text()
+    assert "broken" in logged and "libfancyaccel.so" in logged
