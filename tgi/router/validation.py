@@ -95,6 +95,8 @@ class Validator:
                 f"`inputs` must have less than {limits.max_input_tokens} tokens. "
                 f"Given: {len(input_ids)}"
             )
+        if max_new_tokens <= 0:  # a prompt of max_total_tokens, under limits that allow one
+            raise self._budget_error(len(input_ids), max_new_tokens)
         return GenerationRequest(
             inputs=inputs,
             input_ids=input_ids,
@@ -138,8 +140,11 @@ class Validator:
                 f"`best_of` must be > 0 and <= {self.limits.max_best_of}. Given: {best_of}"
             )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
+        # TGI samples whenever a warper is set, do_sample or not (text_generation_server/
+        # utils/tokens.py, HeterogeneousNextTokenChooser).
+        do_sample = params.do_sample or temperature != 1.0 or top_k > 0 or top_p < 1.0
         return SamplingParams(
-            do_sample=params.do_sample,
+            do_sample=do_sample,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
@@ -178,9 +183,12 @@ class Validator:
     def _max_new_tokens(self, input_length: int, asked: int | None) -> int:
         max_total = self.limits.max_total_tokens
         max_new_tokens = asked if asked is not None else max(max_total - input_length, 0)
-        if input_length + max_new_tokens > max_total or max_new_tokens <= 0:
-            raise InvalidRequest(
-                f"`inputs` tokens + `max_new_tokens` must be <= {max_total}. Given: "
-                f"{input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
-            )
+        if input_length + max_new_tokens > max_total:
+            raise self._budget_error(input_length, max_new_tokens)
         return max_new_tokens
+
+    def _budget_error(self, input_length: int, max_new_tokens: int) -> InvalidRequest:
+        return InvalidRequest(
+            f"`inputs` tokens + `max_new_tokens` must be <= {self.limits.max_total_tokens}. "
+            f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+        )

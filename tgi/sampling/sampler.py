@@ -43,12 +43,19 @@ class SamplingBatch:
             temperature=torch.tensor([p.temperature for p in params], device=device),
             top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
             top_p=torch.tensor([p.top_p for p in params], device=device),
-            seeds=torch.tensor([p.seed for p in params], dtype=torch.int64, device=device),
+            seeds=torch.tensor(
+                [_seed_bits(p.seed) for p in params], dtype=torch.int64, device=device
+            ),
             any_sample=any(p.do_sample for p in params),
             any_temperature=any(p.temperature != 1.0 for p in params),
             max_top_k=max((k for k in top_k if k < vocab_size), default=0),
             any_top_p=any(p.top_p < 1.0 for p in params),
         )
+
+
+def _seed_bits(seed: int) -> int:
+    """A u64 seed (TGI's type) as the int64 with the same bits, which torch can hold."""
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,7 @@ class GenerateParameters(BaseModel):
     max_new_tokens: int | None = None
     repetition_penalty: float | None = None
     return_full_text: bool | None = None
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=2**64 - 1)  # TGI's seed is a u64
     stop: list[str] = Field(default_factory=list)
     temperature: float | None = None
     top_k: int | None = None
@@ -52,6 +52,8 @@ class GenerateParameters(BaseModel):
     truncate: int | None = None
     typical_p: float | None = None
     watermark: bool = False
+    # vLLM's extension, not in TGI's schema: keep generating past EOS (fixed-length benchmarks)
+    ignore_eos: bool = False
 
     def to_client_parameters(self) -> ClientParameters:
         return ClientParameters(
@@ -73,6 +75,7 @@ class GenerateParameters(BaseModel):
             return_full_text=self.return_full_text,
             grammar=self.grammar,
             adapter_id=self.adapter_id,
+            ignore_eos=self.ignore_eos,
         )
 
 
