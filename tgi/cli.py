@@ -163,5 +163,7 @@ def version() -> None:
     typer.echo(__version__)
 
 
+app.add_typer(__import__("tgi.bench.cli", fromlist=["bench_app"]).bench_app, name="bench")
+
 if __name__ == "__main__":
     app()

@@ -169,6 +169,27 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("validation_workers", ("VALIDATION_WORKERS",), int, 2, "Tokenizer worker threads."),
     Setting("payload_limit", ("PAYLOAD_LIMIT",), int, 2_000_000, "Largest request body in bytes."),
+    Setting(
+        "watermark_gamma",
+        ("WATERMARK_GAMMA",),
+        float,
+        0.5,
+        "Fraction of the vocabulary in the watermark's green list (`watermark: true`).",
+    ),
+    Setting(
+        "watermark_delta",
+        ("WATERMARK_DELTA",),
+        float,
+        2.0,
+        "Logit bias the watermark adds to green tokens.",
+    ),
+    Setting(
+        "sse_keep_alive_s",
+        ("TGI_SSE_KEEP_ALIVE_S",),
+        float,
+        15.0,
+        "Seconds of silence after which a token stream sends an SSE keep-alive comment.",
+    ),
     Setting("json_output", ("JSON_OUTPUT",), _bool, False, "Log as JSON lines."),
     Setting(
         "trust_remote_code",
@@ -228,6 +249,9 @@ class ServeConfig(BaseModel):
     max_waiting_tokens: int = 20
     validation_workers: int = 2
     payload_limit: int = 2_000_000
+    watermark_gamma: float = 0.5
+    watermark_delta: float = 2.0
+    sse_keep_alive_s: float = 15.0
     json_output: bool = False
     trust_remote_code: bool = False
     huggingface_hub_cache: str | None = None
@@ -326,6 +350,7 @@ def _check_ranges(config: ServeConfig) -> None:
         "validation_workers",
         "payload_limit",
         "cpu_threads",
+        "sse_keep_alive_s",
     )
     for name in positive:
         value = getattr(config, name)
@@ -334,6 +359,20 @@ def _check_ranges(config: ServeConfig) -> None:
                 f"--{name.replace('_', '-')} must be positive, got {value} "
                 f"({config.source_of(name)})"
             )
+    _check_watermark(config)
+
+
+def _check_watermark(config: ServeConfig) -> None:
+    if not 0.0 < config.watermark_gamma < 1.0:
+        raise ConfigError(
+            f"WATERMARK_GAMMA must be inside (0, 1), got {config.watermark_gamma} "
+            f"({config.source_of('watermark_gamma')})"
+        )
+    if config.watermark_delta < 0.0:
+        raise ConfigError(
+            f"WATERMARK_DELTA must not be negative, got {config.watermark_delta} "
+            f"({config.source_of('watermark_delta')})"
+        )
 
 
 def derive_limits(config: ServeConfig, max_position_embeddings: int | None) -> ServeConfig:

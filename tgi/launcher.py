@@ -11,13 +11,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from tgi.backend.contract import Backend, KVCapacity, Limits
+from tgi.backend.contract import Backend, Batching, Capabilities, KVCapacity, Limits
 from tgi.backend.manager import SelectedBackend, select_backend
 from tgi.config import ServeConfig, derive_limits
 from tgi.errors import BackendError
 from tgi.metrics import Metrics
 from tgi.models.source import ModelFiles, inspect_model, materialize
-from tgi.router.policies import ContinuousPolicy
+from tgi.router.policies import ContinuousPolicy, StaticSlotsPolicy
 from tgi.router.scheduler import Router, RouterLimits, joins_immediately
 from tgi.router.validation import ValidationLimits, Validator
 from tgi.server.state import ServedModel, ServerState
@@ -128,11 +128,7 @@ def assemble_state(
             max_batch_size=_batch_size(config, capacity),
             max_concurrent_requests=config.max_concurrent_requests,
         ),
-        policy=ContinuousPolicy(
-            waiting_served_ratio=config.waiting_served_ratio,
-            max_waiting_tokens=config.max_waiting_tokens,
-            join_immediately=joins_immediately(backend.capabilities),
-        ),
+        policy=_policy(config, backend.capabilities),
         eos_token_ids=eos_token_ids,
         metrics=metrics,
         initial_kv=backend.kv_usage(),
@@ -145,6 +141,8 @@ def assemble_state(
             max_stop_sequences=config.max_stop_sequences,
             max_best_of=config.max_best_of,
             max_top_n_tokens=config.max_top_n_tokens,
+            watermark_gamma=config.watermark_gamma,
+            watermark_delta=config.watermark_delta,
         ),
     )
     dtype = getattr(backend, "dtype", None)
@@ -159,6 +157,32 @@ def assemble_state(
         capacity=capacity,
     )
     return ServerState(config, served, router, validator, tokenizer, metrics)
+
+
+def _policy(
+    config: ServeConfig, capabilities: Capabilities
+) -> ContinuousPolicy | StaticSlotsPolicy:
+    """The batching policy the backend's capabilities call for."""
+    if capabilities.batching is Batching.STATIC:
+        policy = StaticSlotsPolicy.from_capabilities(
+            capabilities,
+            waiting_served_ratio=config.waiting_served_ratio,
+            max_waiting_tokens=config.max_waiting_tokens,
+        )
+        logger.info(
+            "batching: %d static slots of %d tokens, %s",
+            policy.num_slots,
+            policy.max_length,
+            "rebuilding every slot's KV at each prefill"
+            if policy.rebuild
+            else "new rows inserted into free slots",
+        )
+        return policy
+    return ContinuousPolicy(
+        waiting_served_ratio=config.waiting_served_ratio,
+        max_waiting_tokens=config.max_waiting_tokens,
+        join_immediately=joins_immediately(capabilities),
+    )
 
 
 def _limits(config: ServeConfig) -> Limits:

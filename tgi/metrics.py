@@ -1,13 +1,26 @@
-"""Prometheus metrics with TGI's names, in a registry per server (tests stay isolated)."""
+"""Prometheus metrics with TGI's names, in a registry per server (tests stay isolated).
+
+NOTE: TGI exports through metrics-rs, whose text format differs from
+`prometheus_client.generate_latest` in two ways dashboards notice: a counter is exposed
+under its own name (`tgi_request_count 3`, not `tgi_request_count_total 3`), and there
+are no `_created` series. `exposition` writes that format from the same registry;
+`prometheus_client`'s parser reads it back (it maps such counters to `*_total` samples,
+exactly as it does for a real TGI).
+"""
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics"]
+__all__ = ["CONTENT_TYPE", "Metrics", "exposition"]
 
-_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# TGI's duration buckets: 35 steps of a geometric sequence from 0.00015 s (router/src/server.rs).
+_DURATION_BUCKETS = tuple(0.0001 * 1.5**i for i in range(1, 36))
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 class Metrics:
@@ -16,19 +29,17 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.request_count = Counter("tgi_request_count", "Requests received", registry=r)
+        self.request_count = Counter("tgi_request_count", "Total number of requests", registry=r)
         self.request_success = Counter(
-            "tgi_request_success", "Requests that ended well", registry=r
+            "tgi_request_success", "Number of successful requests", registry=r
         )
         self.request_failure = Counter(
-            "tgi_request_failure", "Requests that failed", ["err"], registry=r
+            "tgi_request_failure", "Number of failed requests, by reason", ["err"], registry=r
         )
-        self.queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=r)
-        self.batch_current_size = Gauge(
-            "tgi_batch_current_size", "Rows in the running batch", registry=r
-        )
+        self.queue_size = Gauge("tgi_queue_size", "Current queue size", registry=r)
+        self.batch_current_size = Gauge("tgi_batch_current_size", "Current batch size", registry=r)
         self.batch_current_max_tokens = Gauge(
-            "tgi_batch_current_max_tokens", "KV tokens reserved by the running batch", registry=r
+            "tgi_batch_current_max_tokens", "Maximum tokens for the current batch", registry=r
         )
         self.kv_used_tokens = Gauge(
             "tgi_kv_cache_used_tokens", "KV tokens the backend holds now", registry=r
@@ -36,43 +47,78 @@ class Metrics:
         self.kv_capacity_tokens = Gauge(
             "tgi_kv_cache_capacity_tokens", "KV tokens the backend can hold", registry=r
         )
-        self.request_duration = Histogram(
-            "tgi_request_duration", "End-to-end seconds", buckets=_DURATION_BUCKETS, registry=r
+
+        def seconds(name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(name, doc, labels, buckets=_DURATION_BUCKETS, registry=r)
+
+        def tokens(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, buckets=_TOKEN_BUCKETS, registry=r)
+
+        self.request_duration = seconds("tgi_request_duration", "Request duration")
+        self.request_validation_duration = seconds(
+            "tgi_request_validation_duration", "Request validation duration"
         )
-        self.request_queue_duration = Histogram(
-            "tgi_request_queue_duration",
-            "Seconds waiting before the first step",
-            buckets=_DURATION_BUCKETS,
-            registry=r,
+        self.request_queue_duration = seconds(
+            "tgi_request_queue_duration", "Request queue duration"
         )
-        self.request_inference_duration = Histogram(
-            "tgi_request_inference_duration",
-            "Seconds from first step to end",
-            buckets=_DURATION_BUCKETS,
-            registry=r,
+        self.request_inference_duration = seconds(
+            "tgi_request_inference_duration", "Request inference duration"
         )
-        self.request_mean_time_per_token_duration = Histogram(
-            "tgi_request_mean_time_per_token_duration",
-            "Seconds per generated token",
-            buckets=_DURATION_BUCKETS,
-            registry=r,
+        self.request_mean_time_per_token_duration = seconds(
+            "tgi_request_mean_time_per_token_duration", "Mean time per token per request"
         )
-        self.request_generated_tokens = Histogram(
-            "tgi_request_generated_tokens",
-            "Tokens generated per request",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
+        self.request_generated_tokens = tokens(
+            "tgi_request_generated_tokens", "Generated tokens per request"
         )
-        self.request_input_length = Histogram(
-            "tgi_request_input_length",
-            "Prompt tokens per request",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
+        self.request_input_length = tokens(
+            "tgi_request_input_length", "Input token length per request"
         )
-        self.batch_forward_duration = Histogram(
+        self.request_max_new_tokens = tokens(
+            "tgi_request_max_new_tokens", "Maximum new tokens per request"
+        )
+        self.batch_forward_duration = seconds(
             "tgi_batch_forward_duration",
-            "Seconds per backend call",
-            ["method"],
-            buckets=_DURATION_BUCKETS,
-            registry=r,
+            "Batch forward duration per method (prefill or decode)",
+            ("method",),
         )
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus text format, as TGI's metrics-rs exporter writes it."""
+    lines: list[str] = []
+    for family in registry.collect():
+        samples = [s for s in family.samples if not s.name.endswith("_created")]
+        if not samples:
+            continue
+        lines.append(f"# HELP {family.name} {_escape_help(family.documentation)}")
+        lines.append(f"# TYPE {family.name} {family.type}")
+        for sample in samples:
+            name = sample.name
+            if family.type == "counter" and name == family.name + "_total":
+                name = family.name
+            lines.append(f"{name}{_labels(sample.labels)} {_value(sample.value)}")
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{_escape_label(value)}"' for key, value in labels.items()) + "}"
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == int(value) and abs(value) < 2**53:
+        return str(int(value))
+    return repr(float(value))

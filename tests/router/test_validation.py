@@ -44,11 +44,13 @@ REJECTED = [
     ({"best_of": 2}, "you must use sampling when `best_of` is > 1"),
     ({"best_of": 2, "do_sample": True, "seed": 3}, "`seed` must not be set when `best_of` > 1"),
     ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
-    ({"best_of": 2, "do_sample": True}, "`best_of` is not supported by this server yet"),
-    ({"watermark": True}, "`watermark` is not supported by this server yet"),
-    ({"top_n_tokens": 1}, "`top_n_tokens` is not supported by this server yet"),
-    ({"typical_p": 0.5}, "`typical_p` is not supported by this server yet"),
-    ({"repetition_penalty": 1.2}, "`repetition_penalty` is not supported by this server yet"),
+    ({"best_of": 0}, "`best_of` must be > 0 and <= 2. Given: 0"),
+    ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
+    ({"top_n_tokens": -1}, "`top_n_tokens` must be >= 0 and <= 5. Given: -1"),
+    ({"typical_p": 1.0}, "`typical_p` must be > 0.0 and < 1.0"),
+    ({"repetition_penalty": -1.0}, "`repetition_penalty` must be strictly positive"),
+    ({"frequency_penalty": 2.01}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+    ({"grammar": {"type": "regex", "value": "a+"}}, "grammar is not supported"),
     ({"adapter_id": "x"}, "adapter `x` not found: this server serves no LoRA adapters"),
 ]
 
@@ -72,6 +74,17 @@ def test_rejected(validator: Validator, params: dict[str, Any], message: str) ->
         {"truncate": 1},
         {"truncate": 10},
         {"repetition_penalty": 1.0},
+        {"repetition_penalty": 0.01},
+        {"frequency_penalty": -2.0},
+        {"frequency_penalty": 2.0},
+        {"typical_p": 0.01},
+        {"typical_p": 0.99},
+        {"top_n_tokens": 5},
+        {"top_n_tokens": 0},
+        {"best_of": 2, "do_sample": True},
+        {"best_of": 2, "typical_p": 0.5},  # any warper counts as sampling
+        {"best_of": 1, "seed": 3},
+        {"watermark": True},
     ],
 )
 def test_accepted_edges(validator: Validator, params: dict[str, Any]) -> None:
@@ -214,3 +227,115 @@ def test_a_tokenizer_failure_is_a_validation_error() -> None:
 
     with pytest.raises(InvalidRequest, match=r"^tokenizer error cannot split$"):
         Validator(Broken(), LIMITS).validate("hello", ClientParameters())
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        # Every pair breaks two rules; the first one in TGI's order is reported.
+        ({"best_of": 3, "temperature": 0.0}, "`best_of` must be > 0 and <= 2. Given: 3"),
+        ({"best_of": 2, "repetition_penalty": 0.0}, "you must use sampling when `best_of` is > 1"),
+        (
+            {"temperature": 0.0, "repetition_penalty": 0.0},
+            "`temperature` must be strictly positive",
+        ),
+        (
+            {"repetition_penalty": 0.0, "frequency_penalty": 3.0},
+            "`repetition_penalty` must be strictly positive",
+        ),
+        (
+            {"frequency_penalty": 3.0, "top_p": 1.0},
+            "`frequency_penalty` must be >= -2.0 and <= 2.0",
+        ),
+        ({"top_p": 1.0, "typical_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"typical_p": 1.0, "top_k": 0}, "`typical_p` must be > 0.0 and < 1.0"),
+        ({"top_k": 0, "max_new_tokens": 0}, "`top_k` must be strictly positive"),
+        (
+            {"max_new_tokens": 0, "stop": ("a",) * 5},
+            "`max_new_tokens` must be strictly positive",
+        ),
+        (
+            {"stop": ("a",) * 5, "top_n_tokens": 9},
+            "`stop` supports up to 4 stop sequences. Given: 5",
+        ),
+        (
+            {"best_of": 2, "do_sample": True, "seed": 1, "top_n_tokens": 9},
+            "`seed` must not be set when `best_of` > 1",
+        ),
+        (
+            {"top_n_tokens": 9, "truncate": 0},
+            "`top_n_tokens` must be >= 0 and <= 5. Given: 9",
+        ),
+        ({"grammar": {"type": "regex", "value": "a"}, "max_new_tokens": 99}, None),
+    ],
+)
+def test_checks_run_in_tgis_order(
+    validator: Validator, params: dict[str, Any], message: str | None
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        validator.validate("hello", ClientParameters(**params))
+    if message is None:  # grammar is checked after the input, as in TGI
+        assert str(caught.value).startswith("`inputs` tokens + `max_new_tokens` must be <= 16")
+    else:
+        assert str(caught.value) == message
+
+
+def test_top_n_tokens_over_the_limit_comes_before_empty_inputs(validator: Validator) -> None:
+    with pytest.raises(InvalidRequest, match=r"^`top_n_tokens` must be >= 0 and <= 5. Given: 6$"):
+        validator.validate("", ClientParameters(top_n_tokens=6))
+
+
+def test_best_of_disabled_when_the_limit_is_one(byte_tokenizer: Any) -> None:
+    limits = ValidationLimits(10, 16, 4, max_best_of=1, max_top_n_tokens=5)
+    with pytest.raises(InvalidRequest, match=r"^`best_of` != 1 is not allowed for this endpoint$"):
+        Validator(byte_tokenizer, limits).validate(
+            "hello", ClientParameters(best_of=2, do_sample=True)
+        )
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (
+            {"best_of": 2, "do_sample": True},
+            "`best_of` != 1 is not supported when streaming tokens",
+        ),
+        ({"best_of": 0}, "`best_of` != 1 is not supported when streaming tokens"),
+        (
+            {"decoder_input_details": True},
+            "`decoder_input_details` == true is not supported when streaming tokens",
+        ),
+    ],
+)
+def test_what_a_stream_refuses(params: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        Validator.check_streamable(ClientParameters(**params))
+    assert str(caught.value) == message
+    Validator.check_streamable(ClientParameters(best_of=1, top_n_tokens=3))  # fine
+
+
+def test_new_parameters_reach_the_sampler(byte_tokenizer: Any) -> None:
+    limits = ValidationLimits(10, 16, 4, 2, 5, watermark_gamma=0.25, watermark_delta=3.0)
+    sampling = (
+        Validator(byte_tokenizer, limits)
+        .validate(
+            "hello",
+            ClientParameters(
+                typical_p=0.4,
+                repetition_penalty=1.3,
+                frequency_penalty=-0.5,
+                watermark=True,
+                top_n_tokens=3,
+            ),
+        )
+        .sampling
+    )
+    assert sampling.do_sample is True  # typical_p is a warper: TGI samples
+    assert (sampling.typical_p, sampling.repetition_penalty) == (0.4, 1.3)
+    assert (sampling.frequency_penalty, sampling.top_n_tokens) == (-0.5, 3)
+    assert (sampling.watermark, sampling.watermark_gamma, sampling.watermark_delta) == (
+        True,
+        0.25,
+        3.0,
+    )
+    assert sampling.needs_history

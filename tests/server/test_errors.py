@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 # Small limits make every edge reachable with short prompts ("hello" is 5 byte tokens).
+JSON = {"content-type": "application/json"}
 LIMITS = {"max_total_tokens": 16, "max_input_tokens": 10, "max_stop_sequences": 4}
 
 REJECTED = [
@@ -34,20 +36,20 @@ REJECTED = [
 ]
 
 UNSUPPORTED = [
-    ({"watermark": True}, "`watermark` is not supported by this server yet"),
-    ({"best_of": 2, "do_sample": True}, "`best_of` is not supported by this server yet"),
-    ({"top_n_tokens": 1}, "`top_n_tokens` is not supported by this server yet"),
-    ({"typical_p": 0.5}, "`typical_p` is not supported by this server yet"),
-    ({"repetition_penalty": 1.2}, "`repetition_penalty` is not supported by this server yet"),
-    ({"frequency_penalty": 0.5}, "`frequency_penalty` is not supported by this server yet"),
-    (
-        {"grammar": {"type": "json", "value": {}}},
-        "`grammar` is not supported by this server yet",
-    ),
+    ({"grammar": {"type": "json", "value": {}}}, "grammar is not supported"),
     (
         {"adapter_id": "my/lora"},
         "adapter `my/lora` not found: this server serves no LoRA adapters",
     ),
+]
+
+# Each range just past its edge (REJECTED has the rest).
+PAST_THE_EDGE = [
+    ({"typical_p": 0.0}, "`typical_p` must be > 0.0 and < 1.0"),
+    ({"repetition_penalty": -0.1}, "`repetition_penalty` must be strictly positive"),
+    ({"frequency_penalty": -2.01}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+    ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
+    ({"best_of": 0}, "`best_of` must be > 0 and <= 2. Given: 0"),
 ]
 
 ACCEPTED = [
@@ -60,10 +62,19 @@ ACCEPTED = [
     {"stop": ["a", "b", "c", "d"]},
     {"truncate": 1},
     {"truncate": 10},
-    {"repetition_penalty": 1.0},  # neutral values are honoured, not refused
+    {"repetition_penalty": 1.0},
+    {"repetition_penalty": 0.01},
     {"frequency_penalty": 0.0},
+    {"frequency_penalty": -2.0},
+    {"frequency_penalty": 2.0},
+    {"typical_p": 0.01},
+    {"typical_p": 0.99},
     {"best_of": 1},
+    {"best_of": 2, "do_sample": True},
     {"top_n_tokens": 0},
+    {"top_n_tokens": 5},
+    {"watermark": True},
+    {"decoder_input_details": True},
 ]
 
 
@@ -74,10 +85,12 @@ async def client(make_state: Any, serve_state: Any) -> Any:
 
 def assert_validation_error(response: Any, message: str) -> None:
     assert response.status_code == 422, response.text
-    assert response.json() == {"error": message, "error_type": "validation"}
+    # TGI's InferError display puts this prefix before every validation message.
+    body = {"error": f"Input validation error: {message}", "error_type": "validation"}
+    assert response.json() == body
 
 
-@pytest.mark.parametrize(("parameters", "message"), REJECTED + UNSUPPORTED)
+@pytest.mark.parametrize(("parameters", "message"), REJECTED + UNSUPPORTED + PAST_THE_EDGE)
 async def test_rejected_parameters(client: Any, parameters: dict, message: str) -> None:
     response = await client.post("/generate", json={"inputs": "hello", "parameters": parameters})
     assert_validation_error(response, message)
@@ -162,16 +175,98 @@ async def test_a_missing_inputs_field_is_a_validation_error(client: Any) -> None
     assert body["error"].startswith("inputs: ")
 
 
-async def test_a_body_that_is_not_json_is_a_validation_error(client: Any) -> None:
+async def test_a_body_that_is_not_json_is_a_bad_request(client: Any, schemas: Any) -> None:
+    # axum answers 400 to a body that is not JSON at all; tgi keeps TGI's body shape.
     response = await client.post(
         "/generate", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert response.status_code == 422
+    assert response.status_code == 400
+    schemas.validate("ErrorResponse", response.json())
     assert response.json()["error_type"] == "validation"
+    assert response.json()["error"].startswith("Failed to parse the request body as JSON: ")
 
 
 @pytest.mark.parametrize("route", ["/generate_stream", "/"])
-async def test_other_generation_routes_validate_the_same_way(client: Any, route: str) -> None:
+async def test_a_stream_reports_validation_errors_as_an_event(
+    client: Any, route: str, schemas: Any
+) -> None:
+    # TGI's generate_stream answers 200 and sends the error inside the stream.
     body = {"inputs": "hello", "parameters": {"temperature": 0}, "stream": True}
     response = await client.post(route, json=body)
-    assert_validation_error(response, "`temperature` must be strictly positive")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.text == (
+        'data: {"error":"Input validation error: `temperature` must be strictly positive",'
+        '"error_type":"validation"}\n\n'
+    )
+    schemas.validate("ErrorResponse", json.loads(response.text.removeprefix("data: ")))
+
+
+async def test_the_compat_route_without_stream_validates_like_generate(client: Any) -> None:
+    response = await client.post("/", json={"inputs": "hello", "parameters": {"top_k": 0}})
+    assert_validation_error(response, "`top_k` must be strictly positive")
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        (
+            {"best_of": 2, "do_sample": True},
+            "`best_of` != 1 is not supported when streaming tokens",
+        ),
+        # checked before anything else, even a broken temperature
+        (
+            {"decoder_input_details": True, "temperature": 0},
+            "`decoder_input_details` == true is not supported when streaming tokens",
+        ),
+    ],
+)
+async def test_what_a_stream_cannot_do(client: Any, parameters: dict, message: str) -> None:
+    response = await client.post(
+        "/generate_stream", json={"inputs": "hello", "parameters": parameters}
+    )
+    assert response.status_code == 200
+    events = [
+        json.loads(line.removeprefix("data:")) for line in response.text.split("\n\n") if line
+    ]
+    assert events == [{"error": f"Input validation error: {message}", "error_type": "validation"}]
+
+
+async def test_validation_failures_are_counted(client: Any, make_state: Any) -> None:
+    await client.post("/generate", json={"inputs": "hello", "parameters": {"top_k": 0}})
+    await client.post("/generate_stream", json={"inputs": "hello", "parameters": {"top_k": 0}})
+    metrics = await client.get("/metrics")
+    assert 'tgi_request_failure{err="validation"} 2' in metrics.text
+    assert "tgi_request_count 2" in metrics.text
+
+
+# ---- the body limit -------------------------------------------------------------------
+
+
+async def test_a_body_over_the_payload_limit_is_413(
+    make_state: Any, serve_state: Any, schemas: Any
+) -> None:
+    client = await serve_state(make_state(payload_limit=200, **LIMITS))
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 1}}
+    at_limit = json.dumps(body | {"pad": "x" * (200 - len(json.dumps(body)) - 11)}).encode()
+    assert len(at_limit) == 200
+    ok = await client.post("/generate", content=at_limit, headers=JSON)
+    assert ok.status_code == 200, ok.text
+    over = await client.post("/generate", content=at_limit[:-1] + b" }", headers=JSON)
+    assert over.status_code == 413
+    schemas.validate("ErrorResponse", over.json())
+    assert over.json() == {
+        "error": "Failed to buffer the request body: length limit exceeded",
+        "error_type": "validation",
+    }
+
+
+async def test_a_chunked_body_over_the_limit_is_413(make_state: Any, serve_state: Any) -> None:
+    client = await serve_state(make_state(payload_limit=100, **LIMITS))
+
+    async def chunks() -> Any:  # no Content-Length: the limit must count what arrives
+        for _ in range(10):
+            yield b" " * 20
+
+    response = await client.post("/generate_stream", content=chunks(), headers=JSON)
+    assert response.status_code == 413

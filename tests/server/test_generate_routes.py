@@ -211,8 +211,9 @@ async def test_compat_route_without_stream_returns_a_one_element_list(
     make_state: Any, serve_state: Any, byte_tokenizer: Any, openapi: dict[str, Any], schemas: Any
 ) -> None:
     client = await serve_state(make_state())
+    parameters = {"max_new_tokens": 3, "return_full_text": False}
     response = await client.post(
-        "/", json={"inputs": "hello", "parameters": {"max_new_tokens": 3}, "stream": False}
+        "/", json={"inputs": "hello", "parameters": parameters, "stream": False}
     )
     assert response.status_code == 200
     body = response.json()
@@ -237,7 +238,21 @@ async def test_compat_route_with_stream_returns_events(
         schemas.validate("StreamResponse", event)
     ids, text = greedy(byte_tokenizer, "hello", 3)
     assert [event["token"]["id"] for event in events] == ids
-    assert events[-1]["generated_text"] == text
+    # TGI's compat route defaults return_full_text to true for text-generation models.
+    assert events[-1]["generated_text"] == "hello" + text
+
+
+async def test_compat_route_returns_the_full_text_unless_told_otherwise(
+    make_state: Any, serve_state: Any, byte_tokenizer: Any
+) -> None:
+    client = await serve_state(make_state())
+    _, text = greedy(byte_tokenizer, "hello", 3)
+    default = await client.post("/", json={"inputs": "hello", "parameters": {"max_new_tokens": 3}})
+    assert default.json() == [{"generated_text": "hello" + text}]
+    generate = await client.post(
+        "/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 3}}
+    )
+    assert generate.json() == {"generated_text": text}  # /generate defaults to false
 
 
 async def test_the_schema_check_rejects_a_malformed_body(schemas: Any) -> None:
@@ -320,10 +335,16 @@ async def test_overloaded_at_max_concurrent_requests(
         overloaded_stream = await client.post("/generate_stream", json=body)
     finally:
         gate.set()
-    for response in (overloaded, overloaded_stream):
-        assert response.status_code == 429
-        assert response.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
-        schemas.validate("ErrorResponse", response.json())
+    assert overloaded.status_code == 429
+    assert overloaded.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+    schemas.validate("ErrorResponse", overloaded.json())
+    # TGI's generate_stream answers 200 and reports the overload inside the stream.
+    assert overloaded_stream.status_code == 200
+    assert parse_sse(overloaded_stream.text) == [
+        {"error": "Model is overloaded", "error_type": "overloaded"}
+    ]
+    registry = state.metrics.registry
+    assert registry.get_sample_value("tgi_request_failure_total", {"err": "overloaded"}) == 2
     first_response = await first
     assert first_response.status_code == 200
     _, text = greedy(byte_tokenizer, "first", 3)

@@ -191,7 +191,10 @@ async def test_tokenize_refuses_empty_inputs(make_state: Any, serve_state: Any) 
     client = await serve_state(make_state())
     response = await client.post("/tokenize", json={"inputs": ""})
     assert response.status_code == 422
-    assert response.json() == {"error": "`inputs` cannot be empty", "error_type": "validation"}
+    assert response.json() == {
+        "error": "Input validation error: `inputs` cannot be empty",
+        "error_type": "validation",
+    }
 
 
 # ---- documentation -------------------------------------------------------------------------

@@ -6,6 +6,7 @@ implements all three hooks below with `@tgi.backend.hookimpl`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,8 +38,12 @@ class BackendProbe:
 
 
 @hookspec
-def tgi_backend_probe() -> BackendProbe:  # type: ignore[empty-body]
-    """Say who you are and whether your hardware is here. Must not load weights."""
+def tgi_backend_probe(environ: Mapping[str, str]) -> BackendProbe:  # type: ignore[empty-body]
+    """Say who you are and whether your hardware is here. Must not load weights.
+
+    `environ` is the environment at start-up (opt-in: a hookimpl may omit it); read
+    your own settings from it, never from `os.environ`.
+    """
     ...
 
 

@@ -136,11 +136,13 @@ class BackendManager:
         self.pm.add_hookspecs(hookspecs)
         self._records: list[PluginRecord] = []
         self._by_name: dict[str, PluginRecord] = {}  # the first record of each name
+        self._environ: dict[str, str] = {}  # what probes read their settings from
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> BackendManager:
         """Discover, load and probe every plugin TGI_BACKENDS allows."""
         manager = cls()
+        manager._environ = dict(environ)
         allowed = _allow_list(environ)
         found = sorted(
             importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name
@@ -229,7 +231,7 @@ class BackendManager:
         return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
 
     def _probe(self, name: str) -> BackendProbe:
-        answers = self._hook("tgi_backend_probe", name)()
+        answers = self._hook("tgi_backend_probe", name)(environ=self._environ)
         if len(answers) != 1 or not isinstance(answers[0], BackendProbe):
             raise PluginError(f"expected one BackendProbe, got {answers!r}", plugin=name)
         probe: BackendProbe = answers[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from tgi.backend.contract import (
     PrefillRow,
     StepOutput,
 )
-from tgi.sampling import SamplingBatch, SamplingParams, sample
+from tgi.sampling import BatchSampler, SampledTokens, SamplingParams
 
 if TYPE_CHECKING:
     from tgi.router.sequence import Sequence
@@ -47,20 +48,38 @@ class StepPlan:
 
     @classmethod
     def build(
-        cls, *, release: tuple[int, ...], prefill: Seq[Sequence], decode: Seq[Sequence]
+        cls,
+        *,
+        release: tuple[int, ...],
+        prefill: Seq[Sequence],
+        decode: Seq[Sequence],
+        rebuild: Seq[Sequence] = (),
+        slots: Mapping[int, int] | None = None,
     ) -> StepPlan:
-        prefill_batch = None
-        if prefill:
-            prefill_batch = PrefillBatch(
-                tuple(
-                    PrefillRow(
-                        seq_id=seq.seq_id,
-                        token_ids=seq.request.input_ids,
-                        want_prompt_logits=seq.request.decoder_input_details,
-                    )
-                    for seq in prefill
-                )
+        """Rows for one step. `slots` (seq_id -> slot) addresses static layouts; each of
+        `rebuild` (running sequences of a backend whose prefill rewrites every slot) is
+        re-sent from position 0 without its pending token, asking for no logits."""
+        slot_of = slots or {}
+        rows = [
+            PrefillRow(
+                seq_id=seq.seq_id,
+                # prompt + generated[:-1]: the last token is fed by this step's decode
+                token_ids=seq.request.input_ids + tuple(token.id for token in seq.tokens[:-1]),
+                slot=slot_of.get(seq.seq_id),
+                want_logits=False,
             )
+            for seq in rebuild
+        ]
+        rows += [
+            PrefillRow(
+                seq_id=seq.seq_id,
+                token_ids=seq.request.input_ids,
+                slot=slot_of.get(seq.seq_id),
+                want_prompt_logits=seq.request.decoder_input_details,
+            )
+            for seq in prefill
+        ]
+        prefill_batch = PrefillBatch(tuple(rows)) if rows else None
         decode_batch = None
         if decode:
             decode_batch = DecodeBatch(
@@ -69,6 +88,7 @@ class StepPlan:
                         seq_id=seq.seq_id,
                         token_ids=(seq.tokens[-1].id,),
                         position=seq.next_position,
+                        slot=slot_of.get(seq.seq_id),
                     )
                     for seq in decode
                 )
@@ -89,6 +109,8 @@ class StepResult:
     prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # seq_id -> [n-1]
     errors: dict[int, str] = field(default_factory=dict)  # seq_id -> message
     durations: dict[str, float] = field(default_factory=dict)  # method -> seconds
+    # seq_id -> the step's top-n (token id, logprob), best first; only rows that asked
+    top_tokens: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
     kv: KVUsage = field(default_factory=lambda: KVUsage(frozenset(), 0, 0))
 
 
@@ -97,27 +119,31 @@ class EngineStep:
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
-        # method -> (rows, device, vocab) key and the sampling tensors built for it
-        self._sampling_cache: dict[str, tuple[tuple[object, ...], SamplingBatch]] = {}
+        # per-row sampling tensors (rebuilt when rows change) and token histories
+        self._sampler = BatchSampler()
 
     def release(self, seq_ids: list[int]) -> KVUsage:
         self._backend.release(seq_ids)
+        self._sampler.release(seq_ids)
         return self._backend.kv_usage()
 
     def run(self, plan: StepPlan) -> StepResult:
         result = StepResult()
         if plan.release:
             self._backend.release(plan.release)
+            self._sampler.release(plan.release)
         if plan.prefill is not None:
             self._forward(
                 "prefill",
                 plan.prefill,
                 plan.prefill_sampling,
-                (0,) * len(plan.prefill.rows),
+                (0,) * len(plan.prefill_sampling),  # one per row that asked for logits
                 result,
             )
         if plan.decode is not None:
-            self._forward("decode", plan.decode, plan.decode_sampling, plan.decode_steps, result)
+            decode, params, steps = _without_failed(plan.decode, plan, result.errors)
+            if decode.rows:
+                self._forward("decode", decode, params, steps, result)
         result.kv = self._backend.kv_usage()
         return result
 
@@ -129,7 +155,11 @@ class EngineStep:
         steps: tuple[int, ...],
         result: StepResult,
     ) -> None:
-        seq_ids = [row.seq_id for row in batch.rows]
+        # Rebuild rows (want_logits=False) are written but get no logits and no token.
+        seq_ids = [
+            row.seq_id for row in batch.rows if not isinstance(row, PrefillRow) or row.want_logits
+        ]
+        all_ids = [row.seq_id for row in batch.rows]
         started = time.perf_counter()
         try:
             if isinstance(batch, PrefillBatch):
@@ -137,38 +167,36 @@ class EngineStep:
             else:
                 output = self._backend.decode(batch)
             self._check_output(output, seq_ids)
-            ids, logprobs = self._sample(method, output, params, steps)
+            sampled = self._sample(method, batch, output, params, steps)
         except Exception as exc:  # a backend failure fails these rows, not the server
-            logger.exception("%s failed for %d rows", method, len(seq_ids))
-            self._backend.release(seq_ids)
+            logger.exception("%s failed for %d rows", method, len(all_ids))
+            self._backend.release(all_ids)
+            self._sampler.release(all_ids)
             message = f"Request failed during generation: {exc}"
-            result.errors.update({seq_id: message for seq_id in seq_ids})
+            result.errors.update({seq_id: message for seq_id in all_ids})
             return
         result.durations[method] = time.perf_counter() - started
-        result.tokens.extend(zip(seq_ids, ids, logprobs, strict=True))
+        result.tokens.extend(zip(seq_ids, sampled.token_ids, sampled.logprobs, strict=True))
+        for seq_id, top in zip(seq_ids, sampled.top_tokens, strict=True):
+            if top:
+                result.top_tokens[seq_id] = top
         for seq_id, logits in output.prompt_logits.items():
             result.prompt_logprobs[seq_id] = _prompt_logprobs(logits, batch, seq_id)
 
     def _sample(
         self,
         method: str,
+        batch: PrefillBatch | DecodeBatch,
         output: StepOutput,
         params: tuple[SamplingParams, ...],
         steps: tuple[int, ...],
-    ) -> tuple[list[int], list[float]]:
+    ) -> SampledTokens:
         logits = output.logits[:, -1, :]  # [R, V]: the position after each row's last token
-        key = (output.seq_ids, logits.device, logits.shape[-1])
-        cached = self._sampling_cache.get(method)
-        if cached is None or cached[0] != key:
-            cached = (key, SamplingBatch.build(params, logits.shape[-1], logits.device))
-            self._sampling_cache[method] = cached
-        step_tensor = torch.tensor(steps, dtype=torch.int64, device=logits.device)
-        sampled = sample(logits, cached[1], step_tensor)
-        # The one device-to-host copy of this forward.
-        packed = torch.stack(
-            [sampled.token_ids.to(torch.float64), sampled.logprobs.to(torch.float64)]
-        ).tolist()
-        return [int(i) for i in packed[0]], packed[1]
+        prompts = None
+        if isinstance(batch, PrefillBatch):  # new rows start the histories penalties read
+            prompts = [row.token_ids for row in batch.rows if row.want_logits]
+        # Ends with the one device-to-host copy of this forward (ids, logprobs, top-n).
+        return self._sampler.sample(method, output.seq_ids, params, steps, logits, prompts)
 
     @staticmethod
     def _check_output(output: StepOutput, seq_ids: list[int]) -> None:
@@ -178,6 +206,20 @@ class EngineStep:
             )
         if output.logits.dim() != 3 or output.logits.shape[0] != len(seq_ids):
             raise RuntimeError(f"backend returned logits of shape {tuple(output.logits.shape)}")
+
+
+def _without_failed(
+    decode: DecodeBatch, plan: StepPlan, errors: Mapping[int, str]
+) -> tuple[DecodeBatch, tuple[SamplingParams, ...], tuple[int, ...]]:
+    """The decode rows less those whose prefill (a rebuild) failed this step."""
+    if not errors:
+        return decode, plan.decode_sampling, plan.decode_steps
+    keep = [i for i, row in enumerate(decode.rows) if row.seq_id not in errors]
+    return (
+        DecodeBatch(tuple(decode.rows[i] for i in keep)),
+        tuple(plan.decode_sampling[i] for i in keep),
+        tuple(plan.decode_steps[i] for i in keep),
+    )
 
 
 def _prompt_logprobs(

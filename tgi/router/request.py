@@ -53,6 +53,10 @@ class GenerationRequest:
     decoder_input_details: bool = False  # return prompt tokens with their logprobs
     return_full_text: bool = False  # prepend `inputs` to generated_text
 
+    @property
+    def top_n_tokens(self) -> int:
+        return self.sampling.top_n_tokens
+
 
 @dataclass(frozen=True, slots=True)
 class GeneratedToken:
@@ -79,6 +83,7 @@ class TokenEvent:
 
     index: int  # 1-based count of generated tokens, as TGI's stream `index`
     token: GeneratedToken
+    top_tokens: tuple[GeneratedToken, ...] = ()  # the step's most likely tokens, when asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,20 @@ class FinalEvent:
     prefill: tuple[PrefillToken, ...]  # prompt tokens when decoder_input_details
     queued_s: float  # time from arrival to first scheduled step
     inference_s: float  # time from first scheduled step to the end
+    # per generated token, its step's most likely tokens; () when top_n_tokens was 0
+    top_tokens: tuple[tuple[GeneratedToken, ...], ...] = ()
+
+    @property
+    def last_top_tokens(self) -> tuple[GeneratedToken, ...]:
+        """The last step's top tokens (what the stream's final event carries)."""
+        return self.top_tokens[-1] if self.top_tokens else ()
+
+    @property
+    def mean_logprob(self) -> float:
+        """Mean logprob of the generated tokens: how TGI ranks `best_of` candidates."""
+        if not self.tokens:
+            return float("-inf")
+        return sum(token.logprob for token in self.tokens) / len(self.tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,9 @@ and HTTP handlers stay responsive while a forward runs. A step is:
     apply tokens, stream  ◄─result──    (one device-to-host copy per forward)
 
 Every sequence that reached the backend is released exactly once: when it finishes,
-fails, or its client goes away.
+fails, or its client goes away. After each step the backend's live set (`KVUsage`) is
+reconciled with the router's, so a backend's stray or lost sequence cannot leak KV or
+static slots (`_reconcile`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tgi.backend.contract import Backend, Capabilities, KvLayout, KVUsage
 from tgi.errors import BackendUnavailable, Overloaded
 from tgi.metrics import Metrics
 from tgi.router.engine import EngineStep, StepPlan, StepResult
-from tgi.router.policies import Budget, Candidate, ContinuousPolicy
+from tgi.router.policies import Budget, Candidate, ContinuousPolicy, StaticSlotsPolicy
 from tgi.router.request import (
     ErrorEvent,
     FinalEvent,
@@ -38,7 +40,7 @@ from tgi.router.request import (
     PrefillToken,
     TokenEvent,
 )
-from tgi.router.sequence import Sequence, TokenizerLike
+from tgi.router.sequence import Sequence, TokenizerLike, top_tokens_of
 
 __all__ = ["Event", "RequestHandle", "Router", "RouterLimits", "RouterStats"]
 
@@ -122,7 +124,7 @@ class Router:
         tokenizer: TokenizerLike,
         *,
         limits: RouterLimits,
-        policy: ContinuousPolicy,
+        policy: ContinuousPolicy | StaticSlotsPolicy,
         eos_token_ids: frozenset[int],
         metrics: Metrics,
         initial_kv: KVUsage,
@@ -132,6 +134,8 @@ class Router:
         self._tokenizer = tokenizer
         self._limits = limits
         self._policy = policy
+        # Static-shape backends: the slot each running sequence owns (see policies/static.py).
+        self._static = policy if isinstance(policy, StaticSlotsPolicy) else None
         self._eos_token_ids = eos_token_ids
         self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
         self._metrics = metrics
@@ -168,9 +172,8 @@ class Router:
         for sequence in leftovers:
             sequence.events.put_nowait(ErrorEvent("server is shutting down"))
         self._waiting.clear()
-        ids = [*self._running, *self._to_release]
+        ids = [*self._running, *self._take_release()]
         self._running.clear()
-        self._to_release.clear()
         self._kv = await self._in_engine(self._engine.release, ids)
         self._executor.shutdown(wait=True)
 
@@ -243,8 +246,9 @@ class Router:
         result: StepResult = await self._in_engine(self._engine.run, plan)
         self._kv = result.kv
         self._apply(plan, result)
+        self._reconcile(result.kv)
         if self._to_release:  # finished this step: free their KV now, not next step
-            ids, self._to_release = self._to_release, []
+            ids = self._take_release()
             self._kv = await self._in_engine(self._engine.release, ids)
         self._publish_gauges()
 
@@ -254,16 +258,65 @@ class Router:
                 del self._running[seq_id]
                 self._to_release.append(seq_id)
                 self._metrics.request_failure.labels(err="cancelled").inc()
+        release = self._take_release()  # before admission: newcomers may take their slots
         admitted = self._admit()
         now = self._clock()
         for sequence in admitted:
             sequence.scheduled_s = now
-        release, self._to_release = self._to_release, []
         decoding = [seq for seq in self._running.values()]
         for sequence in admitted:
             self._running[sequence.seq_id] = sequence
         self._steps_since_prefill = 0 if admitted else self._steps_since_prefill + 1
-        return StepPlan.build(release=tuple(release), prefill=admitted, decode=decoding)
+        if self._static is None:
+            return StepPlan.build(release=tuple(release), prefill=admitted, decode=decoding)
+        for sequence in admitted:
+            self._static.slots.take(sequence.seq_id)
+        return StepPlan.build(
+            release=tuple(release),
+            prefill=admitted,
+            decode=decoding,
+            # A prefill rewrites every slot's KV here: re-send each running history.
+            rebuild=decoding if admitted and self._static.rebuild else (),
+            slots=self._static.slots.assignment,
+        )
+
+    def _take_release(self) -> list[int]:
+        """Hand over the ids whose KV is to be released; their slots become free."""
+        ids, self._to_release = self._to_release, []
+        if self._static is not None:
+            self._static.slots.free(ids)
+        return ids
+
+    def _reconcile(self, kv: KVUsage) -> None:
+        """Make the backend's live set and the router's agree after every step.
+
+        A sequence the backend holds but the router neither runs nor is releasing is a
+        stray: it is released. A running sequence the backend no longer holds lost its
+        KV: it fails with an error instead of decoding garbage. Slots follow the same
+        rule, so neither KV nor slots can leak whatever a backend does.
+        """
+        live, pending = set(self._running), set(self._to_release)
+        strays = sorted(kv.seq_ids - live - pending)
+        if strays:
+            logger.warning("backend holds KV of sequences %s the router has ended", strays)
+            self._to_release.extend(strays)
+        for seq_id in sorted(live - kv.seq_ids):
+            sequence = self._running.pop(seq_id)
+            if sequence.cancelled:  # its client is gone: nothing to tell, just let go
+                self._to_release.append(seq_id)
+                self._metrics.request_failure.labels(err="cancelled").inc()
+                continue
+            logger.error("backend lost the KV of running sequence %d", seq_id)
+            self._healthy = False
+            self._fail(
+                sequence,
+                f"Request failed during generation: the backend lost the state of request "
+                f"{seq_id} (its KV cache is no longer live)",
+            )
+        if self._static is not None:
+            leaked = self._static.slots.retain(set(self._running) | set(self._to_release))
+            if leaked:
+                logger.error("slots of sequences %s were still held; freed", leaked)
 
     def _admit(self) -> list[Sequence]:
         candidates = [
@@ -300,16 +353,25 @@ class Router:
                 continue  # cancelled mid-step: its release is already planned
             if seq_id in result.prompt_logprobs:
                 sequence.prefill = self._prefill_tokens(sequence, result.prompt_logprobs[seq_id])
-            self._advance(sequence, token_id, logprob, now)
+            top = result.top_tokens.get(seq_id)
+            self._advance(sequence, token_id, logprob, now, top)
 
-    def _advance(self, sequence: Sequence, token_id: int, logprob: float, now: float) -> None:
+    def _advance(
+        self,
+        sequence: Sequence,
+        token_id: int,
+        logprob: float,
+        now: float,
+        top_pairs: list[tuple[int, float]] | None = None,
+    ) -> None:
         text = sequence.detokenizer.push(token_id)
         token = GeneratedToken(token_id, text, logprob, token_id in self._special_ids)
-        sequence.record(token)
+        top = top_tokens_of(self._tokenizer, self._special_ids, top_pairs) if top_pairs else ()
+        sequence.record(token, top)
         reason = sequence.stop.check(token_id, text)
         index = len(sequence.tokens)
         if reason is None:
-            sequence.events.put_nowait(TokenEvent(index=index, token=token))
+            sequence.events.put_nowait(TokenEvent(index=index, token=token, top_tokens=top))
             return
         del self._running[sequence.seq_id]
         self._to_release.append(sequence.seq_id)

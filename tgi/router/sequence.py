@@ -19,7 +19,7 @@ from tgi.router.stopping import StopChecker
 if TYPE_CHECKING:
     from tgi.router.scheduler import Event
 
-__all__ = ["Sequence", "TokenizerLike"]
+__all__ = ["Sequence", "TokenizerLike", "top_tokens_of"]
 
 
 class TokenizerLike(Protocol):
@@ -38,6 +38,7 @@ class Sequence:
     arrival_s: float
     scheduled_s: float | None = None
     tokens: list[GeneratedToken] = field(default_factory=list)
+    top_tokens: list[tuple[GeneratedToken, ...]] = field(default_factory=list)  # if asked
     prefill: tuple[PrefillToken, ...] = ()
     cancelled: bool = False  # the client went away
     done: bool = False  # a final or error event was sent
@@ -71,8 +72,10 @@ class Sequence:
         """Position of the last generated token, the one the next decode feeds."""
         return len(self.request.input_ids) + len(self.tokens) - 1
 
-    def record(self, token: GeneratedToken) -> None:
+    def record(self, token: GeneratedToken, top: tuple[GeneratedToken, ...] = ()) -> None:
         self.tokens.append(token)
+        if self.request.top_n_tokens:
+            self.top_tokens.append(top)
 
     def final_event(self, tokenizer: TokenizerLike, reason: FinishReason, now: float) -> FinalEvent:
         ids = [token.id for token in self.tokens]
@@ -93,4 +96,16 @@ class Sequence:
             prefill=self.prefill,
             queued_s=scheduled - self.arrival_s,
             inference_s=now - scheduled,
+            top_tokens=tuple(self.top_tokens),
         )
+
+
+def top_tokens_of(
+    tokenizer: TokenizerLike, special_ids: frozenset[int], pairs: list[tuple[int, float]]
+) -> tuple[GeneratedToken, ...]:
+    """A step's top-n (id, logprob) pairs as tokens; each text is that token decoded
+    alone, special tokens kept, as TGI's `batch_decode` of the ids does."""
+    return tuple(
+        GeneratedToken(token_id, tokenizer.decode([token_id]), logprob, token_id in special_ids)
+        for token_id, logprob in pairs
+    )

@@ -29,6 +29,8 @@ class ValidationLimits:
     max_stop_sequences: int
     max_best_of: int
     max_top_n_tokens: int
+    watermark_gamma: float = 0.5  # TGI's WATERMARK_GAMMA
+    watermark_delta: float = 2.0  # TGI's WATERMARK_DELTA
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,15 +59,42 @@ class ClientParameters:
 
 
 class Validator:
-    """Checks parameters and tokenizes; raises `InvalidRequest` with TGI's message."""
+    """Checks parameters and tokenizes; raises `InvalidRequest` with TGI's message.
+
+    NOTE: the checks run in the order of TGI's `Validation::validate` (router/src/
+    validation.rs), because a request breaking two rules must get the same message:
+    best_of sampling, temperature, repetition penalty, frequency penalty, top_p,
+    typical_p, top_k, max_new_tokens, stop, seed with best_of, top_n_tokens, empty
+    inputs, truncate, then the token budget and the input length after tokenizing.
+    `best_of`'s own range (TGI's `validate_best_of`) is checked before all of them.
+    """
 
     def __init__(self, tokenizer: Tokenizer, limits: ValidationLimits) -> None:
         self._tokenizer = tokenizer
         self.limits = limits
 
+    def check_best_of(self, best_of: int) -> None:
+        """TGI's `validate_best_of`: run before anything else when best_of != 1."""
+        max_best_of = self.limits.max_best_of
+        if max_best_of == 1 and best_of != 1:
+            raise InvalidRequest("`best_of` != 1 is not allowed for this endpoint")
+        if best_of > max_best_of or best_of <= 0:
+            raise InvalidRequest(f"`best_of` must be > 0 and <= {max_best_of}. Given: {best_of}")
+
+    @staticmethod
+    def check_streamable(params: ClientParameters) -> None:
+        """What TGI refuses on /generate_stream before validating anything else."""
+        if (params.best_of if params.best_of is not None else 1) != 1:
+            raise InvalidRequest("`best_of` != 1 is not supported when streaming tokens")
+        if params.decoder_input_details:
+            raise InvalidRequest(
+                "`decoder_input_details` == true is not supported when streaming tokens"
+            )
+
     def validate(self, inputs: str, params: ClientParameters) -> GenerationRequest:
+        if params.best_of is not None and params.best_of != 1:
+            self.check_best_of(params.best_of)
         sampling = self._sampling(params)
-        self._check_unsupported(params)
         limits = self.limits
         if params.max_new_tokens is not None and params.max_new_tokens <= 0:
             raise InvalidRequest("`max_new_tokens` must be strictly positive")
@@ -74,6 +103,8 @@ class Validator:
                 f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
                 f"Given: {len(params.stop)}"
             )
+        if (params.best_of or 1) > 1 and params.seed is not None:
+            raise InvalidRequest("`seed` must not be set when `best_of` > 1")
         top_n = params.top_n_tokens or 0
         if top_n > limits.max_top_n_tokens or top_n < 0:
             raise InvalidRequest(
@@ -97,6 +128,7 @@ class Validator:
             )
         if max_new_tokens <= 0:  # a prompt of max_total_tokens, under limits that allow one
             raise self._budget_error(len(input_ids), max_new_tokens)
+        self._check_unsupported(params)
         return GenerationRequest(
             inputs=inputs,
             input_ids=input_ids,
@@ -111,61 +143,57 @@ class Validator:
         )
 
     def _sampling(self, params: ClientParameters) -> SamplingParams:
-        temperature = 1.0 if params.temperature is None else params.temperature
-        if temperature <= 0.0:
-            raise InvalidRequest("`temperature` must be strictly positive")
-        if params.repetition_penalty is not None and params.repetition_penalty <= 0.0:
-            raise InvalidRequest("`repetition_penalty` must be strictly positive")
-        if params.frequency_penalty is not None and not -2.0 <= params.frequency_penalty <= 2.0:
-            raise InvalidRequest("`frequency_penalty` must be >= -2.0 and <= 2.0")
-        top_p = 1.0 if params.top_p is None else params.top_p
-        if params.top_p is not None and not 0.0 < top_p < 1.0:
-            raise InvalidRequest("`top_p` must be > 0.0 and < 1.0")
-        if params.typical_p is not None and not 0.0 < params.typical_p < 1.0:
-            raise InvalidRequest("`typical_p` must be > 0.0 and < 1.0")
-        top_k = 0 if params.top_k is None else params.top_k
-        if params.top_k is not None and top_k <= 0:
-            raise InvalidRequest("`top_k` must be strictly positive")
-        best_of = params.best_of or 1
         sampling = params.do_sample or any(
             value is not None
             for value in (params.temperature, params.top_k, params.top_p, params.typical_p)
         )
-        if best_of > 1 and not sampling:
+        if (params.best_of or 1) > 1 and not sampling:
             raise InvalidRequest("you must use sampling when `best_of` is > 1")
-        if best_of > 1 and params.seed is not None:
-            raise InvalidRequest("`seed` must not be set when `best_of` > 1")
-        if best_of > self.limits.max_best_of or best_of <= 0:
-            raise InvalidRequest(
-                f"`best_of` must be > 0 and <= {self.limits.max_best_of}. Given: {best_of}"
-            )
+        temperature = 1.0 if params.temperature is None else params.temperature
+        if temperature <= 0.0:
+            raise InvalidRequest("`temperature` must be strictly positive")
+        repetition = 1.0 if params.repetition_penalty is None else params.repetition_penalty
+        if repetition <= 0.0:
+            raise InvalidRequest("`repetition_penalty` must be strictly positive")
+        frequency = 0.0 if params.frequency_penalty is None else params.frequency_penalty
+        if not -2.0 <= frequency <= 2.0:
+            raise InvalidRequest("`frequency_penalty` must be >= -2.0 and <= 2.0")
+        top_p = 1.0 if params.top_p is None else params.top_p
+        if params.top_p is not None and not 0.0 < top_p < 1.0:
+            raise InvalidRequest("`top_p` must be > 0.0 and < 1.0")
+        typical_p = 1.0 if params.typical_p is None else params.typical_p
+        if params.typical_p is not None and not 0.0 < typical_p < 1.0:
+            raise InvalidRequest("`typical_p` must be > 0.0 and < 1.0")
+        top_k = 0 if params.top_k is None else params.top_k
+        if params.top_k is not None and top_k <= 0:
+            raise InvalidRequest("`top_k` must be strictly positive")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         # TGI samples whenever a warper is set, do_sample or not (text_generation_server/
         # utils/tokens.py, HeterogeneousNextTokenChooser).
-        do_sample = params.do_sample or temperature != 1.0 or top_k > 0 or top_p < 1.0
+        do_sample = (
+            params.do_sample or temperature != 1.0 or top_k > 0 or top_p < 1.0 or typical_p < 1.0
+        )
         return SamplingParams(
             do_sample=do_sample,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
             seed=seed,
+            typical_p=typical_p,
+            repetition_penalty=repetition,
+            frequency_penalty=frequency,
+            watermark=params.watermark,
+            watermark_gamma=self.limits.watermark_gamma,
+            watermark_delta=self.limits.watermark_delta,
+            top_n_tokens=params.top_n_tokens or 0,
         )
 
     @staticmethod
     def _check_unsupported(params: ClientParameters) -> None:
         """Refuse, loudly, what this version cannot honour yet (never ignore it)."""
-        unsupported = {
-            "typical_p": params.typical_p is not None,
-            "repetition_penalty": params.repetition_penalty not in (None, 1.0),
-            "frequency_penalty": params.frequency_penalty not in (None, 0.0),
-            "best_of": (params.best_of or 1) > 1,
-            "top_n_tokens": (params.top_n_tokens or 0) > 0,
-            "watermark": params.watermark,
-            "grammar": params.grammar is not None,
-        }
-        for name, asked in unsupported.items():
-            if asked:
-                raise InvalidRequest(f"`{name}` is not supported by this server yet")
+        if params.grammar is not None:
+            # TGI's own message when it runs with --disable-grammar-support.
+            raise InvalidRequest("grammar is not supported")
         if params.adapter_id is not None:
             raise InvalidRequest(
                 f"adapter `{params.adapter_id}` not found: this server serves no LoRA adapters"

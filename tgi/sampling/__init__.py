@@ -1,6 +1,18 @@
 """Device-neutral sampling: torch ops only, so it runs wherever the logits are."""
 
+from tgi.sampling.batch import BatchSampler, SampledTokens
 from tgi.sampling.params import SamplingParams
-from tgi.sampling.sampler import SampleOutput, SamplingBatch, sample
+from tgi.sampling.sampler import HistoryView, SampleOutput, SamplingBatch, sample
+from tgi.sampling.watermark import WatermarkScore, detect_watermark
 
-__all__ = ["SampleOutput", "SamplingBatch", "SamplingParams", "sample"]
+__all__ = [
+    "BatchSampler",
+    "HistoryView",
+    "SampleOutput",
+    "SampledTokens",
+    "SamplingBatch",
+    "SamplingParams",
+    "WatermarkScore",
+    "detect_watermark",
+    "sample",
+]

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from tgi import __version__
 from tgi.server.errors import install_error_handlers
+from tgi.server.limits import PayloadLimit
 from tgi.server.routes import generate, service
 from tgi.server.state import ServerState
 
@@ -34,6 +35,7 @@ def create_app(state: ServerState) -> FastAPI:
     )
     app.state.tgi = state
     install_error_handlers(app)
+    app.add_middleware(PayloadLimit, limit_bytes=state.config.payload_limit)
     app.include_router(generate.router)
     app.include_router(service.router)
     return app

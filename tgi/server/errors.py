@@ -16,7 +16,7 @@ from tgi.errors import (
     TgiError,
 )
 
-__all__ = ["ERROR_TABLE", "error_body", "install_error_handlers"]
+__all__ = ["ERROR_TABLE", "error_body", "install_error_handlers", "payload_too_large"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +30,26 @@ ERROR_TABLE: dict[type[TgiError], tuple[int, str]] = {
 
 
 def error_body(exc: TgiError) -> tuple[int, dict[str, str]]:
-    """Status and body for a core exception; unknown ones are 500s."""
+    """Status and body for a core exception; unknown ones are 500s.
+
+    Validation messages get TGI's `Input validation error: ` prefix (its `InferError`
+    display), so clients that match on TGI's text keep working.
+    """
     for cls, (status, error_type) in ERROR_TABLE.items():
         if isinstance(exc, cls):
-            return status, {"error": str(exc), "error_type": error_type}
+            message = str(exc)
+            if isinstance(exc, InvalidRequest):
+                message = f"Input validation error: {message}"
+            return status, {"error": message, "error_type": error_type}
     return 500, {"error": str(exc), "error_type": "internal"}
+
+
+def payload_too_large() -> tuple[int, dict[str, str]]:
+    """TGI's body limit answer (axum's DefaultBodyLimit), in TGI's error shape."""
+    return 413, {
+        "error": "Failed to buffer the request body: length limit exceeded",
+        "error_type": "validation",
+    }
 
 
 def _describe(exc: RequestValidationError) -> str:
@@ -43,6 +58,15 @@ def _describe(exc: RequestValidationError) -> str:
         location = ".".join(str(item) for item in error.get("loc", ()) if item != "body")
         parts.append(f"{location}: {error.get('msg', 'invalid')}" if location else error["msg"])
     return "; ".join(parts) or "invalid request body"
+
+
+def _json_syntax_error(exc: RequestValidationError) -> str | None:
+    """The JSON parser's complaint when the body is not JSON at all, else None."""
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", error.get("msg", "invalid JSON"))
+            return f"Failed to parse the request body as JSON: {reason}"
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -55,6 +79,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _body_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # axum's answers, in TGI's body shape: 400 when the body is not JSON, 422 when
+        # it is JSON of the wrong shape.
+        syntax = _json_syntax_error(exc)
+        if syntax is not None:
+            return JSONResponse(
+                status_code=400, content={"error": syntax, "error_type": "validation"}
+            )
         return JSONResponse(
             status_code=422,
             content={"error": _describe(exc), "error_type": "validation"},

@@ -9,12 +9,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from tgi.router.request import FinalEvent, GeneratedToken, PrefillToken, TokenEvent
 from tgi.router.validation import ClientParameters
 
 __all__ = [
+    "BestOfSequence",
     "CompatGenerateRequest",
     "Details",
     "ErrorResponse",
@@ -31,7 +41,7 @@ __all__ = [
 
 class GenerateParameters(BaseModel):
     """TGI's `GenerateParameters`; ranges are checked by the router's validator so the
-    messages match TGI's word for word."""
+    messages match TGI's word for word. An explicit `null` means "not given"."""
 
     adapter_id: str | None = None
     best_of: int | None = None
@@ -54,6 +64,23 @@ class GenerateParameters(BaseModel):
     watermark: bool = False
     # vLLM's extension, not in TGI's schema: keep generating past EOS (fixed-length benchmarks)
     ignore_eos: bool = False
+
+    @field_validator(
+        "decoder_input_details", "details", "do_sample", "watermark", "ignore_eos", mode="before"
+    )
+    @classmethod
+    def _null_is_false(cls, value: object) -> object:
+        return False if value is None else value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: object) -> object:
+        return [] if value is None else value
+
+    @property
+    def wants_details(self) -> bool:
+        """TGI answers with details when either flag asks (router/src/server.rs)."""
+        return self.details or self.decoder_input_details
 
     def to_client_parameters(self) -> ClientParameters:
         return ClientParameters(
@@ -82,6 +109,15 @@ class GenerateParameters(BaseModel):
 class GenerateRequest(BaseModel):
     inputs: str
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_parameters(cls, data: Any) -> Any:
+        # TGI's `default_parameters()` (router/src/lib.rs): a request without `parameters`
+        # samples (do_sample = true); an empty `parameters` object does not.
+        if isinstance(data, dict) and data.get("parameters") is None:
+            return {**data, "parameters": {"do_sample": True}}
+        return data
 
 
 class CompatGenerateRequest(GenerateRequest):
@@ -129,21 +165,68 @@ class PrefillTokenOut(BaseModel):
         return cls(id=token.id, text=token.text, logprob=token.logprob)
 
 
+def _without(keys: tuple[str, ...], data: dict[str, Any], empty: tuple[object, ...]) -> dict:
+    """`data` less the `keys` whose value is in `empty` (serde's skip_serializing_if)."""
+    return {k: v for k, v in data.items() if not (k in keys and any(v == e for e in empty))}
+
+
+def _top_tokens(steps: tuple[tuple[GeneratedToken, ...], ...]) -> list[list[TokenOut]]:
+    return [[TokenOut.from_token(token) for token in step] for step in steps]
+
+
+class BestOfSequence(BaseModel):
+    generated_text: str
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillTokenOut]
+    tokens: list[TokenOut]
+    top_tokens: list[list[TokenOut]] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _skip_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without(("top_tokens",), handler(self), ([],))
+
+    @classmethod
+    def from_event(cls, event: FinalEvent) -> BestOfSequence:
+        return cls(
+            generated_text=event.generated_text,
+            finish_reason=event.finish_reason.value,
+            generated_tokens=event.generated_tokens,
+            seed=event.seed,
+            prefill=[PrefillTokenOut.from_token(token) for token in event.prefill],
+            tokens=[TokenOut.from_token(token) for token in event.tokens],
+            top_tokens=_top_tokens(event.top_tokens),
+        )
+
+
 class Details(BaseModel):
     finish_reason: str
     generated_tokens: int
     seed: int | None
     prefill: list[PrefillTokenOut]
     tokens: list[TokenOut]
+    best_of_sequences: list[BestOfSequence] | None = None
+    top_tokens: list[list[TokenOut]] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _skip_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without(("best_of_sequences", "top_tokens"), handler(self), (None, []))
 
     @classmethod
-    def from_event(cls, event: FinalEvent) -> Details:
+    def from_event(
+        cls, event: FinalEvent, best_of_sequences: list[FinalEvent] | None = None
+    ) -> Details:
         return cls(
             finish_reason=event.finish_reason.value,
             generated_tokens=event.generated_tokens,
             seed=event.seed,
             prefill=[PrefillTokenOut.from_token(token) for token in event.prefill],
             tokens=[TokenOut.from_token(token) for token in event.tokens],
+            best_of_sequences=None
+            if best_of_sequences is None
+            else [BestOfSequence.from_event(other) for other in best_of_sequences],
+            top_tokens=_top_tokens(event.top_tokens),
         )
 
 
@@ -152,6 +235,10 @@ class GenerateResponse(BaseModel):
 
     generated_text: str
     details: Details | None = None
+
+    @model_serializer(mode="wrap")
+    def _skip_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without(("details",), handler(self), (None,))
 
 
 class StreamDetails(BaseModel):
@@ -168,9 +255,18 @@ class StreamResponse(BaseModel):
     generated_text: str | None = None
     details: StreamDetails | None = None
 
+    @model_serializer(mode="wrap")
+    def _skip_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without(("top_tokens",), handler(self), ([],))
+
     @classmethod
     def from_event(cls, event: TokenEvent | FinalEvent, *, details: bool) -> StreamResponse:
-        response = cls(index=event.index, token=TokenOut.from_token(event.token))
+        top = event.top_tokens if isinstance(event, TokenEvent) else event.last_top_tokens
+        response = cls(
+            index=event.index,
+            token=TokenOut.from_token(event.token),
+            top_tokens=[TokenOut.from_token(token) for token in top],
+        )
         if isinstance(event, FinalEvent):
             response.generated_text = event.generated_text
             if details:

@@ -337,7 +337,7 @@ def test_entry_point_names_the_plugin_module() -> None:
 
 
 def test_probe_is_available_at_low_priority(pm: pluggy.PluginManager) -> None:
-    (probe,) = pm.hook.tgi_backend_probe()
+    (probe,) = pm.hook.tgi_backend_probe(environ={})
     assert (probe.name, probe.available, probe.priority, probe.batching) == (
         "cpu",
         True,

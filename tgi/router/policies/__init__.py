@@ -2,5 +2,14 @@
 
 from tgi.router.policies.base import Admission, BatchingPolicy, Budget, Candidate
 from tgi.router.policies.continuous import ContinuousPolicy
+from tgi.router.policies.static import SlotTable, StaticSlotsPolicy
 
-__all__ = ["Admission", "BatchingPolicy", "Budget", "Candidate", "ContinuousPolicy"]
+__all__ = [
+    "Admission",
+    "BatchingPolicy",
+    "Budget",
+    "Candidate",
+    "ContinuousPolicy",
+    "SlotTable",
+    "StaticSlotsPolicy",
+]

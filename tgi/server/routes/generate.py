@@ -1,19 +1,33 @@
-"""TGI's generation routes: /generate, /generate_stream and the compat route `POST /`."""
+"""TGI's generation routes: /generate, /generate_stream and the compat route `POST /`.
+
+What happens in which order follows TGI's router (router/src/server.rs and
+router/src/infer/mod.rs): count the request, refuse what a route cannot do
+(`best_of` or `decoder_input_details` on a stream), refuse when
+`max_concurrent_requests` are in flight, then validate. /generate answers errors with
+their status code; /generate_stream always answers 200 and sends any error, early or
+late, as a `data: {"error": ..., "error_type": ...}` event.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, cast
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Send
 
-from tgi.errors import GenerationError
+from tgi.errors import GenerationError, InvalidRequest, Overloaded, TgiError
 from tgi.router.request import ErrorEvent, FinalEvent, GenerationRequest
 from tgi.router.scheduler import RequestHandle
+from tgi.router.validation import ClientParameters, Validator
+from tgi.server.errors import error_body
 from tgi.server.schemas import (
     CompatGenerateRequest,
     Details,
@@ -36,18 +50,46 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse, "description": "Model is overloaded"},
 }
 
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_KEEP_ALIVE = ":\n\n"  # an SSE comment, what axum's KeepAlive sends
 
-async def _submit(state: ServerState, body: GenerateRequest) -> RequestHandle:
-    state.metrics.request_count.inc()
-    params = body.parameters.to_client_parameters()
+
+# ---- admission -------------------------------------------------------------------------
+
+
+def _check_capacity(state: ServerState, num_requests: int) -> None:
+    """TGI takes a concurrency permit before validating: refuse at once when full."""
+    stats = state.router.stats()
+    if stats.queue_size + stats.batch_size + num_requests > state.config.max_concurrent_requests:
+        state.metrics.request_failure.labels(err="overloaded").inc()
+        raise Overloaded("Model is overloaded")
+
+
+def _refuse(state: ServerState, message: str) -> InvalidRequest:
+    state.metrics.request_failure.labels(err="validation").inc()
+    return InvalidRequest(message)
+
+
+async def _validate(state: ServerState, inputs: str, params: ClientParameters) -> GenerationRequest:
+    started = time.perf_counter()
     try:
         request: GenerationRequest = await run_in_threadpool(
-            state.validator.validate, body.inputs, params
+            state.validator.validate, inputs, params
         )
-    except Exception:
-        state.metrics.request_failure.labels(err="validation").inc()
-        raise
+    except InvalidRequest as exc:
+        raise _refuse(state, str(exc)) from None
+    state.metrics.request_validation_duration.observe(time.perf_counter() - started)
+    state.metrics.request_max_new_tokens.observe(request.stopping.max_new_tokens)
+    return request
+
+
+async def _submit(state: ServerState, inputs: str, params: ClientParameters) -> RequestHandle:
+    _check_capacity(state, 1)
+    request = await _validate(state, inputs, params)
     return state.router.submit(request)
+
+
+# ---- waiting for results ---------------------------------------------------------------
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -58,10 +100,11 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def _final_event(handle: RequestHandle, request: Request) -> FinalEvent:
-    """Wait for the end of a non-streamed request; cancel it if the client leaves."""
+async def _final_events(handles: list[RequestHandle], request: Request) -> list[FinalEvent]:
+    """Wait for the end of non-streamed requests. The first failure cancels the others
+    (TGI's `try_join_all`), and so does the client going away."""
 
-    async def consume() -> FinalEvent:
+    async def consume(handle: RequestHandle) -> FinalEvent:
         async for event in handle.events():
             if isinstance(event, FinalEvent):
                 return event
@@ -69,29 +112,87 @@ async def _final_event(handle: RequestHandle, request: Request) -> FinalEvent:
                 raise GenerationError(event.message)
         raise GenerationError("Incomplete generation")
 
-    result = asyncio.ensure_future(consume())
-    disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+    results = [asyncio.ensure_future(consume(handle)) for handle in handles]
+    everything: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*results))
+    disconnect: asyncio.Future[Any] = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        await asyncio.wait({result, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({everything, disconnect}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnect.cancel()
-    if not result.done():
+    if everything.done() and not everything.cancelled() and everything.exception() is None:
+        return list(everything.result())
+    for result in results:
         result.cancel()
+    for handle in handles:
         handle.cancel()
-        raise GenerationError("client disconnected")
-    return result.result()
+    if everything.done() and not everything.cancelled():
+        raise everything.exception()  # type: ignore[misc]
+    everything.cancel()
+    raise GenerationError("client disconnected")
 
 
-async def _generate_body(
+def _headers(state: ServerState, event: FinalEvent, started: float) -> dict[str, str]:
+    """TGI's timing headers on a non-streamed answer."""
+    total_s = time.perf_counter() - started
+    per_token_s = event.inference_s / max(event.generated_tokens, 1)
+    return {
+        "x-compute-type": state.model.device_type,
+        "x-compute-time": str(total_s),
+        "x-total-time": str(int(total_s * 1000)),
+        "x-queue-time": str(int(event.queued_s * 1000)),
+        "x-inference-time": str(int(event.inference_s * 1000)),
+        "x-time-per-token": str(int(per_token_s * 1000)),
+        "x-prompt-tokens": str(event.input_length),
+        "x-generated-tokens": str(event.generated_tokens),
+    }
+
+
+# ---- /generate -------------------------------------------------------------------------
+
+
+async def _generate(
     body: GenerateRequest, request: Request, state: ServerState
-) -> dict[str, object]:
-    handle = await _submit(state, body)
-    event = await _final_event(handle, request)
+) -> tuple[dict[str, Any], dict[str, str]]:
+    started = time.perf_counter()
+    state.metrics.request_count.inc()
+    params = body.parameters.to_client_parameters()
+    best_of = params.best_of
+    others: list[FinalEvent] | None = None  # best_of's other sequences
+    if best_of is not None and best_of > 1:
+        event, others = await _generate_best_of(state, body.inputs, params, best_of, request)
+    else:
+        handle = await _submit(state, body.inputs, params)
+        (event,) = await _final_events([handle], request)
     response = GenerateResponse(generated_text=event.generated_text)
-    if body.parameters.details:
-        response.details = Details.from_event(event)
-        return response.model_dump(mode="json")
-    return response.model_dump(mode="json", exclude={"details"})
+    if body.parameters.wants_details:
+        response.details = Details.from_event(event, others)
+    return response.model_dump(mode="json"), _headers(state, event, started)
+
+
+async def _generate_best_of(
+    state: ServerState, inputs: str, params: ClientParameters, best_of: int, request: Request
+) -> tuple[FinalEvent, list[FinalEvent]]:
+    """TGI's `generate_best_of`: `best_of` sampled requests with their own seeds; the one
+    with the highest mean token logprob wins, the others become `best_of_sequences`."""
+    try:
+        state.validator.check_best_of(best_of)
+    except InvalidRequest as exc:
+        raise _refuse(state, str(exc)) from None
+    _check_capacity(state, best_of)
+    validated = await _validate(state, inputs, params)
+    handles: list[RequestHandle] = []
+    try:
+        for index in range(best_of):
+            seed = validated.sampling.seed if index == 0 else random.getrandbits(63)
+            sampling = dataclasses.replace(validated.sampling, seed=seed)
+            handles.append(state.router.submit(dataclasses.replace(validated, sampling=sampling)))
+    except Overloaded:
+        for handle in handles:
+            handle.cancel()
+        raise
+    events = await _final_events(handles, request)
+    best = max(range(len(events)), key=lambda i: (events[i].mean_logprob, -i))
+    return events[best], [event for i, event in enumerate(events) if i != best]
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
@@ -99,7 +200,11 @@ async def generate(
     body: GenerateRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> JSONResponse:
     """Generate tokens for one prompt and return them at once."""
-    return JSONResponse(await _generate_body(body, request, state))
+    content, headers = await _generate(body, request, state)
+    return JSONResponse(content, headers=headers)
+
+
+# ---- /generate_stream ------------------------------------------------------------------
 
 
 @router.post("/generate_stream", responses=_ERRORS, response_class=StreamingResponse)
@@ -107,32 +212,99 @@ async def generate_stream(
     body: GenerateRequest, state: ServerState = Depends(get_state)
 ) -> StreamingResponse:
     """Generate tokens as Server-Sent Events, one `data:` event per token."""
-    handle = await _submit(state, body)
-    return StreamingResponse(
-        _sse(handle, details=body.parameters.details),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-
-
-async def _sse(handle: RequestHandle, *, details: bool) -> AsyncIterator[str]:
+    state.metrics.request_count.inc()
+    params = body.parameters.to_client_parameters()
     try:
-        async for event in handle.events():
+        try:
+            Validator.check_streamable(params)
+        except InvalidRequest as exc:
+            raise _refuse(state, str(exc)) from None
+        handle = await _submit(state, body.inputs, params)
+    except TgiError as exc:
+        return _EventStream(_error_stream(exc))
+    stream = _sse(handle, details=body.parameters.details, keep_alive_s=_keep_alive(state))
+    return _EventStream(stream, on_close=handle.cancel)
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that cancels its request however the stream ends.
+
+    Starlette stops iterating a body whose client went away without closing the
+    generator (that waits for garbage collection), so the cancel is made here, at once.
+    """
+
+    def __init__(
+        self, content: AsyncIterator[str], on_close: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self._on_close = on_close
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            if self._on_close is not None:
+                self._on_close()  # a no-op when the request finished
+
+
+def _keep_alive(state: ServerState) -> float:
+    return state.config.sse_keep_alive_s
+
+
+def _error_event(status_body: tuple[int, dict[str, str]]) -> str:
+    body = ErrorResponse(error=status_body[1]["error"], error_type=status_body[1]["error_type"])
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+async def _error_stream(exc: TgiError) -> AsyncIterator[str]:
+    yield _error_event(error_body(exc))
+
+
+async def _sse(handle: RequestHandle, *, details: bool, keep_alive_s: float) -> AsyncIterator[str]:
+    """One `data:` event per token; a comment after `keep_alive_s` of silence."""
+    events = cast(AsyncGenerator[Any, None], handle.events())
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            # Never cancel the pending `anext` for a keep-alive: that would close the
+            # event generator, which cancels the request. Wait on it again instead.
+            pending = asyncio.ensure_future(anext(events))
+            while not (await asyncio.wait({pending}, timeout=keep_alive_s))[0]:
+                yield _KEEP_ALIVE
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
             if isinstance(event, ErrorEvent):
                 body = ErrorResponse(error=event.message, error_type=event.error_type)
                 yield f"data: {body.model_dump_json()}\n\n"
                 return
             response = StreamResponse.from_event(event, details=details)
             yield f"data: {response.model_dump_json()}\n\n"
+            if isinstance(event, FinalEvent):
+                return
     finally:
+        if pending is not None and not pending.done():
+            pending.cancel()  # the client left mid-wait: this closes the event generator
+        else:
+            await events.aclose()
         handle.cancel()  # a no-op when finished; frees KV when the client went away
+
+
+# ---- POST / ----------------------------------------------------------------------------
 
 
 @router.post("/", responses=_ERRORS, response_model=None)
 async def compat_generate(
     body: CompatGenerateRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> StreamingResponse | JSONResponse:
-    """TGI's compat route: streams when `stream` is true, else a one-element list."""
+    """TGI's compat route: streams when `stream` is true, else a one-element list.
+
+    As in TGI, `return_full_text` defaults to true here for a text-generation model.
+    """
+    if body.parameters.return_full_text is None:
+        body.parameters.return_full_text = True
     if body.stream:
         return await generate_stream(body, state)
-    return JSONResponse([await _generate_body(body, request, state)])
+    content, headers = await _generate(body, request, state)
+    return JSONResponse([content], headers=headers)

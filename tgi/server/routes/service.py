@@ -7,10 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tgi import __version__
 from tgi.errors import BackendUnavailable, InvalidRequest
+from tgi.metrics import CONTENT_TYPE, exposition
 from tgi.server.schemas import ErrorResponse, GenerateRequest, SimpleToken
 from tgi.server.state import ServerState, get_state
 
@@ -80,8 +80,8 @@ async def health(state: ServerState = Depends(get_state)) -> Response:
 
 @router.get("/metrics")
 async def metrics(state: ServerState = Depends(get_state)) -> Response:
-    """Prometheus text format."""
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text format, with TGI's metric names (see `tgi.metrics.exposition`)."""
+    return Response(exposition(state.metrics.registry), media_type=CONTENT_TYPE)
 
 
 @router.post(

@@ -1,0 +1,315 @@
+"""tgi against its peers on this machine, all serving SmolLM2-135M-Instruct: one command.
+
+    .venv/bin/python benchmarks/compare_smollm2.py
+
+starts on loopback:
+
+- tgi: `tgi serve --backend cpu` on the checkpoint converted from the embedded GGUF;
+- llama.cpp: `llama-server --parallel N` on the very same GGUF, built from the sources
+  vendored in the llama-cpp-python sdist (benchmarks/build_llama_server.sh, cached);
+- naive: transformers `generate()`, one request at a time (benchmarks/naive_server.py);
+
+runs each through the same `tgi bench serve` levels (random prompts of --input-len
+tokens, --output-len tokens with EOS ignored, the same seed), one system at a time, and
+then `tgi bench compare` writes one table (terminal and Markdown), one combined JSON
+and one PNG:
+
+    benchmarks/results/<name>{.json,.md,.png}     the comparison
+    benchmarks/results/<name>/<system>-c<N>.json  every run, as `tgi bench serve` wrote it
+
+Server logs go to .cache/bench-logs/. Every system gets --threads (default: the CPUs
+this process may use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("compare_smollm2")
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SYSTEMS = ("tgi", "llama.cpp", "naive")
+
+
+@dataclass(frozen=True, slots=True)
+class System:
+    name: str  # the label in tables
+    api: str  # `tgi bench serve --api`
+    command: list[str]  # starts the server
+    port: int
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _model_files(cache_dir: Path) -> tuple[Path, Path]:
+    """(the embedded GGUF, its converted checkpoint directory), converting once."""
+    from tgi.config import resolve_config
+    from tgi.models.source import embedded_model_path, inspect_model, materialize
+
+    config = resolve_config({"cache_dir": str(cache_dir)}, environ={})
+    return embedded_model_path(), materialize(inspect_model(config), config).path
+
+
+def _llama_server() -> Path:
+    script = ROOT / "benchmarks" / "build_llama_server.sh"
+    logger.info("building llama-server unless cached (several minutes on 2 cores)")
+    done = subprocess.run([str(script)], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def _tgi(port: int, args: argparse.Namespace, total: int) -> list[str]:
+    return [
+        str(BIN / "tgi"),
+        "serve",
+        "--backend",
+        "cpu",
+        "--hostname",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-total-tokens",
+        str(total),
+        "--cpu-threads",
+        str(args.threads),
+    ]
+
+
+def _llama_cpp(port: int, args: argparse.Namespace, total: int, gguf: Path) -> list[str]:
+    slots = max(args.concurrency)
+    return [
+        str(_llama_server()),
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--parallel",
+        str(slots),
+        "--ctx-size",
+        str(slots * total),  # per slot: what tgi allows one sequence
+        "--threads",
+        str(args.threads),
+        "--no-webui",
+    ]
+
+
+def _naive(port: int, args: argparse.Namespace, checkpoint: Path) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "benchmarks" / "naive_server.py"),
+        "--model",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--threads",
+        str(args.threads),
+    ]
+
+
+def _systems(
+    names: Sequence[str], gguf: Path, checkpoint: Path, args: argparse.Namespace
+) -> list[System]:
+    """The servers to compare, each on its own free loopback port."""
+    total = max(512, args.input_len + args.output_len + 16)
+    systems = []
+    for name in names:
+        port = _free_port()
+        if name == "tgi":
+            systems.append(System(name, "tgi", _tgi(port, args, total), port))
+        elif name == "llama.cpp":
+            systems.append(System(name, "openai", _llama_cpp(port, args, total, gguf), port))
+        elif name == "naive":
+            systems.append(System(name, "tgi", _naive(port, args, checkpoint), port))
+        else:
+            raise SystemExit(f"unknown system {name!r}; choose from {list(SYSTEMS)}")
+    return systems
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}; see its log")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # not listening yet, or still loading (503)
+        time.sleep(1.0)
+    raise RuntimeError(f"{url} was not healthy after {timeout_s:.0f} s")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def _start(system: System, env: dict[str, str], timeout_s: float) -> subprocess.Popen[bytes]:
+    logs = ROOT / ".cache" / "bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{system.name}.log"
+    logger.info("starting %s: %s (log %s)", system.name, " ".join(system.command), log_path)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(system.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{system.port}", process, timeout_s)
+    except RuntimeError:
+        _stop(process)
+        raise
+    return process
+
+
+def _bench_command(
+    system: System,
+    checkpoint: Path,
+    args: argparse.Namespace,
+    concurrency: int,
+    num_prompts: int,
+    output: Path,
+) -> list[str]:
+    return [
+        str(BIN / "tgi"),
+        "bench",
+        "serve",
+        "--url",
+        f"http://127.0.0.1:{system.port}",
+        "--api",
+        system.api,
+        "--label",
+        system.name,
+        "--tokenizer",
+        str(checkpoint),
+        "--input-len",
+        str(args.input_len),
+        "--output-len",
+        str(args.output_len),
+        "--concurrency",
+        str(concurrency),
+        "--num-prompts",
+        str(num_prompts),
+        "--warmup",
+        str(args.warmup),
+        "--seed",
+        str(args.seed),
+        "--no-progress",
+        "--output",
+        str(output),
+    ]
+
+
+def run_sweep(
+    systems: Sequence[System], checkpoint: Path, args: argparse.Namespace, folder: Path
+) -> list[Path]:
+    """Every level on every system; returns the result files, one per system and level.
+
+    NOTE: all servers stay up (an idle one takes no CPU) and levels are interleaved:
+    level 1 on every system, then level 2, ..., with the order of systems rotating
+    from one level to the next. On a machine shared with other work the load drifts
+    over minutes; this way the systems compared at one level ran minutes apart, and
+    none always goes first. Only one system is ever under load at a time.
+    """
+    env = dict(os.environ, TGI_CACHE_DIR=str(args.cache_dir))
+    processes = []
+    outputs = []
+    try:
+        for system in systems:
+            processes.append(_start(system, env, args.start_timeout))
+        levels = list(zip(args.concurrency, args.num_prompts, strict=True))
+        for index, (concurrency, num_prompts) in enumerate(levels):
+            shift = index % len(systems)
+            for system in [*systems[shift:], *systems[:shift]]:
+                output = folder / f"{system.name}-c{concurrency}.json"
+                command = _bench_command(system, checkpoint, args, concurrency, num_prompts, output)
+                logger.info("%s at c=%d: %s", system.name, concurrency, " ".join(command))
+                subprocess.run(command, check=True)
+                outputs.append(output)
+    finally:
+        for process in processes:
+            _stop(process)
+    return outputs
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def main() -> None:
+    today = datetime.date.today().isoformat()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="first is the baseline")
+    parser.add_argument("--concurrency", type=_ints, default=[1, 8, 32])
+    parser.add_argument("--num-prompts", type=_ints, default=[4, 8, 32], help="per level")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2, help="uncounted requests per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--name", default=f"{today}-smollm2-cpu", help="result file stem")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "tgi-test")
+    parser.add_argument("--start-timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    if len(args.num_prompts) != len(args.concurrency):
+        parser.error("--num-prompts needs one count per --concurrency level")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    names = [name for name in args.systems.split(",") if name]
+    if "llama.cpp" in names and shutil.which("cmake") is None:
+        raise SystemExit("llama.cpp needs cmake and a C++ compiler to build llama-server")
+    gguf, checkpoint = _model_files(args.cache_dir)
+    started = time.monotonic()
+    systems = _systems(names, gguf, checkpoint, args)
+    outputs = run_sweep(systems, checkpoint, args, args.out_dir / args.name)
+    stem = args.out_dir / args.name
+    title = (
+        f"SmolLM2-135M-Instruct on this CPU: {args.input_len} prompt tokens, "
+        f"{args.output_len} output tokens, EOS ignored"
+    )
+    subprocess.run(
+        [
+            str(BIN / "tgi"),
+            "bench",
+            "compare",
+            *map(str, outputs),
+            "--baseline",
+            names[0],
+            "--output",
+            f"{stem}.json",
+            "--markdown",
+            f"{stem}.md",
+            "--plot",
+            f"{stem}.png",
+            "--title",
+            title,
+        ],
+        check=True,
+    )
+    logger.info("done in %.0f s", time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    main()
