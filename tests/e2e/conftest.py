@@ -6,6 +6,7 @@ is transformers' own `generate()` on the very same converted weights.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tgi.config import resolve_config, snapshot_environ
@@ -115,3 +117,15 @@ def reference(smollm2_server: RunningServer) -> Reference:
 def chat(tokenizer: Any, question: str) -> str:
     messages = [{"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+async def read_stream(client: httpx.AsyncClient, prompt: str, n: int) -> list[dict[str, Any]]:
+    """Every `data:` event of one /generate_stream request, parsed."""
+    payload = {"inputs": prompt, "parameters": {"max_new_tokens": n}}
+    events = []
+    async with client.stream("POST", "/generate_stream", json=payload) as stream:
+        assert stream.status_code == 200
+        async for line in stream.aiter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+    return events

@@ -28,7 +28,7 @@ from tgi.launcher import build_state, prepare
 from tgi.server.app import create_app
 from tgi.server.state import ServerState
 
-from .conftest import CACHE_DIR, free_port
+from .conftest import CACHE_DIR, free_port, read_stream
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
@@ -133,19 +133,6 @@ async def generate(client: httpx.AsyncClient, prompt: str, max_new_tokens: int) 
     return [token["id"] for token in response.json()["details"]["tokens"]]
 
 
-async def stream(
-    client: httpx.AsyncClient, prompt: str, max_new_tokens: int
-) -> list[dict[str, Any]]:
-    payload = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}}
-    events = []
-    async with client.stream("POST", "/generate_stream", json=payload) as response:
-        assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if line.startswith("data:"):
-                events.append(json.loads(line[5:]))
-    return events
-
-
 async def drained(server: NeuronServer) -> None:
     """Wait (bounded) for the last release, then check nothing is left in any slot."""
     for _ in range(200):
@@ -232,7 +219,7 @@ async def test_streams_keep_spaces_cjk_and_emoji(
         "日本 🍣 日本 🍣 日本 🍣",
     ]
     async with httpx.AsyncClient(base_url=neuron_server.url, timeout=600) as client:
-        results = await asyncio.gather(*(stream(client, prompt, 20) for prompt in prompts))
+        results = await asyncio.gather(*(read_stream(client, prompt, 20) for prompt in prompts))
     texts = []
     for prompt, events in zip(prompts, results, strict=True):
         text = "".join(event["token"]["text"] for event in events if not event["token"]["special"])

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import Reference, RunningServer, chat
+from .conftest import Reference, RunningServer, chat, read_stream
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
@@ -108,17 +108,6 @@ async def test_a_request_joining_mid_stream_keeps_both_exact(
     assert events[-1]["generated_text"] == reference.tokenizer.decode(
         [e["token"]["id"] for e in events], skip_special_tokens=True
     )
-
-
-async def read_stream(client: httpx.AsyncClient, prompt: str, n: int) -> list[dict[str, Any]]:
-    payload = {"inputs": prompt, "parameters": {"max_new_tokens": n}}
-    events = []
-    async with client.stream("POST", "/generate_stream", json=payload) as stream:
-        assert stream.status_code == 200
-        async for line in stream.aiter_lines():
-            if line.startswith("data:"):
-                events.append(json.loads(line[5:]))
-    return events
 
 
 async def test_sixteen_concurrent_streams_complete_with_correct_text(
