@@ -53,15 +53,11 @@ $(COMPAT_STAMP): pyproject.toml backends/cpu/pyproject.toml backends/neuron/pypr
 	$(COMPAT_BIN)/python -m pip install --quiet --no-deps text-generation==$(TEXT_GENERATION_VERSION)
 	touch $@
 
-# Deselected: transformers 4.57 reads the eos token of SmolLM2's GGUF as <|im_start|>
-# (tgi/models/_gguf_convert.py keeps what transformers says); to be fixed in the core.
-COMPAT_DESELECT := tests/models/test_smollm2.py::test_tokenizer_reloads_with_chat_template
-
 ## The fast suite (core, CPU and emulated Neuron backends) on transformers 4.57.x.
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_BIN)/python -c 'import transformers; print("transformers", transformers.__version__)'
 	$(COMPAT_BIN)/python -m pytest -m "not slow" -p no:cacheprovider \
-		--deselect $(COMPAT_DESELECT) tests backends/cpu/tests backends/neuron/tests
+		tests backends/cpu/tests backends/neuron/tests
 
 ## The suite without the slow end-to-end runs on the real model.
 test-fast: install lint

@@ -43,6 +43,12 @@ logger = logging.getLogger("compare_smollm2")
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SYSTEMS = ("tgi", "llama.cpp", "naive")
+# tgi run with extra `tgi serve` flags, under its own label: --variant tgi-int8="--quantize int8"
+DEFAULT_VARIANTS = {
+    "tgi-int8": ["--quantize", "int8"],
+    "tgi-int4": ["--quantize", "int4"],
+    "tgi-spec2": ["--speculate", "2"],
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +81,7 @@ def _llama_server() -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
-def _tgi(port: int, args: argparse.Namespace, total: int) -> list[str]:
+def _tgi(port: int, args: argparse.Namespace, total: int, extra: Sequence[str] = ()) -> list[str]:
     return [
         str(BIN / "tgi"),
         "serve",
@@ -89,6 +95,7 @@ def _tgi(port: int, args: argparse.Namespace, total: int) -> list[str]:
         str(total),
         "--cpu-threads",
         str(args.threads),
+        *extra,
     ]
 
 
@@ -135,12 +142,16 @@ def _systems(
         port = _free_port()
         if name == "tgi":
             systems.append(System(name, "tgi", _tgi(port, args, total), port))
+        elif name in args.variants:
+            command = _tgi(port, args, total, args.variants[name])
+            systems.append(System(name, "tgi", command, port))
         elif name == "llama.cpp":
             systems.append(System(name, "openai", _llama_cpp(port, args, total, gguf), port))
         elif name == "naive":
             systems.append(System(name, "tgi", _naive(port, args, checkpoint), port))
         else:
-            raise SystemExit(f"unknown system {name!r}; choose from {list(SYSTEMS)}")
+            known = [*SYSTEMS, *args.variants]
+            raise SystemExit(f"unknown system {name!r}; choose from {known}")
     return systems
 
 
@@ -258,6 +269,13 @@ def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
+def _variant(text: str) -> tuple[str, list[str]]:
+    name, sep, flags = text.partition("=")
+    if not sep or not name.startswith("tgi-"):
+        raise argparse.ArgumentTypeError(f"expected tgi-NAME='--flag value', got {text!r}")
+    return name, flags.split()
+
+
 def main() -> None:
     today = datetime.date.today().isoformat()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -273,7 +291,16 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "tgi-test")
     parser.add_argument("--start-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--variant",
+        type=_variant,
+        action="append",
+        default=[],
+        help="tgi-NAME='--serve flags': tgi again with extra flags (tgi-int8, tgi-int4 "
+        "and tgi-spec2 are predefined)",
+    )
     args = parser.parse_args()
+    args.variants = {**DEFAULT_VARIANTS, **dict(args.variant)}
     if len(args.num_prompts) != len(args.concurrency):
         parser.error("--num-prompts needs one count per --concurrency level")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

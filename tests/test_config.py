@@ -92,3 +92,31 @@ def test_with_values_records_the_new_source_and_leaves_the_original() -> None:
     assert adjusted.max_batch_size == 4
     assert adjusted.source_of("max_batch_size") == "backend neuron"
     assert config.max_batch_size is None
+
+
+def test_engine_settings_parse_from_cli_and_environment() -> None:
+    config = resolve_config(
+        {"quantize": "INT8", "kv_cache_memory": "2GiB"},
+        environ={"SPECULATE": "2", "KV_CACHE_DTYPE": "bf16", "PREFIX_CACHING": "0"},
+    )
+    assert config.quantize == "int8"
+    assert config.kv_cache_memory == 2 * 2**30
+    assert (config.speculate, config.source_of("speculate")) == (2, "env SPECULATE")
+    assert config.kv_cache_dtype == "bfloat16"
+    assert config.prefix_caching is False
+    assert resolve_config({}, environ={}).prefix_caching is True
+
+
+@pytest.mark.parametrize(
+    ("values", "environ", "message"),
+    [
+        ({"quantize": "gptq"}, {}, "--quantize: expected one of int8, int4"),
+        ({}, {"TGI_KV_CACHE_MEMORY": "lots"}, "TGI_KV_CACHE_MEMORY='lots'"),
+        ({"speculate": -1}, {}, "--speculate must not be negative"),
+    ],
+)
+def test_bad_engine_settings_are_named(
+    values: dict[str, object], environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(values, environ=environ)

@@ -65,6 +65,13 @@ TrustRemote = Annotated[
 HubCache = Annotated[str | None, _opt("huggingface_hub_cache", "--huggingface-hub-cache")]
 CacheDir = Annotated[str | None, _opt("cache_dir", "--cache-dir")]
 CpuThreads = Annotated[int | None, _opt("cpu_threads", "--cpu-threads")]
+Quantize = Annotated[str | None, _opt("quantize", "--quantize")]
+Speculate = Annotated[int | None, _opt("speculate", "--speculate")]
+KvCacheDtype = Annotated[str | None, _opt("kv_cache_dtype", "--kv-cache-dtype")]
+KvCacheMemory = Annotated[str | None, _opt("kv_cache_memory", "--kv-cache-memory")]
+PrefixCaching = Annotated[
+    bool | None, _opt("prefix_caching", "--prefix-caching/--no-prefix-caching")
+]
 
 
 def _serve_values(**values: Any) -> dict[str, Any]:
@@ -98,6 +105,11 @@ def serve(
     huggingface_hub_cache: HubCache = None,
     cache_dir: CacheDir = None,
     cpu_threads: CpuThreads = None,
+    quantize: Quantize = None,
+    speculate: Speculate = None,
+    kv_cache_dtype: KvCacheDtype = None,
+    kv_cache_memory: KvCacheMemory = None,
+    prefix_caching: PrefixCaching = None,
 ) -> None:
     """Serve a model over TGI's HTTP API (the embedded SmolLM2 when no --model-id)."""
     config = _config(dict(locals()))

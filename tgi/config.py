@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+# Weight-only quantization the core knows; a backend says which of them it runs.
+QUANTIZE_CHOICES = ("int8", "int4")
 
 # TGI caps its derived default context here to leave memory for more users.
 DEFAULT_MAX_TOTAL_TOKENS_CAP = 4096
@@ -57,6 +60,28 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"expected a boolean, got {text!r}")
+
+
+_BYTE_UNITS = {
+    "": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+    "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1000000' -> bytes. Raises ValueError on anything else."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise ValueError(f"expected a size like 2GiB, 512MB or 1000000, got {text!r}")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+def _quantize(text: str) -> str:
+    lowered = text.strip().lower()
+    if lowered not in QUANTIZE_CHOICES:
+        raise ValueError(f"expected one of {', '.join(QUANTIZE_CHOICES)}; got {text!r}")
+    return lowered
 
 
 def _dtype(text: str) -> str:
@@ -89,6 +114,41 @@ SETTINGS: tuple[Setting, ...] = (
         _dtype,
         None,
         "Compute dtype; unset lets the backend choose what its hardware runs fast.",
+    ),
+    Setting(
+        "quantize",
+        ("QUANTIZE",),
+        _quantize,
+        None,
+        "Weight-only quantization at load time: int8 or int4; unset keeps the weights' dtype.",
+    ),
+    Setting(
+        "speculate",
+        ("SPECULATE",),
+        int,
+        None,
+        "Draft tokens per step from n-gram speculation over each request's own history.",
+    ),
+    Setting(
+        "kv_cache_dtype",
+        ("KV_CACHE_DTYPE",),
+        _dtype,
+        None,
+        "Storage dtype of the KV cache; unset stores it in the compute dtype.",
+    ),
+    Setting(
+        "kv_cache_memory",
+        ("TGI_KV_CACHE_MEMORY",),
+        parse_bytes,
+        None,
+        "Bytes given to the KV cache (e.g. 2GiB); unset: a share of free memory at warmup.",
+    ),
+    Setting(
+        "prefix_caching",
+        ("PREFIX_CACHING",),
+        _bool,
+        True,
+        "Reuse the KV of block-aligned prompt prefixes seen before (paged backends).",
     ),
     Setting(
         "backend",
@@ -232,6 +292,11 @@ class ServeConfig(BaseModel):
     model_id: str | None = None
     revision: str | None = None
     dtype: Dtype | None = None
+    quantize: Literal["int8", "int4"] | None = None
+    speculate: int | None = None
+    kv_cache_dtype: Dtype | None = None
+    kv_cache_memory: int | None = None
+    prefix_caching: bool = True
     backend: str | None = None
     hostname: str = "0.0.0.0"
     port: int = 3000
@@ -351,6 +416,7 @@ def _check_ranges(config: ServeConfig) -> None:
         "payload_limit",
         "cpu_threads",
         "sse_keep_alive_s",
+        "kv_cache_memory",
     )
     for name in positive:
         value = getattr(config, name)
@@ -360,6 +426,11 @@ def _check_ranges(config: ServeConfig) -> None:
                 f"({config.source_of(name)})"
             )
     _check_watermark(config)
+    if config.speculate is not None and config.speculate < 0:
+        raise ConfigError(
+            f"--speculate must not be negative, got {config.speculate} "
+            f"({config.source_of('speculate')})"
+        )
 
 
 def _check_watermark(config: ServeConfig) -> None:

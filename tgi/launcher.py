@@ -11,15 +11,16 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from tgi.backend.contract import Backend, Batching, Capabilities, KVCapacity, Limits
+from tgi.backend.contract import Backend, Batching, Capabilities, KVCapacity, KvLayout, Limits
 from tgi.backend.manager import SelectedBackend, select_backend
 from tgi.config import ServeConfig, derive_limits
 from tgi.errors import BackendError
 from tgi.metrics import Metrics
 from tgi.models.source import ModelFiles, inspect_model, materialize
-from tgi.router.policies import ContinuousPolicy, StaticSlotsPolicy
+from tgi.router.policies import ContinuousPolicy, PagedPolicy, StaticSlotsPolicy
 from tgi.router.scheduler import Router, RouterLimits, joins_immediately
 from tgi.router.validation import ValidationLimits, Validator
+from tgi.sampling.grammar import GrammarCompiler
 from tgi.server.state import ServedModel, ServerState
 
 __all__ = [
@@ -128,7 +129,7 @@ def assemble_state(
             max_batch_size=_batch_size(config, capacity),
             max_concurrent_requests=config.max_concurrent_requests,
         ),
-        policy=_policy(config, backend.capabilities),
+        policy=_policy(config, backend.capabilities, capacity, batch_total),
         eos_token_ids=eos_token_ids,
         metrics=metrics,
         initial_kv=backend.kv_usage(),
@@ -144,6 +145,8 @@ def assemble_state(
             watermark_gamma=config.watermark_gamma,
             watermark_delta=config.watermark_delta,
         ),
+        # built once here (about 0.5 s for a 50k vocabulary); None: grammar refused
+        grammars=GrammarCompiler.from_hf_tokenizer(tokenizer, eos_token_ids),
     )
     dtype = getattr(backend, "dtype", None)
     served = ServedModel(
@@ -160,9 +163,14 @@ def assemble_state(
 
 
 def _policy(
-    config: ServeConfig, capabilities: Capabilities
-) -> ContinuousPolicy | StaticSlotsPolicy:
+    config: ServeConfig,
+    capabilities: Capabilities,
+    capacity: KVCapacity | None = None,
+    batch_total: int | None = None,
+) -> ContinuousPolicy | StaticSlotsPolicy | PagedPolicy:
     """The batching policy the backend's capabilities call for."""
+    if capabilities.kv_layout is KvLayout.PAGED and capabilities.batching is Batching.CONTINUOUS:
+        return _paged_policy(config, capabilities, capacity, batch_total)
     if capabilities.batching is Batching.STATIC:
         policy = StaticSlotsPolicy.from_capabilities(
             capabilities,
@@ -183,6 +191,50 @@ def _policy(
         max_waiting_tokens=config.max_waiting_tokens,
         join_immediately=joins_immediately(capabilities),
     )
+
+
+def _paged_policy(
+    config: ServeConfig,
+    capabilities: Capabilities,
+    capacity: KVCapacity | None,
+    batch_total: int | None,
+) -> PagedPolicy:
+    """Blocks for the router's allocator: warmup's pool, capped by max_batch_total_tokens."""
+    block_size = capabilities.block_size
+    if capacity is None or not capacity.num_blocks or not block_size:
+        raise BackendError(
+            "a paged backend must report block_size in its capabilities and num_blocks "
+            f"from warmup; it reported {capabilities} and {capacity}"
+        )
+    num_blocks = capacity.num_blocks
+    if batch_total is not None:
+        num_blocks = min(num_blocks, batch_total // block_size)
+    max_total = config.max_total_tokens or 0
+    if num_blocks * block_size < max_total:
+        raise BackendError(
+            f"{num_blocks} KV blocks of {block_size} tokens cannot hold one sequence of "
+            f"max_total_tokens={max_total}; raise --max-batch-total-tokens or lower "
+            "--max-total-tokens"
+        )
+    speculate = config.speculate or 0
+    if speculate and not capabilities.speculation:
+        logger.warning("--speculate %d ignored: the backend cannot verify drafts", speculate)
+    policy = PagedPolicy.from_capabilities(
+        capabilities,
+        num_blocks=num_blocks,
+        prefix_caching=config.prefix_caching,
+        speculate=speculate,
+    )
+    logger.info(
+        "batching: paged, %d blocks of %d tokens; chunked prefill %s, prefix cache %s, "
+        "speculation %s",
+        num_blocks,
+        block_size,
+        "on" if policy.chunked_prefill else "off",
+        "on" if policy.prefix_caching else "off",
+        f"{policy.speculate} n-gram drafts" if policy.speculate else "off",
+    )
+    return policy
 
 
 def _limits(config: ServeConfig) -> Limits:

@@ -47,6 +47,35 @@ class Metrics:
         self.kv_capacity_tokens = Gauge(
             "tgi_kv_cache_capacity_tokens", "KV tokens the backend can hold", registry=r
         )
+        self.kv_blocks_used = Gauge(
+            "tgi_kv_cache_blocks_used", "Paged KV blocks owned by sequences", registry=r
+        )
+        self.kv_blocks_free = Gauge(
+            "tgi_kv_cache_blocks_free",
+            "Paged KV blocks free or evictable (cached prefixes no sequence owns)",
+            registry=r,
+        )
+        self.prefix_cache_queried_tokens = Counter(
+            "tgi_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            registry=r,
+        )
+        self.prefix_cache_hit_tokens = Counter(
+            "tgi_prefix_cache_hit_tokens",
+            "Prompt tokens whose KV came from the prefix cache instead of a prefill",
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "tgi_request_preemption",
+            "Running requests preempted for lack of KV blocks (recomputed later)",
+            registry=r,
+        )
+        self.speculative_draft_tokens = Counter(
+            "tgi_speculative_draft_tokens", "Draft tokens verified by speculation", registry=r
+        )
+        self.speculative_accepted_tokens = Counter(
+            "tgi_speculative_accepted_tokens", "Draft tokens accepted by speculation", registry=r
+        )
 
         def seconds(name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
             return Histogram(name, doc, labels, buckets=_DURATION_BUCKETS, registry=r)

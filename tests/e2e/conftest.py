@@ -49,6 +49,9 @@ def smollm2_server() -> Iterator[RunningServer]:
     config = resolve_config(
         {
             "cache_dir": str(CACHE_DIR),
+            # the reference is transformers in float32: on a CPU with native bf16 the
+            # backend would otherwise pick bf16 and no token-for-token check could hold
+            "dtype": "float32",
             "max_total_tokens": 512,
             "port": free_port(),
             "hostname": "127.0.0.1",

@@ -259,7 +259,12 @@ async def test_seeded_sampling_ignores_batch_companions(smollm2_server: RunningS
     assert [t["id"] for t in shared["details"]["tokens"]] == [
         t["id"] for t in alone["details"]["tokens"]
     ]
-    assert shared["details"]["top_tokens"] == alone["details"]["top_tokens"]
+    # The same tokens; logprobs equal up to float32 rounding, since the paged engine runs
+    # every row of a step through one matmul whose kernel depends on the batch size.
+    got_top, want_top = shared["details"]["top_tokens"], alone["details"]["top_tokens"]
+    for got, want in zip(got_top, want_top, strict=True):
+        assert [t["id"] for t in got] == [t["id"] for t in want]
+        assert [t["logprob"] for t in got] == pytest.approx([t["logprob"] for t in want], abs=1e-4)
     assert all(response.status_code == 200 for response in busy)
 
 

@@ -36,7 +36,10 @@ REJECTED = [
 ]
 
 UNSUPPORTED = [
-    ({"grammar": {"type": "json", "value": {}}}, "grammar is not supported"),
+    (
+        {"grammar": {"type": "regex", "value": "(("}},
+        'grammar is not valid: invalid regex "((": unclosed group',
+    ),
     (
         {"adapter_id": "my/lora"},
         "adapter `my/lora` not found: this server serves no LoRA adapters",

@@ -50,6 +50,11 @@ async def test_info_has_tgis_fields_and_the_backend(
         "kv_capacity_tokens": 4096,
         "kv_bytes_per_token": 4,
     }
+    memory = info["memory"]
+    assert memory["kv_bytes_per_token"] == 4
+    assert memory["kv_capacity_bytes"] == 4 * 4096
+    # the test process itself: at least torch and the app are resident
+    assert memory["process_resident_bytes"] > 50 * 2**20
 
 
 async def test_info_kv_returns_to_zero_when_a_stream_is_abandoned(

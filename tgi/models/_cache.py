@@ -35,7 +35,7 @@ __all__ = ["MARKER_FILE", "converted_dir"]
 
 MARKER_FILE = "tgi-conversion.json"
 # Bump when the conversion's output changes, so older caches are rebuilt, not reused.
-_FORMAT = 1
+_FORMAT = 2  # 2: bos/eos/pad from the GGUF metadata, not transformers
 _DEBRIS = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)-")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 

@@ -6,6 +6,11 @@ tensor and parses the whole token table on each `from_pretrained(gguf_file=...)`
 parallel slicing) reads safetensors. Dequantizing through transformers itself keeps
 the weights bit-identical to what transformers' own `generate()` sees, which the
 correctness tests compare against.
+
+The special tokens are the exception: bos/eos/pad come from the GGUF's own
+`tokenizer.ggml.*_token_id` metadata, not from transformers, whose reading differs by
+version (4.57 gives SmolLM2-Instruct's eos as `<|im_start|>`, 5.x as `<|im_end|>`,
+which is what the file says); a wrong eos makes every generation run to its limit.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from tgi.errors import ModelNotFound
+from tgi.models._gguf_meta import read_gguf_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
             raise ModelNotFound(f"transformers cannot convert {gguf_path}: {exc}") from exc
     try:
         _strip_quantization(model)
+        _apply_gguf_special_tokens(model, tokenizer, _gguf_special_token_ids(gguf_path))
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     finally:
@@ -69,6 +76,46 @@ def _strip_quantization(model: object) -> None:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None  # type: ignore[attr-defined]
     config.dtype = "float32"
+
+
+# GGUF metadata key -> the name transformers gives that special token.
+_SPECIAL_TOKEN_KEYS = {
+    "bos": "tokenizer.ggml.bos_token_id",
+    "eos": "tokenizer.ggml.eos_token_id",
+    "pad": "tokenizer.ggml.padding_token_id",
+}
+
+
+def _gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
+    """{"bos": id, "eos": id, "pad": id} for those the GGUF's metadata names."""
+    metadata = read_gguf_metadata(gguf_path)
+    found = {}
+    for role, key in _SPECIAL_TOKEN_KEYS.items():
+        value = metadata.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            found[role] = value
+    return found
+
+
+def _apply_gguf_special_tokens(model: object, tokenizer: object, token_ids: dict[str, int]) -> None:
+    """Make tokenizer, config and generation config all use the GGUF's special tokens.
+
+    Written into tokenizer_config.json, config.json and generation_config.json by
+    `save_pretrained`, so the checkpoint says the same under every transformers.
+    """
+    vocab_size = len(tokenizer)  # type: ignore[arg-type]
+    generation_config = getattr(model, "generation_config", None)
+    for role, token_id in token_ids.items():
+        if not 0 <= token_id < vocab_size:
+            logger.warning("GGUF %s token id %d is outside the vocabulary; ignored", role, token_id)
+            continue
+        token = tokenizer.convert_ids_to_tokens(token_id)  # type: ignore[attr-defined]
+        if getattr(tokenizer, f"{role}_token", None) != token:
+            logger.info("GGUF metadata sets the %s token to %r (id %d)", role, token, token_id)
+        setattr(tokenizer, f"{role}_token", token)
+        setattr(model.config, f"{role}_token_id", token_id)  # type: ignore[attr-defined]
+        if generation_config is not None:
+            setattr(generation_config, f"{role}_token_id", token_id)
 
 
 def _check_saved(out_dir: Path, gguf_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 NOTE: this is the hot path. Per-row sampling tensors are rebuilt only when the set of
 rows changes; each forward ends with exactly one device-to-host copy (the sampled ids
-and their logprobs, through `.tolist()`), which the router needs to detokenize.
+and their logprobs, through `.tolist()`), which the router needs to detokenize. A decode
+with speculative drafts makes a second one, for the draft positions' samples (`_verify`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tgi.backend.contract import (
 from tgi.sampling import BatchSampler, SampledTokens, SamplingParams
 
 if TYPE_CHECKING:
+    from tgi.router.policies.paged import PrefillWork
     from tgi.router.sequence import Sequence
 
 __all__ = ["EngineStep", "StepPlan", "StepResult"]
@@ -45,6 +47,62 @@ class StepPlan:
     decode: DecodeBatch | None
     decode_sampling: tuple[SamplingParams, ...]
     decode_steps: tuple[int, ...]  # tokens generated so far, per decode row
+    # paged layouts only:
+    preempt: tuple[int, ...] = ()  # release KV in the backend, keep sampler state
+    forget: tuple[int, ...] = ()  # drop sampler state only (KV released earlier)
+    prefill_prompts: tuple[tuple[int, ...], ...] | None = None  # per logits row: the prompt
+    decode_drafts: tuple[int, ...] = ()  # real drafts per decode row (the rest is padding)
+
+    @classmethod
+    def paged(
+        cls,
+        *,
+        release: tuple[int, ...],
+        preempt: tuple[int, ...],
+        forget: tuple[int, ...],
+        prefill: Seq[PrefillWork],
+        decode: Seq[tuple[Sequence, tuple[int, ...], tuple[int, ...]]],
+    ) -> StepPlan:
+        """Rows of a paged step: prefill chunks and decode rows with their block tables.
+        Decode rows carry `(pending token, drafts...)`, padded with the pending token to
+        the longest row's length (one forward of one shape; padded logits are unused)."""
+        rows = tuple(
+            PrefillRow(
+                seq_id=work.sequence.seq_id,
+                token_ids=work.token_ids,
+                start_position=work.start,
+                block_ids=work.block_ids,
+                want_logits=work.want_logits,
+                want_prompt_logits=work.want_logits
+                and work.start == 0
+                and work.sequence.request.decoder_input_details,
+            )
+            for work in prefill
+        )
+        logits_rows = [work.sequence for work in prefill if work.want_logits]
+        width = max((len(drafts) for _, drafts, _ in decode), default=0)
+        decode_rows = tuple(
+            DecodeRow(
+                seq_id=seq.seq_id,
+                token_ids=(seq.tokens[-1].id, *drafts)
+                + (seq.tokens[-1].id,) * (width - len(drafts)),
+                position=seq.next_position,
+                block_ids=blocks,
+            )
+            for seq, drafts, blocks in decode
+        )
+        return cls(
+            release=release,
+            prefill=PrefillBatch(rows) if rows else None,
+            prefill_sampling=tuple(seq.request.sampling for seq in logits_rows),
+            decode=DecodeBatch(decode_rows) if decode_rows else None,
+            decode_sampling=tuple(seq.request.sampling for seq, _, _ in decode),
+            decode_steps=tuple(len(seq.tokens) for seq, _, _ in decode),
+            preempt=preempt,
+            forget=forget,
+            prefill_prompts=tuple(seq.request.input_ids for seq in logits_rows),
+            decode_drafts=tuple(len(drafts) for _, drafts, _ in decode),
+        )
 
     @classmethod
     def build(
@@ -112,6 +170,8 @@ class StepResult:
     # seq_id -> the step's top-n (token id, logprob), best first; only rows that asked
     top_tokens: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
     kv: KVUsage = field(default_factory=lambda: KVUsage(frozenset(), 0, 0))
+    drafts_proposed: int = 0  # speculation: draft tokens verified this step
+    drafts_accepted: int = 0  # ... and accepted
 
 
 class EngineStep:
@@ -132,6 +192,10 @@ class EngineStep:
         if plan.release:
             self._backend.release(plan.release)
             self._sampler.release(plan.release)
+        if plan.preempt:  # recomputed later under the same id: keep the token histories
+            self._backend.release(plan.preempt)
+        if plan.forget:
+            self._sampler.release(plan.forget)
         if plan.prefill is not None:
             self._forward(
                 "prefill",
@@ -139,11 +203,13 @@ class EngineStep:
                 plan.prefill_sampling,
                 (0,) * len(plan.prefill_sampling),  # one per row that asked for logits
                 result,
+                prompts=plan.prefill_prompts,
             )
         if plan.decode is not None:
             decode, params, steps = _without_failed(plan.decode, plan, result.errors)
             if decode.rows:
-                self._forward("decode", decode, params, steps, result)
+                drafts = _kept(plan.decode_drafts, plan.decode, decode)
+                self._forward("decode", decode, params, steps, result, drafts)
         result.kv = self._backend.kv_usage()
         return result
 
@@ -154,6 +220,8 @@ class EngineStep:
         params: tuple[SamplingParams, ...],
         steps: tuple[int, ...],
         result: StepResult,
+        drafts: tuple[int, ...] = (),
+        prompts: Seq[Seq[int]] | None = None,
     ) -> None:
         # Rebuild rows (want_logits=False) are written but get no logits and no token.
         seq_ids = [
@@ -167,7 +235,12 @@ class EngineStep:
             else:
                 output = self._backend.decode(batch)
             self._check_output(output, seq_ids)
-            sampled = self._sample(method, batch, output, params, steps)
+            sampled = self._sample(method, batch, output, params, steps, prompts)
+            accepted = (
+                self._verify(batch, output, params, steps, sampled, drafts, result)
+                if any(drafts)
+                else None
+            )
         except Exception as exc:  # a backend failure fails these rows, not the server
             logger.exception("%s failed for %d rows", method, len(all_ids))
             self._backend.release(all_ids)
@@ -176,7 +249,11 @@ class EngineStep:
             result.errors.update({seq_id: message for seq_id in all_ids})
             return
         result.durations[method] = time.perf_counter() - started
-        result.tokens.extend(zip(seq_ids, sampled.token_ids, sampled.logprobs, strict=True))
+        if accepted is None:
+            result.tokens.extend(zip(seq_ids, sampled.token_ids, sampled.logprobs, strict=True))
+        else:
+            for seq_id, tokens in zip(seq_ids, accepted, strict=True):
+                result.tokens.extend((seq_id, token, logprob) for token, logprob in tokens)
         for seq_id, top in zip(seq_ids, sampled.top_tokens, strict=True):
             if top:
                 result.top_tokens[seq_id] = top
@@ -190,13 +267,62 @@ class EngineStep:
         output: StepOutput,
         params: tuple[SamplingParams, ...],
         steps: tuple[int, ...],
+        prompts: Seq[Seq[int]] | None = None,
     ) -> SampledTokens:
-        logits = output.logits[:, -1, :]  # [R, V]: the position after each row's last token
-        prompts = None
-        if isinstance(batch, PrefillBatch):  # new rows start the histories penalties read
+        # [R, V]: prefill: each row's last position; decode: the pending token's
+        logits = output.logits[:, -1, :] if isinstance(batch, PrefillBatch) else output.logits[:, 0]
+        if isinstance(batch, PrefillBatch) and prompts is None:
+            # new rows start the histories penalties read
             prompts = [row.token_ids for row in batch.rows if row.want_logits]
+        elif not isinstance(batch, PrefillBatch):
+            prompts = None
         # Ends with the one device-to-host copy of this forward (ids, logprobs, top-n).
         return self._sampler.sample(method, output.seq_ids, params, steps, logits, prompts)
+
+    def _verify(
+        self,
+        batch: PrefillBatch | DecodeBatch,
+        output: StepOutput,
+        params: tuple[SamplingParams, ...],
+        steps: tuple[int, ...],
+        first: SampledTokens,
+        drafts: tuple[int, ...],
+        result: StepResult,
+    ) -> list[list[tuple[int, float]]]:
+        """Each row's accepted tokens: the token sampled after the pending one, then each
+        draft position's sample while the draft before it equals what was sampled there.
+
+        Position t of a row is sampled with step index `steps + t`, exactly as it would
+        be one token at a time; only rows whose sampling reads nothing else get drafts
+        (`tgi.sampling.speculation.speculable`), so the output is that of plain decoding.
+        """
+        rows = [i for i, k in enumerate(drafts) if k]
+        flat_logits, flat_params, flat_steps, flat_ids = [], [], [], []
+        for i in rows:
+            for t in range(1, drafts[i] + 1):
+                flat_logits.append(output.logits[i, t])
+                flat_params.append(params[i])
+                flat_steps.append(steps[i] + t)
+                flat_ids.append(batch.rows[i].seq_id)
+        sampled = self._sampler.sample(
+            "draft", flat_ids, flat_params, flat_steps, torch.stack(flat_logits)
+        )
+        accepted = [
+            [(token, lp)] for token, lp in zip(first.token_ids, first.logprobs, strict=True)
+        ]
+        cursor = 0
+        for i in rows:
+            row_tokens = batch.rows[i].token_ids
+            ids = sampled.token_ids[cursor : cursor + drafts[i]]
+            lps = sampled.logprobs[cursor : cursor + drafts[i]]
+            cursor += drafts[i]
+            result.drafts_proposed += drafts[i]
+            for t in range(1, drafts[i] + 1):
+                if row_tokens[t] != accepted[i][-1][0]:
+                    break
+                accepted[i].append((ids[t - 1], lps[t - 1]))
+                result.drafts_accepted += 1
+        return accepted
 
     @staticmethod
     def _check_output(output: StepOutput, seq_ids: list[int]) -> None:
@@ -220,6 +346,14 @@ def _without_failed(
         tuple(plan.decode_sampling[i] for i in keep),
         tuple(plan.decode_steps[i] for i in keep),
     )
+
+
+def _kept(drafts: tuple[int, ...], planned: DecodeBatch, kept: DecodeBatch) -> tuple[int, ...]:
+    """The draft counts of the decode rows that are still in the batch."""
+    if not drafts or len(planned.rows) == len(kept.rows):
+        return drafts
+    keep = {row.seq_id for row in kept.rows}
+    return tuple(k for k, row in zip(drafts, planned.rows, strict=True) if row.seq_id in keep)
 
 
 def _prompt_logprobs(

@@ -15,6 +15,10 @@ Every sequence that reached the backend is released exactly once: when it finish
 fails, or its client goes away. After each step the backend's live set (`KVUsage`) is
 reconciled with the router's, so a backend's stray or lost sequence cannot leak KV or
 static slots (`_reconcile`).
+
+A paged backend's steps are planned by `PagedPolicy` (`_plan_paged`): chunks and decode
+rows with block tables, preemptions (KV released, sampler state kept, back to the front
+of the queue) and speculative drafts; see `tgi/router/policies/paged.py`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ from tgi.backend.contract import Backend, Capabilities, KvLayout, KVUsage
 from tgi.errors import BackendUnavailable, Overloaded
 from tgi.metrics import Metrics
 from tgi.router.engine import EngineStep, StepPlan, StepResult
-from tgi.router.policies import Budget, Candidate, ContinuousPolicy, StaticSlotsPolicy
+from tgi.router.policies import (
+    Budget,
+    Candidate,
+    ContinuousPolicy,
+    PagedPolicy,
+    StaticSlotsPolicy,
+)
 from tgi.router.request import (
     ErrorEvent,
     FinalEvent,
@@ -124,7 +134,7 @@ class Router:
         tokenizer: TokenizerLike,
         *,
         limits: RouterLimits,
-        policy: ContinuousPolicy | StaticSlotsPolicy,
+        policy: ContinuousPolicy | StaticSlotsPolicy | PagedPolicy,
         eos_token_ids: frozenset[int],
         metrics: Metrics,
         initial_kv: KVUsage,
@@ -136,6 +146,9 @@ class Router:
         self._policy = policy
         # Static-shape backends: the slot each running sequence owns (see policies/static.py).
         self._static = policy if isinstance(policy, StaticSlotsPolicy) else None
+        # Paged backends: the router owns block tables (see policies/paged.py).
+        self._paged = policy if isinstance(policy, PagedPolicy) else None
+        self._to_forget: list[int] = []  # preempted, then cancelled: sampler state only
         self._eos_token_ids = eos_token_ids
         self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
         self._metrics = metrics
@@ -172,8 +185,10 @@ class Router:
         for sequence in leftovers:
             sequence.events.put_nowait(ErrorEvent("server is shutting down"))
         self._waiting.clear()
-        ids = [*self._running, *self._take_release()]
+        ids = [*self._running, *self._take_release(), *self._to_forget]
         self._running.clear()
+        if self._paged is not None:
+            self._paged.free(ids)
         self._kv = await self._in_engine(self._engine.release, ids)
         self._executor.shutdown(wait=True)
 
@@ -211,11 +226,16 @@ class Router:
         if sequence in self._waiting:
             self._waiting.remove(sequence)
             self._metrics.queue_size.set(len(self._waiting))
+            if sequence.tokens:  # preempted: its KV is gone, its sampler state is not
+                self._to_forget.append(sequence.seq_id)
         logger.debug("request %d cancelled", sequence.seq_id)
         self._wake.set()
 
     def stats(self) -> RouterStats:
-        reserved = sum(seq.max_total_tokens for seq in self._running.values())
+        if self._paged is not None:
+            reserved = self._paged.pool.num_used * self._paged.block_size
+        else:
+            reserved = sum(seq.max_total_tokens for seq in self._running.values())
         return RouterStats(len(self._waiting), len(self._running), reserved, self._kv)
 
     @property
@@ -235,7 +255,7 @@ class Router:
 
     async def _run(self) -> None:
         while not self._closing:
-            if not self._waiting and not self._running and not self._to_release:
+            if not (self._waiting or self._running or self._to_release or self._to_forget):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -245,6 +265,12 @@ class Router:
         plan = self._plan()
         result: StepResult = await self._in_engine(self._engine.run, plan)
         self._kv = result.kv
+        if self._paged is not None:
+            self._paged.after_step(result.errors)
+            if result.drafts_proposed:
+                self._paged.gate.record(result.drafts_proposed, result.drafts_accepted)
+                self._metrics.speculative_draft_tokens.inc(result.drafts_proposed)
+                self._metrics.speculative_accepted_tokens.inc(result.drafts_accepted)
         self._apply(plan, result)
         self._reconcile(result.kv)
         if self._to_release:  # finished this step: free their KV now, not next step
@@ -259,6 +285,8 @@ class Router:
                 self._to_release.append(seq_id)
                 self._metrics.request_failure.labels(err="cancelled").inc()
         release = self._take_release()  # before admission: newcomers may take their slots
+        if self._paged is not None:
+            return self._plan_paged(self._paged, tuple(release))
         admitted = self._admit()
         now = self._clock()
         for sequence in admitted:
@@ -280,11 +308,46 @@ class Router:
             slots=self._static.slots.assignment,
         )
 
+    def _plan_paged(self, paged: PagedPolicy, release: tuple[int, ...]) -> StepPlan:
+        """A paged step: work for every running row, preemptions, then admissions."""
+        step = paged.schedule(
+            list(self._running.values()),
+            self._waiting,
+            max_batch_prefill_tokens=self._limits.max_batch_prefill_tokens,
+            max_batch_size=self._limits.max_batch_size,
+        )
+        for sequence in step.preempted:  # latest first, so the earliest ends up in front
+            del self._running[sequence.seq_id]
+            self._waiting.appendleft(sequence)
+            logger.debug("request %d preempted: its KV will be recomputed", sequence.seq_id)
+        if step.preempted:
+            self._metrics.preemptions.inc(len(step.preempted))
+        now = self._clock()
+        for sequence in step.admitted:  # admission is FCFS: a prefix of the queue
+            taken = self._waiting.popleft()
+            assert taken is sequence, "paged admission must take the queue's head"
+            if sequence.scheduled_s is None:
+                sequence.scheduled_s = now
+            self._running[sequence.seq_id] = sequence
+        if step.queried_tokens:
+            self._metrics.prefix_cache_queried_tokens.inc(step.queried_tokens)
+            self._metrics.prefix_cache_hit_tokens.inc(step.hit_tokens)
+        forget, self._to_forget = tuple(self._to_forget), []
+        return StepPlan.paged(
+            release=release,
+            preempt=tuple(seq.seq_id for seq in step.preempted),
+            forget=forget,
+            prefill=step.prefill,
+            decode=step.decode,
+        )
+
     def _take_release(self) -> list[int]:
         """Hand over the ids whose KV is to be released; their slots become free."""
         ids, self._to_release = self._to_release, []
         if self._static is not None:
             self._static.slots.free(ids)
+        if self._paged is not None:
+            self._paged.free(ids)
         return ids
 
     def _reconcile(self, kv: KVUsage) -> None:
@@ -331,7 +394,9 @@ class Router:
             max_batch_size=self._limits.max_batch_size,
             steps_since_prefill=self._steps_since_prefill,
         )
-        chosen = set(self._policy.admit(candidates, budget).seq_ids)
+        policy = self._policy
+        assert not isinstance(policy, PagedPolicy), "paged steps are planned by _plan_paged"
+        chosen = set(policy.admit(candidates, budget).seq_ids)
         if not chosen:
             return []
         admitted = [seq for seq in self._waiting if seq.seq_id in chosen]
@@ -414,6 +479,10 @@ class Router:
         self._metrics.batch_current_size.set(stats.batch_size)
         self._metrics.batch_current_max_tokens.set(stats.reserved_tokens)
         self._metrics.kv_used_tokens.set(stats.kv.used_tokens)
+        if self._paged is not None:
+            pool = self._paged.pool
+            self._metrics.kv_blocks_used.set(pool.num_used)
+            self._metrics.kv_blocks_free.set(pool.num_available)
 
     async def _in_engine(self, fn: Callable[..., object], *args: object):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -5,12 +5,14 @@ The messages are TGI's own, word for word, because clients and tests match on th
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Protocol
 
 from tgi.errors import InvalidRequest
 from tgi.router.request import GenerationRequest, StoppingParams
+from tgi.sampling.grammar import CompiledGrammar, GrammarCompiler, GrammarError, GrammarUnsupported
 from tgi.sampling.params import SamplingParams
 
 __all__ = ["ClientParameters", "Tokenizer", "ValidationLimits", "Validator"]
@@ -67,11 +69,20 @@ class Validator:
     typical_p, top_k, max_new_tokens, stop, seed with best_of, top_n_tokens, empty
     inputs, truncate, then the token budget and the input length after tokenizing.
     `best_of`'s own range (TGI's `validate_best_of`) is checked before all of them.
+    The grammar comes last, as in TGI, and is compiled here, on the validation worker
+    thread, so building it never stalls the engine thread; without `grammars` it is
+    refused as TGI refuses it under `--disable-grammar-support`.
     """
 
-    def __init__(self, tokenizer: Tokenizer, limits: ValidationLimits) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        limits: ValidationLimits,
+        grammars: GrammarCompiler | None = None,
+    ) -> None:
         self._tokenizer = tokenizer
         self.limits = limits
+        self.grammars = grammars
 
     def check_best_of(self, best_of: int) -> None:
         """TGI's `validate_best_of`: run before anything else when best_of != 1."""
@@ -91,7 +102,11 @@ class Validator:
                 "`decoder_input_details` == true is not supported when streaming tokens"
             )
 
-    def validate(self, inputs: str, params: ClientParameters) -> GenerationRequest:
+    def validate(
+        self, inputs: str, params: ClientParameters, *, add_special_tokens: bool = True
+    ) -> GenerationRequest:
+        """`add_special_tokens=False` for a chat-templated prompt, which already holds
+        them (TGI's `GenerateRequest.add_special_tokens`, false for chat)."""
         if params.best_of is not None and params.best_of != 1:
             self.check_best_of(params.best_of)
         sampling = self._sampling(params)
@@ -118,7 +133,7 @@ class Validator:
                 "`truncate` must be strictly positive and less than "
                 f"{limits.max_input_tokens}. Given: {truncate}"
             )
-        input_ids = self._tokenize(inputs, truncate)
+        input_ids = self._tokenize(inputs, truncate, add_special_tokens)
         # TGI checks the total budget before the input length; keep its order.
         max_new_tokens = self._max_new_tokens(len(input_ids), params.max_new_tokens)
         if len(input_ids) > limits.max_input_tokens:
@@ -128,7 +143,10 @@ class Validator:
             )
         if max_new_tokens <= 0:  # a prompt of max_total_tokens, under limits that allow one
             raise self._budget_error(len(input_ids), max_new_tokens)
+        grammar = self.compile_grammar(params.grammar)
         self._check_unsupported(params)
+        if grammar is not None:
+            sampling = dataclasses.replace(sampling, grammar=grammar)
         return GenerationRequest(
             inputs=inputs,
             input_ids=input_ids,
@@ -188,20 +206,35 @@ class Validator:
             top_n_tokens=params.top_n_tokens or 0,
         )
 
+    def compile_grammar(self, grammar: object | None) -> CompiledGrammar | None:
+        """TGI's `grammar` (`{"type": "json" | "regex" | "json_schema", "value": ...}`)
+        compiled for this tokenizer (cached); raises `InvalidRequest` with TGI's
+        messages. Blocks for the build: call it from a worker thread."""
+        if grammar is None:
+            return None
+        if self.grammars is None:
+            # TGI's own message when it runs with --disable-grammar-support.
+            raise InvalidRequest("grammar is not supported")
+        try:
+            return self.grammars.compile(grammar)
+        except GrammarUnsupported:
+            raise InvalidRequest("grammar is not supported") from None
+        except GrammarError as exc:
+            raise InvalidRequest(f"grammar is not valid: {exc}") from None
+
     @staticmethod
     def _check_unsupported(params: ClientParameters) -> None:
         """Refuse, loudly, what this version cannot honour yet (never ignore it)."""
-        if params.grammar is not None:
-            # TGI's own message when it runs with --disable-grammar-support.
-            raise InvalidRequest("grammar is not supported")
         if params.adapter_id is not None:
             raise InvalidRequest(
                 f"adapter `{params.adapter_id}` not found: this server serves no LoRA adapters"
             )
 
-    def _tokenize(self, inputs: str, truncate: int | None) -> tuple[int, ...]:
+    def _tokenize(
+        self, inputs: str, truncate: int | None, add_special_tokens: bool = True
+    ) -> tuple[int, ...]:
         try:
-            ids = self._tokenizer.encode(inputs, add_special_tokens=True)
+            ids = self._tokenizer.encode(inputs, add_special_tokens=add_special_tokens)
         except Exception as exc:  # tokenizers raises plain Exceptions on odd input
             raise InvalidRequest(f"tokenizer error {exc}") from exc
         if truncate is not None:

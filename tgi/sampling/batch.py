@@ -6,15 +6,25 @@ histories the penalties and the watermark read up to date with device ops, and e
 with exactly one device-to-host copy: the chosen ids, their logprobs and any top-n
 tokens packed into one float64 tensor and read with one `.tolist()` (float64 holds
 every token id exactly).
+
+Grammar rows (`SamplingParams.grammar`) get a matcher per sequence, created at the
+row's first sample, advanced with every token it samples (from the host copy, so no
+extra sync) and dropped only on `release`, so a sequence paused and resumed keeps its
+place in the grammar. Each forward has llguidance fill one `[G, ceil(V/32)]` int32 bitmask
+for the G grammar rows on the host, moves it to the logits' device once (a
+host-to-device copy: the forward's one device-to-host copy stays the only one), and
+masks those rows' scores with one batched op; other rows are untouched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from tgi.sampling.grammar import CompiledGrammar, GrammarMask, advance, grammar_bitmask
 from tgi.sampling.history import TokenHistory
 from tgi.sampling.params import SamplingParams
 from tgi.sampling.sampler import HistoryView, SamplingBatch, sample
@@ -36,6 +46,8 @@ class _Cached:
     key: tuple[object, ...]  # (seq_ids, device, vocab)
     batch: SamplingBatch
     slots: torch.Tensor | None  # [B] history slot per row, None when no row reads history
+    grammar_rows: tuple[int, ...] = ()  # indices of the rows with a grammar
+    grammar_index: torch.Tensor | None = None  # the same, [G] on the device; None: all rows
 
 
 class BatchSampler:
@@ -44,6 +56,7 @@ class BatchSampler:
     def __init__(self) -> None:
         self._cache: dict[str, _Cached] = {}  # per stream of forwards ("prefill", "decode")
         self._history = TokenHistory()
+        self._matchers: dict[int, Any] = {}  # seq_id -> llguidance.LLMatcher of its grammar
 
     def sample(
         self,
@@ -71,24 +84,70 @@ class BatchSampler:
         if cached is None or cached.key != key:
             batch = SamplingBatch.build(params, vocab, device)
             slots = self._history.slots(seq_ids, vocab, device) if batch.any_history else None
-            cached = _Cached(key, batch, slots)
+            rows = tuple(i for i, row_params in enumerate(params) if row_params.grammar is not None)
+            index = None
+            if rows and len(rows) < len(params):
+                index = torch.tensor(rows, dtype=torch.int64, device=device)
+            cached = _Cached(key, batch, slots, rows, index)
             self._cache[stream] = cached
         history = None
         if cached.slots is not None:
             history = HistoryView(*self._history.view(cached.slots))
+        matchers, mask = self._grammar_mask(cached, seq_ids, params, vocab, device)
         step_tensor = torch.tensor(list(steps), dtype=torch.int64, device=device)
-        out = sample(logits, cached.batch, step_tensor, history)
+        out = sample(logits, cached.batch, step_tensor, history, mask)
         if cached.slots is not None:
             self._history.append(cached.slots, out.token_ids)
-        return _to_host(out.token_ids, out.logprobs, out.top_ids, out.top_logprobs, cached.batch)
+        sampled = _to_host(out.token_ids, out.logprobs, out.top_ids, out.top_logprobs, cached.batch)
+        if matchers:
+            advance(matchers, [sampled.token_ids[row] for row in cached.grammar_rows])
+        return sampled
+
+    def _grammar_mask(
+        self,
+        cached: _Cached,
+        seq_ids: Sequence[int],
+        params: Sequence[SamplingParams],
+        vocab: int,
+        device: torch.device,
+    ) -> tuple[list[Any], GrammarMask | None]:
+        """The grammar rows' matchers (started at a row's first sample) and their token
+        masks on `device`; ([], None) when no row has a grammar."""
+        rows = cached.grammar_rows
+        if not rows:
+            return [], None
+        matchers = []
+        mask_words = 0
+        for row in rows:
+            grammar: CompiledGrammar | None = params[row].grammar
+            if grammar is None:
+                raise ValueError("row parameters changed under a cached batch")
+            matcher = self._matchers.get(seq_ids[row])
+            if matcher is None:
+                matcher = self._matchers[seq_ids[row]] = grammar.new_matcher()
+            matchers.append(matcher)
+            if mask_words and grammar.mask_words != mask_words:
+                raise ValueError("grammars of one batch must share one tokenizer")
+            mask_words = grammar.mask_words
+        bitmask = grammar_bitmask(matchers, mask_words, vocab)  # [G, ceil(V/32)] on the host
+        mask = GrammarMask.from_bitmask(bitmask.to(device), vocab, cached.grammar_index)
+        return matchers, mask
 
     def release(self, seq_ids: Iterable[int]) -> None:
-        """Forget the histories of sequences that ended."""
+        """Forget the histories and grammar states of sequences that ended."""
+        seq_ids = list(seq_ids)
         self._history.release(seq_ids)
+        for seq_id in seq_ids:
+            self._matchers.pop(seq_id, None)
 
     @property
     def num_histories(self) -> int:
         return self._history.num_sequences
+
+    @property
+    def num_matchers(self) -> int:
+        """Sequences holding grammar state (for tests and leak checks)."""
+        return len(self._matchers)
 
 
 def _to_host(

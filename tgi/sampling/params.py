@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tgi.sampling.grammar import CompiledGrammar
 
 __all__ = ["SamplingParams"]
 
@@ -23,6 +27,7 @@ class SamplingParams:
     watermark_gamma: float = 0.5  # fraction of the vocabulary that is green
     watermark_delta: float = 2.0  # logit bias added to green tokens
     top_n_tokens: int = 0  # also return this many most likely tokens per step
+    grammar: CompiledGrammar | None = None  # constrain the output (JSON schema or regex)
 
     @property
     def needs_history(self) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tgi.sampling.grammar import GrammarMask
 from tgi.sampling.noise import uniform_noise
 from tgi.sampling.params import SamplingParams
 from tgi.sampling.watermark import watermark_bias
@@ -117,15 +118,17 @@ def sample(
     batch: SamplingBatch,
     steps: torch.Tensor,
     history: HistoryView | None = None,
+    grammar: GrammarMask | None = None,
 ) -> SampleOutput:
     """Choose one token per row.
 
     logits: [B, V] in any float dtype. steps: [B] int64, how many tokens each row has
     generated so far (with the seed it picks the row's noise). `history` is required
-    when `batch.any_history`. Greedy rows take the argmax; sampled rows race
-    exponential noise (Gumbel-max in another form).
+    when `batch.any_history`. `grammar` holds the grammar rows' token masks: the
+    tokens it refuses get -inf. Greedy rows take the argmax; sampled rows
+    race exponential noise (Gumbel-max in another form).
     """
-    scores = _process(logits.float(), batch, history)  # [B, V]
+    scores = _process(logits.float(), batch, history, grammar)  # [B, V]
     logprobs = torch.log_softmax(scores, dim=-1)  # [B, V]
     token_ids = torch.argmax(scores, dim=-1)  # [B]
     if batch.any_sample:
@@ -141,9 +144,13 @@ def sample(
 
 
 def _process(
-    scores: torch.Tensor, batch: SamplingBatch, history: HistoryView | None
+    scores: torch.Tensor,
+    batch: SamplingBatch,
+    history: HistoryView | None,
+    grammar: GrammarMask | None = None,
 ) -> torch.Tensor:
-    """Every logits processor and warper some row asked for, in TGI's order."""
+    """Every logits processor and warper some row asked for, in TGI's order (the
+    grammar mask after the penalties, before the warpers)."""
     if batch.any_history and history is None:
         raise ValueError("penalties and the watermark need the rows' token history")
     if batch.any_watermark and history is not None:
@@ -154,6 +161,8 @@ def _process(
         # TGI's definition: the penalty scales each token's frequency in the sequence.
         frequency = history.counts / history.lengths[:, None]  # [B, V]
         scores = scores - frequency * batch.frequency_penalty[:, None]
+    if grammar is not None:  # one masked fill over the grammar rows
+        scores = grammar.apply(scores)
     if batch.any_temperature:
         scores = scores / batch.temperature[:, None]
     if batch.max_top_k:

@@ -10,6 +10,8 @@ from fastapi import FastAPI
 from tgi import __version__
 from tgi.server.errors import install_error_handlers
 from tgi.server.limits import PayloadLimit
+from tgi.server.openai import router as openai_router
+from tgi.server.openai import v1_router as openai_v1_router
 from tgi.server.routes import generate, service
 from tgi.server.state import ServerState
 
@@ -38,4 +40,6 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(PayloadLimit, limit_bytes=state.config.payload_limit)
     app.include_router(generate.router)
     app.include_router(service.router)
+    app.include_router(openai_v1_router)
+    app.include_router(openai_router)
     return app

@@ -19,7 +19,10 @@ NOTE: the oracle is transformers' own `generate(do_sample=False)` on the same we
 (`ReferenceModel`). `Driver` plays a minimal router for any KV layout: it assigns
 static slots, keeps paged block tables, re-prefills active slots where the backend says
 `prefill_rebuilds_cache`, and samples greedily, so the tests below read like the
-scheduler's own sequence of calls.
+scheduler's own sequence of calls. For a PAGED backend it allocates block tables with
+the router's own allocator (`tgi.router.paging`), can share cached prefix blocks
+(`prefill(..., cached=True)`), verifies drafts (`decode(..., drafts=...)`) and re-prefills
+a released sequence under its id (`resume`), as the paged policy does.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ from tgi.backend.contract import (
     PrefillRow,
     StepOutput,
 )
+from tgi.router.paging import BlockPool, BlockTable, block_hashes
+from tgi.router.paging.prefix import ROOT
 from tgi.testing.tiny_models import TINY_PRESETS, build_tiny_model
 
 __all__ = ["SUITE_LIMITS", "BackendConformance", "Driver", "ReferenceModel", "make_prompt"]
@@ -106,7 +111,11 @@ class _Seq:
     prompt: list[int]
     generated: list[int] = field(default_factory=list)  # the last one is not in KV yet
     slot: int | None = None
-    block_ids: list[int] = field(default_factory=list)
+    table: BlockTable = field(default_factory=BlockTable)
+
+    @property
+    def block_ids(self) -> tuple[int, ...]:
+        return tuple(self.table.blocks)
 
     @property
     def in_kv(self) -> int:
@@ -125,14 +134,23 @@ class Driver:
         self.capacity = capacity
         self.caps = backend.capabilities
         self.seqs: dict[int, _Seq] = {}
-        num_blocks = capacity.num_blocks or 0
-        self._free_blocks = list(range(num_blocks))
+        self.pool: BlockPool | None = None
+        if self.caps.kv_layout is KvLayout.PAGED:
+            self.block_size = capacity.block_size or self.caps.block_size or 1
+            self.pool = BlockPool(capacity.num_blocks or 1, self.block_size)
         self._free_slots = list(range(self.caps.static_batch_size or 0))
 
     def prefill(
-        self, prompts: Mapping[int, Sequence[int]], *, want_prompt_logits: bool = False
+        self,
+        prompts: Mapping[int, Sequence[int]],
+        *,
+        want_prompt_logits: bool = False,
+        cached: bool = False,
     ) -> StepOutput:
-        """Prefill new sequences; each row's greedy token becomes its first generated one."""
+        """Prefill new sequences; each row's greedy token becomes its first generated one.
+
+        `cached` (paged): each row first takes the longest run of prefix blocks keyed by
+        `share_prefix` (always leaving one token to compute) and starts after it."""
         rows = []
         if self.caps.prefill_rebuilds_cache:
             rows += [
@@ -143,7 +161,12 @@ class Driver:
             self.seqs[seq_id] = _Seq(list(prompt))
             if self.caps.static_batch_size is not None:
                 self.seqs[seq_id].slot = self._free_slots.pop(0)
-            rows.append(self._row(seq_id, list(prompt), 0, want_prompt_logits=want_prompt_logits))
+            start = self._take_cached(self.seqs[seq_id]) if cached else 0
+            rows.append(
+                self._row(
+                    seq_id, list(prompt)[start:], start, want_prompt_logits=want_prompt_logits
+                )
+            )
         out = self.backend.prefill(PrefillBatch(tuple(rows)))
         self._take(out, tuple(row.seq_id for row in rows if row.want_logits))
         return out
@@ -159,19 +182,90 @@ class Driver:
         self._take(out, (seq_id,) if last else ())
         return out
 
-    def decode(self, seq_ids: Sequence[int]) -> StepOutput:
-        """Advance `seq_ids` by one token each."""
+    def decode(
+        self, seq_ids: Sequence[int], *, drafts: Mapping[int, Sequence[int]] | None = None
+    ) -> StepOutput:
+        """Advance `seq_ids` by one token each; with `drafts` (paged, speculation) each
+        row also carries its drafts, padded to one length, and takes the greedy tokens
+        while its drafts match them (the router's exact-match rule)."""
+        drafts = drafts or {}
+        width = 1 + max((len(d) for d in drafts.values()), default=0)
         rows = []
         for seq_id in seq_ids:
             seq = self.seqs[seq_id]
             position = seq.in_kv
-            self._grow_blocks(seq, position + 1)
-            rows.append(
-                DecodeRow(seq_id, (seq.generated[-1],), position, seq.slot, tuple(seq.block_ids))
-            )
+            mine = list(drafts.get(seq_id, ()))
+            tokens = [seq.generated[-1], *mine] + [seq.generated[-1]] * (width - 1 - len(mine))
+            self._grow_blocks(seq, position + width)
+            rows.append(DecodeRow(seq_id, tuple(tokens), position, seq.slot, seq.block_ids))
         out = self.backend.decode(DecodeBatch(tuple(rows)))
-        self._take(out, tuple(seq_ids))
+        if width == 1:
+            self._take(out, tuple(seq_ids))
+            return out
+        assert out.seq_ids == tuple(seq_ids), f"logits rows {out.seq_ids}, asked for {seq_ids}"
+        assert tuple(out.logits.shape[:2]) == (len(seq_ids), width), tuple(out.logits.shape)
+        picked = out.logits.argmax(dim=-1).tolist()  # [R, T]
+        for seq_id, row_tokens, row in zip(seq_ids, picked, rows, strict=True):
+            accepted = [int(row_tokens[0])]
+            for t in range(1, 1 + len(drafts.get(seq_id, ()))):
+                if row.token_ids[t] != accepted[-1]:
+                    break
+                accepted.append(int(row_tokens[t]))
+            self.seqs[seq_id].generated.extend(accepted)
         return out
+
+    def new_row(
+        self,
+        seq_id: int,
+        prompt: Sequence[int],
+        *,
+        want_logits: bool = True,
+        want_prompt_logits: bool = False,
+    ) -> PrefillRow:
+        """A prefill row for a new sequence, with its slot or block table, for tests
+        that call the backend directly."""
+        self.seqs[seq_id] = _Seq(list(prompt))
+        if self.caps.static_batch_size is not None:
+            self.seqs[seq_id].slot = self._free_slots.pop(0)
+        return self._row(
+            seq_id,
+            list(prompt),
+            0,
+            want_logits=want_logits,
+            want_prompt_logits=want_prompt_logits,
+        )
+
+    def share_prefix(self, seq_id: int) -> int:
+        """Key the full blocks of `seq_id`'s prompt for `prefill(cached=True)` (paged);
+        returns how many blocks were keyed."""
+        assert self.pool is not None, "prefix blocks need a paged backend"
+        seq = self.seqs[seq_id]
+        keys = block_hashes(seq.prompt, self.block_size)
+        parent = ROOT
+        for index, key in enumerate(keys):
+            chunk = tuple(seq.prompt[index * self.block_size : (index + 1) * self.block_size])
+            self.pool.register(seq.table.blocks[index], key, parent, chunk)
+            parent = key
+        seq.table.num_shared = len(keys)
+        return len(keys)
+
+    def resume(self, seq_id: int) -> StepOutput:
+        """Re-prefill a released (preempted) sequence under its id: prompt + generated
+        minus the pending token, no logits; the next decode feeds the pending token."""
+        seq = self.seqs[seq_id]
+        history = self._history(seq)
+        out = self.backend.prefill(
+            PrefillBatch((self._row(seq_id, history, 0, want_logits=False),))
+        )
+        self._take(out, ())
+        return out
+
+    def preempt(self, seq_ids: Sequence[int]) -> None:
+        """Release KV and blocks but keep the tokens, for `resume`."""
+        for seq_id in seq_ids:
+            if self.pool is not None:
+                self.seqs[seq_id].table.free(self.pool)
+        self.backend.release(seq_ids)
 
     def generate(self, targets: Mapping[int, int]) -> None:
         """Decode the live sequences together until each has `targets[seq_id]` tokens."""
@@ -185,7 +279,8 @@ class Driver:
         for seq_id in seq_ids:
             seq = self.seqs.pop(seq_id, None)
             if seq is not None:
-                self._free_blocks.extend(seq.block_ids)
+                if self.pool is not None:
+                    seq.table.free(self.pool)
                 if seq.slot is not None:
                     self._free_slots.append(seq.slot)
         self.backend.release(seq_ids)
@@ -213,17 +308,30 @@ class Driver:
             tuple(token_ids),
             start,
             seq.slot,
-            tuple(seq.block_ids),
+            seq.block_ids,
             want_logits,
             want_prompt_logits,
         )
 
     def _grow_blocks(self, seq: _Seq, num_tokens: int) -> None:
-        if self.caps.kv_layout is not KvLayout.PAGED:
-            return
-        block_size = self.capacity.block_size or self.caps.block_size or 1
-        while len(seq.block_ids) * block_size < num_tokens:
-            seq.block_ids.append(self._free_blocks.pop(0))
+        if self.pool is not None:
+            seq.table.grow(self.pool, num_tokens)
+
+    def _take_cached(self, seq: _Seq) -> int:
+        """Share the longest keyed run of `seq`'s prompt blocks; return its start."""
+        assert self.pool is not None, "prefix blocks need a paged backend"
+        size, parent = self.block_size, ROOT
+        limit = (len(seq.prompt) - 1) // size
+        for index, key in enumerate(block_hashes(seq.prompt, size, limit)):
+            chunk = tuple(seq.prompt[index * size : (index + 1) * size])
+            block = self.pool.lookup(key, parent, chunk)
+            if block is None:
+                break
+            self.pool.share(block)
+            seq.table.blocks.append(block)
+            parent = key
+        seq.table.num_shared = len(seq.table.blocks)
+        return len(seq.table.blocks) * size
 
     def _take(self, out: StepOutput, wanted: tuple[int, ...]) -> None:
         # Checked on every step: a row missing here would make `generate` loop forever.
@@ -405,8 +513,8 @@ class BackendConformance:
         out = driver.backend.prefill(
             PrefillBatch(
                 (
-                    PrefillRow(100, tuple(prompts[100]), want_prompt_logits=True),
-                    PrefillRow(101, tuple(prompts[101])),
+                    driver.new_row(100, prompts[100], want_prompt_logits=True),
+                    driver.new_row(101, prompts[101]),
                 )
             )
         )
@@ -424,8 +532,8 @@ class BackendConformance:
         out = driver.backend.prefill(
             PrefillBatch(
                 (
-                    PrefillRow(100, tuple(prompts[100]), want_logits=False),
-                    PrefillRow(101, tuple(prompts[101])),
+                    driver.new_row(100, prompts[100], want_logits=False),
+                    driver.new_row(101, prompts[101]),
                 )
             )
         )
@@ -491,3 +599,83 @@ class BackendConformance:
             plan[200 + index] = take
             left -= take
         return plan
+
+    # -- paged layouts: shared prefix blocks, drafts, preemption ----------------------------
+
+    def _paged(self, driver: Driver) -> None:
+        if driver.caps.kv_layout is not KvLayout.PAGED:
+            pytest.skip("backend is not paged")
+
+    def test_paged_prefix_blocks_are_shared_read_only(
+        self, driver: Driver, reference: ReferenceModel
+    ) -> None:
+        """A second sequence reads the first one's full prompt blocks (start_position > 0)
+        and neither output changes, also after the owner ended (blocks keep content)."""
+        self._paged(driver)
+        if not driver.caps.prefix_caching:
+            pytest.skip("backend does not declare prefix_caching")
+        size = driver.block_size
+        system = make_prompt(20, 2 * size, reference.vocab_size)
+        first = system + make_prompt(21, 3, reference.vocab_size)
+        second = system + make_prompt(22, 5, reference.vocab_size)
+        third = system + make_prompt(23, 2, reference.vocab_size)
+        want = [reference.greedy(p, self.max_new_tokens) for p in (first, second, third)]
+        driver.prefill({1: first})
+        assert driver.share_prefix(1) == 2
+        driver.generate({1: 3})
+        driver.prefill({2: second}, cached=True)
+        assert driver.seqs[2].block_ids[:2] == driver.seqs[1].block_ids[:2]
+        assert driver.backend.kv_usage().seq_ids == frozenset({1, 2})
+        driver.generate({1: len(want[0]), 2: len(want[1])})
+        assert driver.tokens(1) == want[0]
+        assert driver.tokens(2) == want[1]
+        shared = driver.seqs[1].block_ids[:2]
+        driver.release([1, 2])
+        driver.prefill({3: third}, cached=True)  # the owners are gone, the blocks stay
+        assert driver.seqs[3].block_ids[:2] == shared
+        driver.generate({3: len(want[2])})
+        assert driver.tokens(3) == want[2]
+        driver.release([3])
+
+    def test_paged_decode_with_drafts_matches_one_token_steps(
+        self, driver: Driver, reference: ReferenceModel
+    ) -> None:
+        """T > 1 decode rows: logits [R, T, V], causal among the T tokens; a rejected
+        draft's KV is junk the next step overwrites."""
+        self._paged(driver)
+        if not driver.caps.speculation:
+            pytest.skip("backend does not declare speculation")
+        prompts = self._prompts(reference.vocab_size, (9, 14))
+        want = {s: reference.greedy(p, self.max_new_tokens) for s, p in prompts.items()}
+        assert all(len(w) >= 8 for w in want.values()), "reference stopped early"
+        driver.prefill(prompts)
+        driver.decode([100, 101])
+        # right drafts for 100 (all accepted), a wrong second draft for 101
+        good = want[100][2:5]
+        bad = [want[101][2], (want[101][3] + 1) % reference.vocab_size]
+        out = driver.decode([100, 101], drafts={100: good, 101: bad})
+        assert tuple(out.logits.shape) == (2, 4, reference.vocab_size)
+        assert driver.tokens(100) == want[100][:6]
+        assert driver.tokens(101) == want[101][:4]  # 1 + the matching draft + its sample
+        driver.generate({s: len(w) for s, w in want.items()})
+        assert {s: driver.tokens(s) for s in prompts} == want
+
+    def test_paged_preempted_sequence_is_prefilled_again_under_its_id(
+        self, driver: Driver, reference: ReferenceModel
+    ) -> None:
+        """Release, then prefill prompt + generated[:-1] without logits under the same
+        seq_id (into other blocks): decoding goes on as if nothing happened."""
+        self._paged(driver)
+        prompt = make_prompt(24, 10, reference.vocab_size)
+        want = reference.greedy(prompt, self.max_new_tokens)
+        assert len(want) >= 6, "reference stopped early"
+        driver.prefill({1: prompt})
+        driver.generate({1: 4})
+        driver.preempt([1])
+        assert driver.backend.kv_usage().seq_ids == frozenset()
+        driver.prefill({9: make_prompt(25, 12, reference.vocab_size)})  # may reuse them
+        out = driver.resume(1)
+        assert out.seq_ids == ()
+        assert driver.backend.kv_usage().seq_ids == frozenset({1, 9})
+        driver.generate({1: len(want)})
+        assert driver.tokens(1) == want

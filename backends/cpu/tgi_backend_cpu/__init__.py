@@ -1,14 +1,15 @@
-"""tgi's CPU backend: any transformers causal LM, one KV cache per sequence.
+"""tgi's CPU backend: the paged engine for Llama-family models, a generic fallback else.
 
-The entry point is `tgi_backend_cpu.plugin`; `TransformersCpuBackend` lives in
-`tgi_backend_cpu.backend` and loads lazily so probing never imports transformers.
+The entry point is `tgi_backend_cpu.plugin`; `PagedCpuBackend` (`tgi_backend_cpu.paged`)
+and `TransformersCpuBackend` (`tgi_backend_cpu.backend`) load lazily so probing never
+imports a model.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TransformersCpuBackend"]
+__all__ = ["PagedCpuBackend", "TransformersCpuBackend"]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,4 +17,8 @@ def __getattr__(name: str) -> Any:
         from tgi_backend_cpu.backend import TransformersCpuBackend
 
         return TransformersCpuBackend
+    if name == "PagedCpuBackend":
+        from tgi_backend_cpu.paged import PagedCpuBackend
+
+        return PagedCpuBackend
     raise AttributeError(f"module 'tgi_backend_cpu' has no attribute {name!r}")

@@ -2,6 +2,11 @@
 
 The CPU is always there, so the probe always answers available, at a low priority:
 any real accelerator that is present wins when `--backend` names none.
+
+Two engines: the paged one (`tgi_backend_cpu.paged`, Llama-family architectures, one
+batched forward per step) and the generic one (`tgi_backend_cpu.backend`, any
+transformers causal LM, a cache per row). `TGI_CPU_ENGINE=paged|generic` forces one;
+unset (or `auto`) picks paged wherever the architecture allows it.
 """
 
 from __future__ import annotations
@@ -26,11 +31,51 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NAME", "PRIORITY", "tgi_backend_create", "tgi_backend_probe", "tgi_validate_config"]
+__all__ = [
+    "ENGINE_ENV",
+    "NAME",
+    "PRIORITY",
+    "choose_engine",
+    "tgi_backend_create",
+    "tgi_backend_probe",
+    "tgi_validate_config",
+]
 
 NAME = "cpu"
 PRIORITY = 10  # accelerators use higher numbers, so they win wherever they are present
 DISTRIBUTION = "tgi-backend-cpu"
+ENGINE_ENV = "TGI_CPU_ENGINE"
+ENGINES = ("auto", "paged", "generic")
+# Architectures `tgi.models.llama` implements (kept here so probing imports no torch model).
+PAGED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+
+
+def _engine_setting(config: ServeConfig) -> str:
+    raw = config.environ.get(ENGINE_ENV, "").strip().lower() or "auto"
+    if raw not in ENGINES:
+        raise ConfigError(
+            f"environment variable {ENGINE_ENV}={raw!r}: expected one of {', '.join(ENGINES)}"
+        )
+    return raw
+
+
+def choose_engine(config: ServeConfig, architecture: str | None) -> str:
+    """'paged' or 'generic' for a model of `architecture`; ConfigError for a bad pairing."""
+    asked = _engine_setting(config)
+    fits = architecture in PAGED_ARCHITECTURES
+    if asked == "paged" and not fits:
+        raise ConfigError(
+            f"{ENGINE_ENV}=paged runs only {', '.join(sorted(PAGED_ARCHITECTURES))}; this "
+            f"model is {architecture}. Unset {ENGINE_ENV} to use the generic engine"
+        )
+    engine = asked if asked != "auto" else ("paged" if fits else "generic")
+    if engine == "generic" and config.quantize is not None:
+        raise ConfigError(
+            f"--quantize {config.quantize} needs the cpu backend's paged engine, which runs "
+            f"{', '.join(sorted(PAGED_ARCHITECTURES))}; this model is {architecture}"
+            + (f" and {ENGINE_ENV}=generic is set" if asked == "generic" else "")
+        )
+    return engine
 
 
 def _version() -> str:
@@ -63,6 +108,11 @@ def tgi_validate_config(config: ServeConfig) -> ServeConfig | None:
     """
     cpu = read_cpu_info()
     kv_memory_override(config.environ)  # raises ConfigError naming the variable
+    if _engine_setting(config) == "generic" and config.quantize is not None:
+        raise ConfigError(
+            f"--quantize {config.quantize} needs the paged cpu engine, but "
+            f"{ENGINE_ENV}=generic is set"
+        )
     if config.cpu_threads is not None and config.cpu_threads > cpu.num_threads:
         raise ConfigError(
             f"--cpu-threads {config.cpu_threads} ({config.source_of('cpu_threads')}) is more "
@@ -86,7 +136,14 @@ def tgi_validate_config(config: ServeConfig) -> ServeConfig | None:
 
 @hookimpl
 def tgi_backend_create(config: ServeConfig, model: ModelFiles) -> Backend:
-    """Load `model` with transformers and return the generic per-sequence-cache backend."""
+    """Load `model` into the paged engine where its architecture allows, else the generic one."""
+    architecture = getattr(model, "architecture", None)
+    engine = choose_engine(config, architecture)
+    logger.info("cpu backend engine: %s for %s", engine, architecture)
+    if engine == "paged":
+        from tgi_backend_cpu.paged import PagedCpuBackend
+
+        return PagedCpuBackend.from_config(config, model)
     from tgi_backend_cpu.backend import TransformersCpuBackend
 
     return TransformersCpuBackend.from_config(config, model)

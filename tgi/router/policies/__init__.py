@@ -2,6 +2,7 @@
 
 from tgi.router.policies.base import Admission, BatchingPolicy, Budget, Candidate
 from tgi.router.policies.continuous import ContinuousPolicy
+from tgi.router.policies.paged import PagedPolicy
 from tgi.router.policies.static import SlotTable, StaticSlotsPolicy
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "Budget",
     "Candidate",
     "ContinuousPolicy",
+    "PagedPolicy",
     "SlotTable",
     "StaticSlotsPolicy",
 ]

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from tgi import __version__
 from tgi.errors import BackendUnavailable, InvalidRequest
 from tgi.metrics import CONTENT_TYPE, exposition
+from tgi.server.process import resident_memory_bytes
 from tgi.server.schemas import ErrorResponse, GenerateRequest, SimpleToken
 from tgi.server.state import ServerState, get_state
 
@@ -57,6 +58,13 @@ async def info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
             "kv_used_tokens": stats.kv.used_tokens,
             "kv_capacity_tokens": stats.kv.capacity_tokens,
             "kv_bytes_per_token": model.capacity.bytes_per_token,
+        },
+        "memory": {
+            "kv_bytes_per_token": model.capacity.bytes_per_token,
+            "kv_capacity_bytes": model.capacity.bytes_per_token * model.capacity.max_total_tokens,
+            "kv_block_size": model.capacity.block_size,
+            "kv_num_blocks": model.capacity.num_blocks,
+            "process_resident_bytes": resident_memory_bytes(),
         },
     }
 

@@ -1,0 +1,335 @@
+"""Paged KV storage and the attention op the CPU engine hands to `tgi.models`.
+
+NOTE: addressing. The router owns the block tables; this module only turns them into
+flat slot indices once per step. The pool of a layer is `[num_blocks * block_size,
+kv_heads, head_dim]`, so a token at position p of a row with block table `bt` lives at
+slot `bt[p // block_size] * block_size + p % block_size`:
+
+    block table [7, 2, 9]          block_size 4, position 9 -> block 2 (id 9), offset 1
+    pool slots  ... | 8  9 10 11 | ... | 28 29 30 31 | ... | 36 37 38 39 |
+                      block 2            block 7             block 9 -> slot 37
+
+A step writes its N new tokens into the pool with one `index_copy_` per layer. SDPA then
+needs each row's keys as one padded `[R, KVH, L_max, D]` batch; on a CPU, copying them out
+of the scattered blocks every layer of every step costs as much as the attention itself.
+So live sequences also keep a dense copy (`DenseRows`: row r of `[R_cap, L_cap, KVH, D]`
+per layer), written alongside the pool and read by SDPA in place:
+
+- a decode step whose rows are dense rows 0..R-1 in order reads a strided view (no copy);
+- rows in another order, or with holes, read all dense rows up to the highest one, with
+  hole rows given a dummy query (cheap while at least half the rows take part); otherwise
+  the step's rows are selected (one copy, as a prefill step of a few rows does);
+- a sequence first seen with a cached prefix (start > 0) is filled from the pool once;
+- when the dense copy would exceed its budget, the step gathers from the pool instead
+  (one `index_select` per layer) and the step's rows leave the dense copy.
+
+The mask is causal by absolute position (so chunked prefill, cached prefixes and T > 1
+decode rows all work) and, per layer, limited to a sliding window. Padded keys are masked;
+padded queries attend to key 0 only and their outputs are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DenseRows", "KvPool", "PagedAttention", "StepMetadata", "StepRow", "build_step"]
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """One row of a step as the attention layout needs it."""
+
+    token_ids: Sequence[int]  # tokens to run, at positions start, start + 1, ...
+    start: int  # tokens of the row already in KV
+    block_ids: Sequence[int]  # the row's block table, covering start + len(token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class StepMetadata:
+    """Index tensors of one step, shared by every layer."""
+
+    num_rows: int  # R: rows of the SDPA batch (step rows, or dense rows with holes)
+    max_queries: int  # T_max: longest row of new tokens
+    max_keys: int  # L_max: longest row end (cached + new tokens)
+    slots: torch.Tensor  # [N] pool slot of each new token
+    query_index: torch.Tensor | None  # [N] flat token -> r * T_max + t; None: identity
+    masks: dict[int | None, torch.Tensor | None]  # window -> [R, 1, T_max, L_max] bool
+    # (True = attend), None where every key is visible
+    key_slots: torch.Tensor | None = None  # gather path: [R * L_max] pool slot of key j
+    dense_slots: torch.Tensor | None = None  # dense path: [N] dense slot of each new token
+    dense_rows: torch.Tensor | None = None  # dense path: [R] rows to select; None: 0..R-1
+
+
+def build_step(
+    rows: Sequence[StepRow],
+    block_size: int,
+    windows: Sequence[int | None],
+    dense: tuple[Sequence[int], int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
+    """(input_ids [N], positions [N], metadata) for `rows`; Python loops per row, not token.
+
+    `dense`: (dense row of each step row, L_cap) to read keys from `DenseRows`; None
+    gathers them from the pool.
+    """
+    counts = [len(row.token_ids) for row in rows]
+    ends = [row.start + n for row, n in zip(rows, counts, strict=True)]
+    num_steps, max_queries, max_keys = len(rows), max(counts), max(ends)
+    num_blocks = -(-max_keys // block_size)
+    table = torch.tensor(
+        [
+            list(row.block_ids[:num_blocks]) + [0] * (num_blocks - len(row.block_ids))
+            for row in rows
+        ],
+        dtype=torch.long,
+    )  # [R_step, num_blocks]
+    ids = list(chain.from_iterable(row.token_ids for row in rows))
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    counts_t = torch.tensor(counts, dtype=torch.long)
+    row_of = torch.arange(num_steps).repeat_interleave(counts_t)  # [N] step row of each token
+    first = torch.cumsum(counts_t, 0) - counts_t  # [R_step]
+    t_of = torch.arange(len(ids)) - first[row_of]  # [N] offset within its row
+    positions = torch.tensor([row.start for row in rows], dtype=torch.long)[row_of] + t_of
+    slots = table[row_of, positions // block_size] * block_size + positions % block_size
+
+    # Which SDPA batch row each step row uses (see the module NOTE).
+    batch_row = list(range(num_steps))
+    num_rows, dense_rows, dense_slots = num_steps, None, None
+    if dense is not None:
+        rows_in_dense, cap = dense
+        dense_t = torch.tensor(list(rows_in_dense), dtype=torch.long)
+        dense_slots = dense_t[row_of] * cap + positions
+        high = max(rows_in_dense) + 1
+        if list(rows_in_dense) == batch_row:
+            pass
+        elif 2 * num_steps >= high and min(counts) == max_queries:
+            batch_row, num_rows = list(rows_in_dense), high
+        else:
+            dense_rows = dense_t
+    batch_t = torch.tensor(batch_row, dtype=torch.long)
+    query_index = batch_t[row_of] * max_queries + t_of  # [N]
+    query_pos = torch.zeros(num_rows * max_queries, dtype=torch.long)
+    query_pos[query_index] = positions
+    query_pos = query_pos.view(num_rows, max_queries)  # padding and holes: position 0
+    key_pos = torch.arange(max_keys)  # [L_max]
+    causal = key_pos[None, None, :] <= query_pos[:, :, None]  # [R, T_max, L_max]
+    masks: dict[int | None, torch.Tensor | None] = {}
+    # One token per row, every row ending at L_max: every key is visible, no mask needed.
+    full = max_queries == 1 and min(ends) == max_keys and num_rows == num_steps
+    for window in set(windows):
+        if full and (window is None or window >= max_keys):
+            masks[window] = None
+            continue
+        mask = causal if window is None else causal & (key_pos > query_pos[:, :, None] - window)
+        masks[window] = mask[:, None]
+    identity = batch_row == list(range(num_steps)) and min(counts) == max_queries
+    key_slots = None
+    if dense is None:
+        key_slots = table[:, key_pos // block_size] * block_size + key_pos % block_size
+        key_slots = key_slots.reshape(-1)  # [R * L_max]
+    metadata = StepMetadata(
+        num_rows=num_rows,
+        max_queries=max_queries,
+        max_keys=max_keys,
+        slots=slots,
+        query_index=None if identity else query_index,
+        masks=masks,
+        key_slots=key_slots,
+        dense_slots=dense_slots,
+        dense_rows=dense_rows,
+    )
+    return input_ids, positions, metadata
+
+
+class KvPool:
+    """Keys and values of every layer: `[num_blocks * block_size, kv_heads, head_dim]` each.
+
+    Zero-filled once, so slots never written (padding reads) hold finite values; the
+    backend never clears a block afterwards (shared prefix blocks must survive).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+
+    def slots(self, block_ids: Sequence[int], num_tokens: int) -> torch.Tensor:
+        """[num_tokens] pool slots of positions 0..num_tokens-1 of a block table."""
+        pos = torch.arange(num_tokens)
+        table = torch.tensor(list(block_ids), dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+
+class DenseRows:
+    """A dense copy of live sequences' KV, one row per sequence, for SDPA to read in place.
+
+    Row r of layer l holds positions 0..n-1 of its sequence, where n is what the backend
+    says the sequence holds; `assign` makes a step's rows present (filling a cached prefix
+    from the pool) or answers None when they would not fit the byte budget.
+    """
+
+    def __init__(self, pool: KvPool, max_length: int, budget_bytes: int) -> None:
+        self.pool = pool
+        self.max_length = max_length
+        self.budget_bytes = budget_bytes
+        self.rows: dict[int, int] = {}  # seq_id -> dense row
+        self.capacity_rows = self.capacity_length = 0
+        self.keys: list[torch.Tensor] = []  # per layer [R_cap * L_cap, KVH, D]
+        self.values: list[torch.Tensor] = []
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        for seq_id in seq_ids:
+            self.rows.pop(seq_id, None)
+
+    def assign(
+        self, seq_ids: Sequence[int], rows: Sequence[StepRow]
+    ) -> tuple[list[int], int] | None:
+        """Dense rows of the step's sequences and L_cap, or None (then they leave)."""
+        fresh = [i for i, seq_id in enumerate(seq_ids) if seq_id not in self.rows]
+        used = set(self.rows.values())
+        free = (r for r in range(len(used) + len(fresh)) if r not in used)
+        new_rows = {seq_ids[i]: next(free) for i in fresh}
+        num_rows = max([*self.rows.values(), *new_rows.values()], default=-1) + 1
+        length = max(row.start + len(row.token_ids) for row in rows)
+        if not self._fit(num_rows, length):
+            self.release(seq_ids)
+            return None
+        self.rows.update(new_rows)
+        for i in fresh:
+            if rows[i].start > 0:  # a cached prefix or an earlier chunk: copy it once
+                self._fill(new_rows[seq_ids[i]], rows[i])
+        return [self.rows[seq_id] for seq_id in seq_ids], self.capacity_length
+
+    def _fit(self, num_rows: int, length: int) -> bool:
+        if num_rows <= self.capacity_rows and length <= self.capacity_length:
+            return True
+        new_rows = max(num_rows, min(2 * self.capacity_rows, num_rows + 8))
+        new_length = min(max(length, 2 * self.capacity_length, 64), self.max_length)
+        new_length = max(new_length, length)
+        per_token = sum(t.element_size() * t[0].numel() for t in self.pool.keys) * 2
+        if new_rows * new_length * per_token > self.budget_bytes:
+            # the tightest growth (never a shrink: live rows are copied over) before giving up
+            new_rows = max(num_rows, self.capacity_rows)
+            new_length = max(length, self.capacity_length)
+            if new_rows * new_length * per_token > self.budget_bytes:
+                return False
+        self._grow(new_rows, new_length)
+        return True
+
+    def _grow(self, num_rows: int, length: int) -> None:
+        old_rows, old_length = self.capacity_rows, self.capacity_length
+        for tensors, pool_tensors in ((self.keys, self.pool.keys), (self.values, self.pool.values)):
+            for layer, pool_tensor in enumerate(pool_tensors):
+                shape = (num_rows, length, *pool_tensor.shape[1:])
+                grown = torch.zeros(shape, dtype=pool_tensor.dtype)
+                if old_rows:
+                    old = tensors[layer].view(old_rows, old_length, *pool_tensor.shape[1:])
+                    grown[:old_rows, :old_length] = old
+                    tensors[layer] = grown.view(num_rows * length, *pool_tensor.shape[1:])
+                else:
+                    tensors.append(grown.view(num_rows * length, *pool_tensor.shape[1:]))
+        self.capacity_rows, self.capacity_length = num_rows, length
+
+    def _fill(self, dense_row: int, row: StepRow) -> None:
+        source = self.pool.slots(row.block_ids, row.start)  # [start]
+        first = dense_row * self.capacity_length
+        for dense, pooled in ((self.keys, self.pool.keys), (self.values, self.pool.values)):
+            for layer, pool_tensor in enumerate(pooled):
+                dense[layer][first : first + row.start] = pool_tensor.index_select(0, source)
+
+
+class PagedAttention:
+    """The `tgi.models.attention.AttentionOp` over a `KvPool`, one SDPA call per layer."""
+
+    def __init__(
+        self, pool: KvPool, layer_windows: Sequence[int | None], dense: DenseRows | None = None
+    ) -> None:
+        self.pool = pool
+        self.dense = dense
+        self.layer_windows = tuple(layer_windows)
+        self._capacity = 0  # slots the gather buffers hold
+        self._buf_k = self._buf_v = torch.empty(0)
+
+    def __call__(
+        self,
+        layer_index: int,
+        q: torch.Tensor,  # [N, H, D]
+        k: torch.Tensor,  # [N, KVH, D]
+        v: torch.Tensor,
+        metadata: StepMetadata,
+    ) -> torch.Tensor:  # [N, H, D]
+        pool = self.pool
+        pool_k, pool_v = pool.keys[layer_index], pool.values[layer_index]
+        k, v = k.to(pool.dtype), v.to(pool.dtype)
+        pool_k.index_copy_(0, metadata.slots, k)
+        pool_v.index_copy_(0, metadata.slots, v)
+        if metadata.dense_slots is not None and self.dense is not None:
+            key, value = self._dense_kv(layer_index, k, v, metadata)
+        else:
+            key, value = self._gathered_kv(pool_k, pool_v, metadata)
+        rows, queries = metadata.num_rows, metadata.max_queries
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        if metadata.query_index is not None:
+            padded = q.new_zeros((rows * queries, num_heads, head_dim))
+            q = padded.index_copy_(0, metadata.query_index, q)
+        query = q.view(rows, queries, num_heads, head_dim).transpose(1, 2)  # [R, H, T, D]
+        out = F.scaled_dot_product_attention(
+            query,
+            key.transpose(1, 2).to(q.dtype),  # [R, KVH, L, D]
+            value.transpose(1, 2).to(q.dtype),
+            attn_mask=metadata.masks[self.layer_windows[layer_index]],
+            enable_gqa=True,
+        )  # [R, H, T, D]
+        out = out.transpose(1, 2).reshape(rows * queries, num_heads, head_dim)
+        if metadata.query_index is not None:
+            out = out.index_select(0, metadata.query_index)
+        return out
+
+    def _dense_kv(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, metadata: StepMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[R, L_max, KVH, D] keys and values read from the dense rows."""
+        dense = self.dense
+        assert dense is not None and metadata.dense_slots is not None  # checked by the caller
+        out = []
+        for tensor, new in ((dense.keys[layer], k), (dense.values[layer], v)):
+            tensor.index_copy_(0, metadata.dense_slots, new)
+            rows = tensor.view(dense.capacity_rows, dense.capacity_length, *tensor.shape[1:])
+            rows = rows[:, : metadata.max_keys]
+            if metadata.dense_rows is not None:
+                rows = rows.index_select(0, metadata.dense_rows)
+            else:
+                rows = rows[: metadata.num_rows]
+            out.append(rows)
+        return out[0], out[1]
+
+    def _gathered_kv(
+        self, pool_k: torch.Tensor, pool_v: torch.Tensor, metadata: StepMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[R, L_max, KVH, D] keys and values gathered from the pool's blocks."""
+        assert metadata.key_slots is not None  # build_step sets it whenever dense is off
+        shape = (metadata.num_rows, metadata.max_keys, *pool_k.shape[1:])
+        needed = shape[0] * shape[1]
+        if self._capacity < needed:
+            self._capacity = max(needed, 2 * self._capacity)
+            full = (self._capacity, *pool_k.shape[1:])
+            self._buf_k = torch.empty(full, dtype=pool_k.dtype)
+            self._buf_v = torch.empty(full, dtype=pool_k.dtype)
+        # index_select into a reused buffer: a fresh tensor per layer costs page faults
+        buf_k, buf_v = self._buf_k[:needed], self._buf_v[:needed]
+        torch.index_select(pool_k, 0, metadata.key_slots, out=buf_k)
+        torch.index_select(pool_v, 0, metadata.key_slots, out=buf_v)
+        return buf_k.view(shape), buf_v.view(shape)
