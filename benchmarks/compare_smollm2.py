@@ -95,6 +95,9 @@ def _tgi(port: int, args: argparse.Namespace, total: int, extra: Sequence[str] =
         str(total),
         "--cpu-threads",
         str(args.threads),
+        # every server stays up through the sweep: bound the KV pool, not a share of RAM
+        "--kv-cache-memory",
+        args.kv_cache_memory,
         *extra,
     ]
 
@@ -291,6 +294,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "tgi-test")
     parser.add_argument("--start-timeout", type=float, default=600.0)
+    parser.add_argument("--kv-cache-memory", default="1GiB", help="tgi's KV pool")
     parser.add_argument(
         "--variant",
         type=_variant,

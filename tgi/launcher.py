@@ -17,6 +17,7 @@ from tgi.config import ServeConfig, derive_limits
 from tgi.errors import BackendError
 from tgi.metrics import Metrics
 from tgi.models.source import ModelFiles, inspect_model, materialize
+from tgi.router.engine_thread import EngineThread
 from tgi.router.policies import ContinuousPolicy, PagedPolicy, StaticSlotsPolicy
 from tgi.router.scheduler import Router, RouterLimits, joins_immediately
 from tgi.router.validation import ValidationLimits, Validator
@@ -79,7 +80,9 @@ def build_state(prepared: Prepared, metrics: Metrics | None = None) -> ServerSta
     tokenizer = AutoTokenizer.from_pretrained(
         files.path, trust_remote_code=config.trust_remote_code
     )
-    backend = prepared.selected.create_backend(config, files)
+    # Weights load, warm up and run on one thread (see tgi/router/engine_thread.py).
+    engine_thread = EngineThread()
+    backend = engine_thread.call(prepared.selected.create_backend, config, files)
     probe = prepared.selected.record.probe
     return assemble_state(
         config,
@@ -91,6 +94,7 @@ def build_state(prepared: Prepared, metrics: Metrics | None = None) -> ServerSta
         backend_name=prepared.selected.name,
         backend_version=probe.version if probe else "unknown",
         metrics=metrics,
+        engine_thread=engine_thread,
     )
 
 
@@ -105,13 +109,15 @@ def assemble_state(
     backend_name: str,
     backend_version: str,
     metrics: Metrics | None = None,
+    engine_thread: EngineThread | None = None,
 ) -> ServerState:
     """Warm `backend` up and wire router, validator and metrics around it.
 
     `config` must have its token limits derived (`tgi.config.derive_limits`).
     """
     limits = _limits(config)
-    capacity = backend.warmup(limits)
+    engine_thread = engine_thread or EngineThread()
+    capacity = engine_thread.call(backend.warmup, limits)
     batch_total = _batch_total_tokens(config, capacity)
     logger.info(
         "KV capacity: %d tokens (%d bytes per token); max_batch_total_tokens = %d",
@@ -133,6 +139,7 @@ def assemble_state(
         eos_token_ids=eos_token_ids,
         metrics=metrics,
         initial_kv=backend.kv_usage(),
+        engine_thread=engine_thread,
     )
     validator = Validator(
         tokenizer,

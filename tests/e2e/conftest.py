@@ -53,6 +53,9 @@ def smollm2_server() -> Iterator[RunningServer]:
             # backend would otherwise pick bf16 and no token-for-token check could hold
             "dtype": "float32",
             "max_total_tokens": 512,
+            # a small paged pool (about 1,400 tokens in float32): the stress test runs
+            # into preemption, and the session does not zero gigabytes of RAM
+            "kv_cache_memory": 64 * 2**20,
             "port": free_port(),
             "hostname": "127.0.0.1",
         },

@@ -13,6 +13,7 @@ from tgi.models.quantize import (
     DEQUANT_MIN_ROWS,
     Int4Linear,
     Int8Linear,
+    keep_prefill_weights_,
     quantize_linear,
     quantize_linears_,
     quantize_tied_lm_head_,
@@ -176,3 +177,17 @@ def test_unknown_mode_is_an_error() -> None:
         quantize_linears_(_Model(), "int3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown quantization mode"):
         quantize_linear(nn.Linear(4, 4), "fp8")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_kept_prefill_weights_are_built_once_and_give_the_same_output(mode: str) -> None:
+    model = nn.Sequential(_gaussian_linear(128, 192), nn.ReLU(), _gaussian_linear(192, 128))
+    quantize_linears_(model, mode)  # type: ignore[arg-type]
+    x = torch.randn(DEQUANT_MIN_ROWS + 4, 128)
+    rebuilt = model(x)
+    assert keep_prefill_weights_(model) == 2
+    kept = model(x)
+    torch.testing.assert_close(kept, rebuilt, rtol=0, atol=0)
+    first = model[0].prefill_weight(torch.float32)
+    assert model[0].prefill_weight(torch.float32) is first  # cached, not rebuilt
+    torch.testing.assert_close(first, model[0].dequantized(torch.float32), rtol=0, atol=0)

@@ -295,12 +295,12 @@ def quantize_model_(
     mode: Literal["int8", "int4"],
     *,
     skip: Callable[[str], bool] | None = None,
+    keep_prefill_weights: bool = False,
 ) -> None:
-    """Swap the model's `nn.Linear`s for weight-only quantized ones (tgi.models.quantize)."""
-    try:
-        from tgi.models.quantize import quantize_linears_
-    except ImportError as exc:
-        raise ConfigError(
-            f"--quantize {mode} needs tgi.models.quantize, which this build lacks ({exc})"
-        ) from exc
+    """Swap the model's `nn.Linear`s for weight-only quantized ones (tgi.models.quantize);
+    `keep_prefill_weights` trades one float copy of the weights for float-speed prefill."""
+    from tgi.models.quantize import keep_prefill_weights_, quantize_linears_
+
     quantize_linears_(model, mode, skip=skip)
+    if keep_prefill_weights:
+        keep_prefill_weights_(model)

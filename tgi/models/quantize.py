@@ -37,6 +37,7 @@ __all__ = [
     "Int8Linear",
     "QuantMode",
     "int4_supported",
+    "keep_prefill_weights_",
     "quantize_linear",
     "quantize_linears_",
     "quantize_tied_lm_head_",
@@ -64,7 +65,30 @@ _KERNEL_DTYPE = torch.bfloat16
 DEQUANT_MIN_ROWS = 48
 
 
-class Int8Linear(nn.Module):
+class _PrefillWeight:
+    """The float weight the many-row path multiplies with: rebuilt per call, or kept.
+
+    Kept (`keep_prefill_weights_`), prefill runs at float speed for the price of one
+    float copy of the weights next to the quantized ones; decode still reads only the
+    quantized bytes, which is where weight-only quantization pays on a CPU.
+    """
+
+    keep_prefill_weight: bool = False
+    _prefill_weights: dict[torch.dtype, torch.Tensor]
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prefill_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if not self.keep_prefill_weight:
+            return self.dequantized(dtype)
+        cache = self.__dict__.setdefault("_prefill_weights", {})
+        if dtype not in cache:
+            cache[dtype] = self.dequantized(dtype)
+        return cache[dtype]
+
+
+class Int8Linear(_PrefillWeight, nn.Module):
     """`y = x @ (q * scale).T + bias` with an int8 weight and one scale per output row."""
 
     qweight: torch.Tensor
@@ -97,7 +121,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if x2.shape[0] >= DEQUANT_MIN_ROWS:
-            return F.linear(x, self.dequantized(x.dtype), _cast(self.bias, x.dtype))
+            return F.linear(x, self.prefill_weight(x.dtype), _cast(self.bias, x.dtype))
         if x.dtype in (torch.float32, _KERNEL_DTYPE):
             x2, scales = x2.to(_KERNEL_DTYPE), self.scales
         else:
@@ -109,7 +133,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_PrefillWeight, nn.Module):
     """Group-wise asymmetric int4 weight in torch's packed CPU layout."""
 
     packed: torch.Tensor
@@ -184,7 +208,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if x2.shape[0] >= DEQUANT_MIN_ROWS:
-            return F.linear(x, self.dequantized(x.dtype), _cast(self.bias, x.dtype))
+            return F.linear(x, self.prefill_weight(x.dtype), _cast(self.bias, x.dtype))
         if x.dtype in (torch.float32, _KERNEL_DTYPE):
             x2, scale_and_zero = x2.to(_KERNEL_DTYPE), self.scale_and_zero
         else:
@@ -314,6 +338,15 @@ def quantize_linears_(
         before / 1e6,
         weight_bytes(module) / 1e6,
     )
+
+
+def keep_prefill_weights_(module: nn.Module) -> int:
+    """Let every quantized layer under `module` keep the float weight its many-row path
+    builds (see `_PrefillWeight`); returns how many layers will."""
+    layers = [child for child in module.modules() if isinstance(child, _PrefillWeight)]
+    for layer in layers:
+        layer.keep_prefill_weight = True
+    return len(layers)
 
 
 def quantize_tied_lm_head_(

@@ -29,12 +29,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from tgi.backend.contract import Backend, Capabilities, KvLayout, KVUsage
 from tgi.errors import BackendUnavailable, Overloaded
 from tgi.metrics import Metrics
 from tgi.router.engine import EngineStep, StepPlan, StepResult
+from tgi.router.engine_thread import EngineThread
 from tgi.router.policies import (
     Budget,
     Candidate,
@@ -139,6 +139,7 @@ class Router:
         metrics: Metrics,
         initial_kv: KVUsage,
         clock: Callable[[], float] = time.monotonic,
+        engine_thread: EngineThread | None = None,  # the thread start-up loaded the backend on
     ) -> None:
         self._backend = backend
         self._tokenizer = tokenizer
@@ -159,7 +160,7 @@ class Router:
         self._to_release: list[int] = []
         self._steps_since_prefill = 0
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tgi-engine")
+        self._thread = engine_thread or EngineThread()
         self._engine = EngineStep(backend)
         self._kv = initial_kv
         self._task: asyncio.Task[None] | None = None
@@ -190,7 +191,7 @@ class Router:
         if self._paged is not None:
             self._paged.free(ids)
         self._kv = await self._in_engine(self._engine.release, ids)
-        self._executor.shutdown(wait=True)
+        self._thread.shutdown()
 
     # ---- requests ---------------------------------------------------------------
 
@@ -485,7 +486,7 @@ class Router:
             self._metrics.kv_blocks_free.set(pool.num_available)
 
     async def _in_engine(self, fn: Callable[..., object], *args: object):  # type: ignore[no-untyped-def]
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._thread.run(fn, *args)
 
 
 def joins_immediately(capabilities: Capabilities) -> bool:

@@ -114,8 +114,8 @@ def test_read_cpu_info_without_the_file_has_no_flags(tmp_path: Path) -> None:
     ("requested", "flags", "expected"),
     [
         (None, "avx2 avx512f", torch.float32),
-        (None, "avx512f avx512_bf16", torch.bfloat16),
-        (None, "amx_bf16", torch.bfloat16),
+        (None, "avx512f avx512_bf16", torch.float32),
+        (None, "avx512_bf16 amx_bf16", torch.bfloat16),
         ("float32", "amx_bf16", torch.float32),
         ("bfloat16", "avx2", torch.bfloat16),
         ("float16", "avx2", torch.float16),
@@ -125,6 +125,16 @@ def test_choose_dtype(requested: str | None, flags: str, expected: torch.dtype) 
     choice = _host.choose_dtype(requested, _cpu(flags))
     assert choice.dtype == expected
     assert ("asked for" in choice.reason) == (requested is not None)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [("avx512f avx512_bf16", torch.bfloat16), ("avx2 avx512f", torch.float32)],
+)
+def test_quantized_models_compute_in_bf16_where_the_cpu_has_it(
+    flags: str, expected: torch.dtype
+) -> None:
+    assert _host.choose_dtype(None, _cpu(flags), quantized=True).dtype == expected
 
 
 def test_choose_threads_prefers_the_setting_then_the_affinity_mask() -> None:
@@ -351,8 +361,8 @@ def test_probe_is_available_at_low_priority(pm: pluggy.PluginManager) -> None:
 
 def test_validate_fills_dtype_and_threads_as_backend_values(pm: pluggy.PluginManager) -> None:
     config = pm.hook.tgi_validate_config(config=ServeConfig())
-    expected = "bfloat16" if _host.read_cpu_info().fast_bf16 else "float32"
-    assert config.dtype == expected
+    expected = _host.choose_dtype(None, _host.read_cpu_info()).dtype
+    assert config.dtype == str(expected).removeprefix("torch.")
     assert config.cpu_threads == len(os.sched_getaffinity(0))
     assert config.source_of("dtype") == config.source_of("cpu_threads") == "backend cpu"
 
@@ -414,6 +424,5 @@ def test_create_recomputes_a_dtype_the_validate_hook_filled(
 ) -> None:
     config = ServeConfig(dtype="bfloat16", cpu_threads=1, sources={"dtype": "backend cpu"})
     backend = pm.hook.tgi_backend_create(config=config, model=FakeModelFiles("tiny", model_dir))
-    fast_bf16 = _host.read_cpu_info().fast_bf16
-    assert backend.dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
+    assert backend.dtype == _host.choose_dtype(None, _host.read_cpu_info()).dtype
     backend.close()

@@ -104,7 +104,10 @@ class PagedCpuBackend:
         if quantize is not None:
             if quantize not in ("int8", "int4"):
                 raise ConfigError(f"--quantize {quantize} is not supported by the cpu backend")
-            quantize_model_(self._model, quantize)  # type: ignore[arg-type]
+            # Decode reads the quantized weights; prefill (48+ rows, where the int kernels
+            # lose to float GEMM) keeps a float copy instead of rebuilding it every call:
+            # 128-token prefill of SmolLM2 in int4 went from ~476 ms to ~150 ms.
+            quantize_model_(self._model, quantize, keep_prefill_weights=True)  # type: ignore[arg-type]
         self.spec = self._model.spec
         self.dtype = dtype
         self.kv_dtype = kv_dtype or dtype
@@ -134,7 +137,7 @@ class PagedCpuBackend:
         """Choose dtype, KV dtype and threads from `config` and the host, then load."""
         cpu = read_cpu_info()
         asked = config.dtype if config.source_of("dtype") != "backend cpu" else None
-        dtype = choose_dtype(asked, cpu)
+        dtype = choose_dtype(asked, cpu, quantized=config.quantize is not None)
         threads, threads_why = choose_threads(config.cpu_threads, cpu)
         logger.info("paged cpu engine computes in %s because %s", dtype.dtype, dtype.reason)
         logger.info("paged cpu engine uses %d threads (%s)", threads, threads_why)

@@ -128,7 +128,10 @@ def tgi_validate_config(config: ServeConfig) -> ServeConfig | None:
         )
     updates: dict[str, Any] = {}
     if config.dtype is None:
-        updates["dtype"] = str(choose_dtype(None, cpu).dtype).removeprefix("torch.")
+        quantized = config.quantize is not None
+        updates["dtype"] = str(choose_dtype(None, cpu, quantized=quantized).dtype).removeprefix(
+            "torch."
+        )
     if config.cpu_threads is None:
         updates["cpu_threads"] = choose_threads(None, cpu)[0]
     return config.with_values(f"backend {NAME}", **updates) if updates else None

@@ -30,7 +30,7 @@ from tgi.router.request import (
 from tgi.router.scheduler import RequestHandle
 from tgi.router.validation import ClientParameters
 from tgi.server.openai.errors import describe, openai_error
-from tgi.server.routes.generate import _check_capacity, _refuse
+from tgi.server.routes.generate import check_capacity, refuse_request
 from tgi.server.state import ServerState
 
 __all__ = [
@@ -118,7 +118,7 @@ async def _validate(
     try:
         request: GenerationRequest = await run_in_threadpool(validate, inputs, params)
     except InvalidRequest as exc:
-        raise _refuse(state, str(exc)) from None
+        raise refuse_request(state, str(exc)) from None
     state.metrics.request_validation_duration.observe(time.perf_counter() - started)
     state.metrics.request_max_new_tokens.observe(request.stopping.max_new_tokens)
     return request
@@ -132,7 +132,7 @@ async def submit_all(
     add_special_tokens: bool = True,
 ) -> list[RequestHandle]:
     """Validate every prompt, then submit them all, or none (a failure cancels the rest)."""
-    _check_capacity(state, len(prompts))
+    check_capacity(state, len(prompts))
     validated = [await _validate(state, prompt, params, add_special_tokens) for prompt in prompts]
     handles: list[RequestHandle] = []
     try:

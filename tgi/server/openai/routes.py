@@ -30,11 +30,11 @@ from tgi.server.openai.errors import OpenAIRoute, openai_error, tgi_error
 from tgi.server.openai.schemas import ChatRequest, CompletionRequest
 from tgi.server.openai.tools import DEFAULT_TOOL_PROMPT, tool_grammar
 from tgi.server.routes.generate import (
-    _ERRORS,
-    _EventStream,
-    _final_events,
-    _headers,
+    ERROR_RESPONSES,
+    EventStream,
     compat_generate,
+    final_events,
+    response_headers,
 )
 from tgi.server.schemas import CompatGenerateRequest, SimpleToken
 from tgi.server.state import ServerState, get_state
@@ -45,7 +45,8 @@ v1_router = APIRouter(tags=["OpenAI"], route_class=OpenAIRoute)
 router = APIRouter(tags=["Text Generation Inference"])
 
 
-def _refuse(state: ServerState, exc: TgiError) -> TgiError:
+def count_refusal(state: ServerState, exc: TgiError) -> TgiError:
+    """Count a refused request in the metrics; returns `exc` to raise."""
     if isinstance(exc, InvalidRequest):
         state.metrics.request_failure.labels(err="validation").inc()
     return exc
@@ -62,7 +63,7 @@ async def _chat(
     try:
         prepared = await run_in_threadpool(prepare_chat, body, state.tokenizer)
     except TgiError as exc:
-        raise _refuse(state, exc) from None
+        raise count_refusal(state, exc) from None
     (handle,) = await submit_all(
         state, [prepared.inputs], prepared.params, add_special_tokens=False
     )
@@ -77,13 +78,13 @@ async def _chat(
             keep_alive_s=state.config.sse_keep_alive_s,
             openai_shape=openai_shape,
         )
-        return _EventStream(stream, on_close=handle.cancel)
-    (event,) = await _final_events([handle], request)
+        return EventStream(stream, on_close=handle.cancel)
+    (event,) = await final_events([handle], request)
     body_out = chat_completion(identity, event, tools=prepared.tools, logprobs=logprobs)
-    return JSONResponse(body_out, headers=_headers(state, event, started))
+    return JSONResponse(body_out, headers=response_headers(state, event, started))
 
 
-@v1_router.post("/v1/chat/completions", responses=_ERRORS, response_model=None)
+@v1_router.post("/v1/chat/completions", responses=ERROR_RESPONSES, response_model=None)
 async def chat_completions(
     body: ChatRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> Response:
@@ -102,7 +103,7 @@ async def _completions(
         prompts = check_prompts(body, state.config.max_client_batch_size)
         params = completion_parameters(body)
     except TgiError as exc:
-        raise _refuse(state, exc) from None
+        raise count_refusal(state, exc) from None
     handles = await submit_all(state, prompts, params)
     identity = Identity("cmpl", state, body.model)
     logprobs = body.logprobs is not None
@@ -122,12 +123,12 @@ async def _completions(
             for handle in handles:
                 handle.cancel()
 
-        return _EventStream(stream, on_close=cancel)
-    events = await _final_events(handles, request)
+        return EventStream(stream, on_close=cancel)
+    events = await final_events(handles, request)
     return JSONResponse(completion(identity, events, prompts, logprobs=logprobs))
 
 
-@v1_router.post("/v1/completions", responses=_ERRORS, response_model=None)
+@v1_router.post("/v1/completions", responses=ERROR_RESPONSES, response_model=None)
 async def completions(
     body: CompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> Response:
@@ -203,7 +204,7 @@ def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise InvalidRequest("; ".join(parts)) from None
 
 
-@router.post("/invocations", responses=_ERRORS, response_model=None)
+@router.post("/invocations", responses=ERROR_RESPONSES, response_model=None)
 async def invocations(request: Request, state: ServerState = Depends(get_state)) -> Response:
     """SageMaker's entry point (TGI's `sagemaker_compatibility`): a body with `messages`
     is a chat, one with `prompt` a completion, anything else TGI's `POST /`."""

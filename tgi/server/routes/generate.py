@@ -38,13 +38,22 @@ from tgi.server.schemas import (
 )
 from tgi.server.state import ServerState, get_state
 
-__all__ = ["router"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "EventStream",
+    "check_capacity",
+    "compat_generate",
+    "final_events",
+    "refuse_request",
+    "response_headers",
+    "router",
+]
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["Text Generation Inference"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "Input validation error"},
     424: {"model": ErrorResponse, "description": "Generation Error"},
     429: {"model": ErrorResponse, "description": "Model is overloaded"},
@@ -57,7 +66,7 @@ _KEEP_ALIVE = ":\n\n"  # an SSE comment, what axum's KeepAlive sends
 # ---- admission -------------------------------------------------------------------------
 
 
-def _check_capacity(state: ServerState, num_requests: int) -> None:
+def check_capacity(state: ServerState, num_requests: int) -> None:
     """TGI takes a concurrency permit before validating: refuse at once when full."""
     stats = state.router.stats()
     if stats.queue_size + stats.batch_size + num_requests > state.config.max_concurrent_requests:
@@ -65,7 +74,7 @@ def _check_capacity(state: ServerState, num_requests: int) -> None:
         raise Overloaded("Model is overloaded")
 
 
-def _refuse(state: ServerState, message: str) -> InvalidRequest:
+def refuse_request(state: ServerState, message: str) -> InvalidRequest:
     state.metrics.request_failure.labels(err="validation").inc()
     return InvalidRequest(message)
 
@@ -77,14 +86,14 @@ async def _validate(state: ServerState, inputs: str, params: ClientParameters) -
             state.validator.validate, inputs, params
         )
     except InvalidRequest as exc:
-        raise _refuse(state, str(exc)) from None
+        raise refuse_request(state, str(exc)) from None
     state.metrics.request_validation_duration.observe(time.perf_counter() - started)
     state.metrics.request_max_new_tokens.observe(request.stopping.max_new_tokens)
     return request
 
 
 async def _submit(state: ServerState, inputs: str, params: ClientParameters) -> RequestHandle:
-    _check_capacity(state, 1)
+    check_capacity(state, 1)
     request = await _validate(state, inputs, params)
     return state.router.submit(request)
 
@@ -100,7 +109,7 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def _final_events(handles: list[RequestHandle], request: Request) -> list[FinalEvent]:
+async def final_events(handles: list[RequestHandle], request: Request) -> list[FinalEvent]:
     """Wait for the end of non-streamed requests. The first failure cancels the others
     (TGI's `try_join_all`), and so does the client going away."""
 
@@ -131,7 +140,7 @@ async def _final_events(handles: list[RequestHandle], request: Request) -> list[
     raise GenerationError("client disconnected")
 
 
-def _headers(state: ServerState, event: FinalEvent, started: float) -> dict[str, str]:
+def response_headers(state: ServerState, event: FinalEvent, started: float) -> dict[str, str]:
     """TGI's timing headers on a non-streamed answer."""
     total_s = time.perf_counter() - started
     per_token_s = event.inference_s / max(event.generated_tokens, 1)
@@ -162,11 +171,11 @@ async def _generate(
         event, others = await _generate_best_of(state, body.inputs, params, best_of, request)
     else:
         handle = await _submit(state, body.inputs, params)
-        (event,) = await _final_events([handle], request)
+        (event,) = await final_events([handle], request)
     response = GenerateResponse(generated_text=event.generated_text)
     if body.parameters.wants_details:
         response.details = Details.from_event(event, others)
-    return response.model_dump(mode="json"), _headers(state, event, started)
+    return response.model_dump(mode="json"), response_headers(state, event, started)
 
 
 async def _generate_best_of(
@@ -177,8 +186,8 @@ async def _generate_best_of(
     try:
         state.validator.check_best_of(best_of)
     except InvalidRequest as exc:
-        raise _refuse(state, str(exc)) from None
-    _check_capacity(state, best_of)
+        raise refuse_request(state, str(exc)) from None
+    check_capacity(state, best_of)
     validated = await _validate(state, inputs, params)
     handles: list[RequestHandle] = []
     try:
@@ -190,12 +199,12 @@ async def _generate_best_of(
         for handle in handles:
             handle.cancel()
         raise
-    events = await _final_events(handles, request)
+    events = await final_events(handles, request)
     best = max(range(len(events)), key=lambda i: (events[i].mean_logprob, -i))
     return events[best], [event for i, event in enumerate(events) if i != best]
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
+@router.post("/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)
 async def generate(
     body: GenerateRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> JSONResponse:
@@ -207,7 +216,7 @@ async def generate(
 # ---- /generate_stream ------------------------------------------------------------------
 
 
-@router.post("/generate_stream", responses=_ERRORS, response_class=StreamingResponse)
+@router.post("/generate_stream", responses=ERROR_RESPONSES, response_class=StreamingResponse)
 async def generate_stream(
     body: GenerateRequest, state: ServerState = Depends(get_state)
 ) -> StreamingResponse:
@@ -218,15 +227,15 @@ async def generate_stream(
         try:
             Validator.check_streamable(params)
         except InvalidRequest as exc:
-            raise _refuse(state, str(exc)) from None
+            raise refuse_request(state, str(exc)) from None
         handle = await _submit(state, body.inputs, params)
     except TgiError as exc:
-        return _EventStream(_error_stream(exc))
+        return EventStream(_error_stream(exc))
     stream = _sse(handle, details=body.parameters.details, keep_alive_s=_keep_alive(state))
-    return _EventStream(stream, on_close=handle.cancel)
+    return EventStream(stream, on_close=handle.cancel)
 
 
-class _EventStream(StreamingResponse):
+class EventStream(StreamingResponse):
     """An SSE response that cancels its request however the stream ends.
 
     Starlette stops iterating a body whose client went away without closing the
@@ -294,7 +303,7 @@ async def _sse(handle: RequestHandle, *, details: bool, keep_alive_s: float) -> 
 # ---- POST / ----------------------------------------------------------------------------
 
 
-@router.post("/", responses=_ERRORS, response_model=None)
+@router.post("/", responses=ERROR_RESPONSES, response_model=None)
 async def compat_generate(
     body: CompatGenerateRequest, request: Request, state: ServerState = Depends(get_state)
 ) -> StreamingResponse | JSONResponse:
