@@ -39,8 +39,9 @@ class RunningServer:
     state: ServerState
 
 
-@pytest.fixture(scope="session")
-def smollm2_server() -> Iterator[RunningServer]:
+def serve_smollm2(**values: Any) -> Iterator[RunningServer]:
+    """Serve the embedded SmolLM2 on the CPU backend in float32 (the reference's dtype:
+    on a CPU with native bf16 the backend might otherwise pick bf16) until closed."""
     import uvicorn
 
     environ = snapshot_environ()
@@ -49,15 +50,10 @@ def smollm2_server() -> Iterator[RunningServer]:
     config = resolve_config(
         {
             "cache_dir": str(CACHE_DIR),
-            # the reference is transformers in float32: on a CPU with native bf16 the
-            # backend would otherwise pick bf16 and no token-for-token check could hold
             "dtype": "float32",
-            "max_total_tokens": 512,
-            # a small paged pool (about 1,400 tokens in float32): the stress test runs
-            # into preemption, and the session does not zero gigabytes of RAM
-            "kv_cache_memory": 64 * 2**20,
             "port": free_port(),
             "hostname": "127.0.0.1",
+            **values,
         },
         environ,
     )
@@ -85,6 +81,13 @@ def smollm2_server() -> Iterator[RunningServer]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def smollm2_server() -> Iterator[RunningServer]:
+    # a small paged pool (about 1,400 tokens in float32): the session does not zero
+    # gigabytes of RAM
+    yield from serve_smollm2(max_total_tokens=512, kv_cache_memory=64 * 2**20)
 
 
 @dataclass

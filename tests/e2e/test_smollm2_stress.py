@@ -7,12 +7,13 @@ import asyncio
 import json
 import random
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import Reference, RunningServer, chat
+from .conftest import Reference, RunningServer, chat, serve_smollm2
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
@@ -26,6 +27,14 @@ QUESTIONS = [
 ]
 MAX_NEW = 24
 NUM_REQUESTS = 120
+# 12 MiB of float32 KV is 17 blocks of 16 tokens: one 128-token sequence fits (start-up
+# requires it), a few dozen concurrent ones do not, so the router must preempt.
+POOL_BYTES = 12 * 2**20
+
+
+@pytest.fixture(scope="module")
+def small_pool_server() -> Iterator[RunningServer]:
+    yield from serve_smollm2(max_total_tokens=128, kv_cache_memory=POOL_BYTES)
 
 
 async def _generate(client: httpx.AsyncClient, prompt: str, n: int) -> list[int]:
@@ -56,7 +65,7 @@ def _metric(text: str, name: str) -> float:
 
 
 async def test_stress_frees_every_block_and_answers_correctly(
-    smollm2_server: RunningServer, reference: Reference
+    small_pool_server: RunningServer, reference: Reference
 ) -> None:
     rng = random.Random(7)
     prompts = [chat(reference.tokenizer, question) for question in QUESTIONS]
@@ -69,7 +78,9 @@ async def test_stress_frees_every_block_and_answers_correctly(
         else:
             jobs.append(("generate", prompt, rng.randint(1, MAX_NEW)))
     limits = httpx.Limits(max_connections=NUM_REQUESTS)
-    async with httpx.AsyncClient(base_url=smollm2_server.url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=small_pool_server.url, timeout=600, limits=limits
+    ) as client:
         before = (await client.get("/metrics")).text
 
         async def run(kind: str, prompt: str, n: int) -> Any:
