@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 
 from tgi.errors import ConfigError
 from tgi.models.attention import DenseAttention
@@ -17,14 +18,24 @@ from tgi.models.rope import RopeSpec
 from tgi.testing.tiny_models import build_tiny_model
 from tgi.weights import open_checkpoint
 
+
+def _rope(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Rope settings as the installed transformers writes them: `rope_parameters` in 5.x,
+    `rope_theta` + `rope_scaling` in 4.x (tgi reads both)."""
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"rope_parameters": parameters}
+    scaling = dict(parameters)
+    return {"rope_theta": scaling.pop("rope_theta"), "rope_scaling": scaling}
+
+
 # name -> (architecture preset, config.json overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("llama", {}),
     "llama-tied": ("llama", {"tie_word_embeddings": True}),
     "llama3-rope": (
         "llama",
-        {
-            "rope_parameters": {
+        _rope(
+            {
                 "rope_theta": 500000.0,
                 "rope_type": "llama3",
                 "factor": 8.0,
@@ -32,22 +43,22 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                 "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 64,
             }
-        },
+        ),
     ),
     "linear-rope": (
         "llama",
-        {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "linear", "factor": 2.0}},
+        _rope({"rope_theta": 10000.0, "rope_type": "linear", "factor": 2.0}),
     ),
     "yarn-rope": (
         "llama",
-        {
-            "rope_parameters": {
+        _rope(
+            {
                 "rope_theta": 10000.0,
                 "rope_type": "yarn",
                 "factor": 4.0,
                 "original_max_position_embeddings": 128,
             }
-        },
+        ),
     ),
     "mistral-window": ("mistral", {"sliding_window": 6}),
     "qwen2-bias": ("qwen2", {}),
