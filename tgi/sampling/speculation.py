@@ -1,6 +1,6 @@
 """N-gram speculation: draft tokens from a sequence's own history, and when to use them.
 
-NOTE: `propose` looks for the most recent earlier occurrence of the sequence's last n
+NOTE: `NgramIndex` finds the most recent earlier occurrence of the sequence's last n
 tokens (n = `max_ngram` down to `min_ngram`) and proposes the tokens that followed it.
 It costs no model: repetitive text (code, lists, quoting the prompt) gets drafts that a
 verifier forward accepts several at a time; elsewhere the proposal is usually empty.
@@ -24,12 +24,12 @@ then probes again with a fresh average.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from tgi.sampling.params import SamplingParams
 
-__all__ = ["SpeculationGate", "propose", "speculable"]
+__all__ = ["NgramIndex", "SpeculationGate", "propose", "speculable"]
 
 
 def speculable(params: SamplingParams) -> bool:
@@ -37,32 +37,53 @@ def speculable(params: SamplingParams) -> bool:
     return not params.needs_history and params.top_n_tokens == 0 and params.grammar is None
 
 
-def propose(
-    history: Sequence[int],
-    max_drafts: int,
-    *,
-    max_ngram: int = 3,
-    min_ngram: int = 1,
-    window: int = 2048,
-) -> tuple[int, ...]:
-    """Up to `max_drafts` tokens that followed the latest earlier match of the history's
-    last n tokens; longer n first. Searches the last `window` tokens only."""
-    if max_drafts <= 0:
+class NgramIndex:
+    """A history's tokens with, for each n, where its tail n-gram last occurred before.
+
+    Kept up to date token by token (`extend`), so proposing drafts each step costs a
+    few dict lookups per row instead of a scan of the whole history.
+    """
+
+    def __init__(self, *, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        self.tokens: list[int] = []
+        self._sizes = range(max_ngram, min_ngram - 1, -1)  # longest first
+        self._last_end: dict[tuple[int, ...], int] = {}  # n-gram -> end of latest
+        self._match: dict[int, int] = {}  # n -> end of the tail's earlier occurrence
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        for token in tokens:
+            self.tokens.append(token)
+            end = len(self.tokens)
+            for n in self._sizes:
+                if end < n:
+                    continue
+                gram = tuple(self.tokens[end - n :])
+                earlier = self._last_end.get(gram)
+                if earlier is None:
+                    self._match.pop(n, None)
+                else:
+                    self._match[n] = earlier
+                self._last_end[gram] = end
+
+    def propose(self, max_drafts: int) -> tuple[int, ...]:
+        """Up to `max_drafts` tokens that followed the latest earlier occurrence of the
+        tail's n-gram; longer n first."""
+        if max_drafts <= 0:
+            return ()
+        for n in self._sizes:
+            end = self._match.get(n)
+            if end is not None:
+                return tuple(self.tokens[end : end + max_drafts])
         return ()
-    length = len(history)
-    start = max(0, length - window)
-    for n in range(max_ngram, min_ngram - 1, -1):
-        if length <= n:
-            continue
-        tail = list(history[length - n :])
-        # the most recent earlier occurrence: candidate ends before the tail itself
-        for end in range(length - 1, start + n - 1, -1):
-            if history[end - 1] != tail[-1] or list(history[end - n : end]) != tail:
-                continue
-            drafts = tuple(history[end : min(end + max_drafts, length)])
-            if drafts:
-                return drafts
-    return ()
+
+
+def propose(
+    history: Sequence[int], max_drafts: int, *, max_ngram: int = 3, min_ngram: int = 1
+) -> tuple[int, ...]:
+    """`NgramIndex.propose` for a whole history at once."""
+    index = NgramIndex(max_ngram=max_ngram, min_ngram=min_ngram)
+    index.extend(history)
+    return index.propose(max_drafts)
 
 
 @dataclass(slots=True)

@@ -42,7 +42,7 @@ from tgi.backend.contract import Capabilities, KvLayout
 from tgi.router.paging import BlockPool, BlockTable, block_hashes
 from tgi.router.paging.prefix import ROOT
 from tgi.router.sequence import Sequence
-from tgi.sampling.speculation import SpeculationGate, propose, speculable
+from tgi.sampling.speculation import NgramIndex, SpeculationGate, speculable
 
 __all__ = ["PagedPolicy", "PagedStep", "PrefillWork"]
 
@@ -58,6 +58,7 @@ class _State:
     whole: bool  # prompt logits asked: prefilled in one piece, never chunked
     keys: list[int]  # prefix-cache keys of the full blocks of `tokens`
     registered: int  # blocks of `tokens` already keyed (or shared from the cache)
+    ngrams: NgramIndex | None = None  # speculation: prompt + generated, indexed as they come
 
     @property
     def prefilling(self) -> bool:
@@ -247,11 +248,21 @@ class PagedPolicy:
             room = sequence.request.stopping.max_new_tokens - len(sequence.tokens) - 1
             if room <= 0:
                 continue
-            history = sequence.request.input_ids + tuple(t.id for t in sequence.tokens)
-            proposal = propose(history, min(self.speculate, room))
+            proposal = self._ngrams(sequence).propose(min(self.speculate, room))
             if proposal:
                 out[sequence.seq_id] = proposal
         return out
+
+    def _ngrams(self, sequence: Sequence) -> NgramIndex:
+        """The sequence's n-gram index, brought up to date with its newest tokens."""
+        state = self._state[sequence.seq_id]
+        prompt = sequence.request.input_ids
+        if state.ngrams is None:
+            state.ngrams = NgramIndex()
+            state.ngrams.extend(prompt)
+        known = len(state.ngrams.tokens) - len(prompt)
+        state.ngrams.extend(token.id for token in sequence.tokens[known:])
+        return state.ngrams
 
     def _fits_drafts(self, running: list[Sequence], num_drafts: int) -> bool:
         """Whether every decode row can take `num_drafts` extra positions without
