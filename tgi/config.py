@@ -30,6 +30,7 @@ __all__ = [
     "Setting",
     "derive_limits",
     "env_help",
+    "parse_bytes",
     "resolve_config",
     "snapshot_environ",
 ]
@@ -64,7 +65,8 @@ def _bool(text: str) -> bool:
 
 _BYTE_UNITS = {
     "": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-    "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+    "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+    "tib": 2**40,
 }  # fmt: skip
 
 

@@ -297,15 +297,16 @@ class EngineStep:
         (`tgi.sampling.speculation.speculable`), so the output is that of plain decoding.
         """
         rows = [i for i, k in enumerate(drafts) if k]
-        flat_logits, flat_params, flat_steps, flat_ids = [], [], [], []
-        for i in rows:
-            for t in range(1, drafts[i] + 1):
-                flat_logits.append(output.logits[i, t])
-                flat_params.append(params[i])
-                flat_steps.append(steps[i] + t)
-                flat_ids.append(batch.rows[i].seq_id)
+        # every draft position of every row, flattened: (row, position t >= 1)
+        places = [(i, t) for i in rows for t in range(1, drafts[i] + 1)]
+        row_index = torch.tensor([i for i, _ in places], device=output.logits.device)
+        position_index = torch.tensor([t for _, t in places], device=output.logits.device)
         sampled = self._sampler.sample(
-            "draft", flat_ids, flat_params, flat_steps, torch.stack(flat_logits)
+            "draft",
+            [batch.rows[i].seq_id for i, _ in places],
+            [params[i] for i, _ in places],
+            [steps[i] + t for i, t in places],
+            output.logits[row_index, position_index],  # one gather: [sum(drafts), V]
         )
         accepted = [
             [(token, lp)] for token, lp in zip(first.token_ids, first.logprobs, strict=True)

@@ -24,7 +24,7 @@ from tgi.backend.contract import (
     PrefillBatch,
     PrefillRow,
 )
-from tgi.config import ServeConfig
+from tgi.config import ServeConfig, parse_bytes
 from tgi.errors import BackendError, ConfigError
 from tgi.testing.tiny_models import build_tiny_model
 
@@ -147,13 +147,13 @@ def test_choose_threads_prefers_the_setting_then_the_affinity_mask() -> None:
     [("2GiB", 2 * 2**30), ("512MB", 512_000_000), ("1000", 1000), (" 1.5 kib ", 1536)],
 )
 def test_parse_bytes(text: str, expected: int) -> None:
-    assert _host.parse_bytes(text) == expected
+    assert parse_bytes(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "GiB", "2 GiBs", "-1GiB", "two"])
 def test_parse_bytes_rejects_junk(text: str) -> None:
     with pytest.raises(ValueError, match="expected a size"):
-        _host.parse_bytes(text)
+        parse_bytes(text)
 
 
 def test_kv_memory_override_names_the_variable() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tgi.config import parse_bytes
 from tgi.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ __all__ = [
     "choose_threads",
     "kv_memory_override",
     "mem_available_bytes",
-    "parse_bytes",
     "read_cpu_info",
 ]
 
@@ -43,22 +43,6 @@ FAST_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 FAST_FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16"})
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,15 +148,6 @@ def mem_available_bytes(meminfo: Path = MEMINFO) -> int | None:
         return None
     match = re.search(r"^MemAvailable:\s+(\d+)\s*kB", text, re.MULTILINE)
     return int(match.group(1)) * 1024 if match else None
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MB', '1000000' -> bytes. Raises ValueError on anything else."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"expected a size like 2GiB, 512MB or 1000000, got {text!r}")
-    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def kv_memory_override(environ: Mapping[str, str]) -> int | None:
