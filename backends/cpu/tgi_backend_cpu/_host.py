@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tgi.config import parse_bytes
-from tgi.errors import ConfigError
+from tgi.errors import BackendError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +25,10 @@ __all__ = [
     "KV_MEMORY_ENV",
     "CpuInfo",
     "DtypeChoice",
+    "check_kv_fits",
     "choose_dtype",
     "choose_threads",
+    "kv_budget_bytes",
     "kv_memory_override",
     "mem_available_bytes",
     "read_cpu_info",
@@ -162,3 +164,35 @@ def kv_memory_override(environ: Mapping[str, str]) -> int | None:
     if value <= 0:
         raise ConfigError(f"environment variable {KV_MEMORY_ENV}={raw!r} must be positive")
     return value
+
+
+def check_kv_fits(max_batch_total_tokens: int, needed: int, meminfo: Path) -> None:
+    """Refuse a --max-batch-total-tokens whose KV (`needed` bytes) exceeds MemAvailable."""
+    available = mem_available_bytes(meminfo)
+    if available is not None and needed > available:
+        raise BackendError(
+            f"--max-batch-total-tokens {max_batch_total_tokens} needs {needed} bytes of KV "
+            f"but only {available} bytes of memory are available; lower it"
+        )
+
+
+def kv_budget_bytes(
+    explicit: int | None, environ: Mapping[str, str], meminfo: Path, fraction: float
+) -> tuple[int, str]:
+    """The bytes the KV cache may take, and where that number came from: `explicit`
+    (--kv-cache-memory), else TGI_KV_CACHE_MEMORY, else `fraction` of MemAvailable."""
+    if explicit is not None:
+        return explicit, "--kv-cache-memory"
+    try:
+        budget = kv_memory_override(environ)
+    except ConfigError as exc:  # validate_config reports it first; this is a backstop
+        raise BackendError(str(exc)) from exc
+    if budget is not None:
+        return budget, KV_MEMORY_ENV
+    available = mem_available_bytes(meminfo)
+    if available is None:
+        raise BackendError(
+            f"cannot read MemAvailable from {meminfo} to size the KV cache; set "
+            f"{KV_MEMORY_ENV} (e.g. 2GiB) or --max-batch-total-tokens"
+        )
+    return int(available * fraction), f"{fraction:.0%} of {available} bytes available"

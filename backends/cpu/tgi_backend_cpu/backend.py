@@ -44,14 +44,14 @@ from tgi.backend.contract import (
     PrefillRow,
     StepOutput,
 )
-from tgi.errors import BackendError, ConfigError
+from tgi.errors import BackendError
 from tgi_backend_cpu._host import (
     KV_MEMORY_ENV,
     MEMINFO,
+    check_kv_fits,
     choose_dtype,
     choose_threads,
-    kv_memory_override,
-    mem_available_bytes,
+    kv_budget_bytes,
     read_cpu_info,
 )
 
@@ -211,34 +211,12 @@ class TransformersCpuBackend:
     def _kv_capacity_tokens(self, limits: Limits) -> int:
         """Tokens of KV the budget allows: the router's number, else a memory budget."""
         per_token = self.bytes_per_token
-        available = mem_available_bytes(self._meminfo)
         if limits.max_batch_total_tokens is not None:
             needed = limits.max_batch_total_tokens * per_token
-            if available is not None and needed > available:
-                raise BackendError(
-                    f"--max-batch-total-tokens {limits.max_batch_total_tokens} needs {needed} "
-                    f"bytes of KV but only {available} bytes of memory are available; lower it"
-                )
+            check_kv_fits(limits.max_batch_total_tokens, needed, self._meminfo)
             return limits.max_batch_total_tokens
-        try:
-            budget = kv_memory_override(self._environ)
-        except ConfigError as exc:  # validate_config reports it first; this is a backstop
-            raise BackendError(str(exc)) from exc
-        if budget is not None:
-            logger.info("cpu backend KV budget %d bytes from %s", budget, KV_MEMORY_ENV)
-        elif available is None:
-            raise BackendError(
-                f"cannot read MemAvailable from {self._meminfo} to size the KV cache; set "
-                f"{KV_MEMORY_ENV} (e.g. 2GiB) or --max-batch-total-tokens"
-            )
-        else:
-            budget = int(available * KV_MEMORY_FRACTION)
-            logger.info(
-                "cpu backend KV budget %d bytes (%.0f%% of %d bytes available)",
-                budget,
-                KV_MEMORY_FRACTION * 100,
-                available,
-            )
+        budget, source = kv_budget_bytes(None, self._environ, self._meminfo, KV_MEMORY_FRACTION)
+        logger.info("cpu backend KV budget %d bytes (%s)", budget, source)
         return budget // per_token
 
     # -- steps ------------------------------------------------------------------------------

@@ -36,10 +36,10 @@ from tgi.models.llama import LlamaForCausalLM, load_llama, quantize_model_
 from tgi_backend_cpu._host import (
     KV_MEMORY_ENV,
     MEMINFO,
+    check_kv_fits,
     choose_dtype,
     choose_threads,
-    kv_memory_override,
-    mem_available_bytes,
+    kv_budget_bytes,
     read_cpu_info,
 )
 from tgi_backend_cpu._paged_attention import (
@@ -222,30 +222,14 @@ class PagedCpuBackend:
     def _num_blocks(self, limits: Limits) -> int:
         """Blocks the budget allows: the router's token count, else a byte budget."""
         per_block = self.bytes_per_token * BLOCK_SIZE
-        available = mem_available_bytes(self._meminfo)
         if limits.max_batch_total_tokens is not None:
             num_blocks = -(-limits.max_batch_total_tokens // BLOCK_SIZE)
-            if available is not None and num_blocks * per_block > available:
-                raise BackendError(
-                    f"--max-batch-total-tokens {limits.max_batch_total_tokens} needs "
-                    f"{num_blocks * per_block} bytes of KV but only {available} bytes of "
-                    "memory are available; lower it"
-                )
+            check_kv_fits(limits.max_batch_total_tokens, num_blocks * per_block, self._meminfo)
             return num_blocks
-        budget = self._kv_cache_memory
-        if budget is None:
-            try:
-                budget = kv_memory_override(self._environ)
-            except ConfigError as exc:
-                raise BackendError(str(exc)) from exc
-        if budget is None:
-            if available is None:
-                raise BackendError(
-                    f"cannot read MemAvailable from {self._meminfo} to size the KV cache; set "
-                    f"{KV_MEMORY_ENV} (e.g. 2GiB) or --max-batch-total-tokens"
-                )
-            budget = int(available * KV_MEMORY_FRACTION)
-        logger.info("paged cpu engine KV budget %d bytes", budget)
+        budget, source = kv_budget_bytes(
+            self._kv_cache_memory, self._environ, self._meminfo, KV_MEMORY_FRACTION
+        )
+        logger.info("paged cpu engine KV budget %d bytes (%s)", budget, source)
         return budget // per_block
 
     # -- steps ------------------------------------------------------------------------------
