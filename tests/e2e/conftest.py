@@ -97,9 +97,14 @@ class Reference:
 
     def greedy(self, prompt: str, max_new_tokens: int) -> list[int]:
         """transformers' greedy continuation of `prompt` (token ids, EOS included)."""
+        return self.greedy_ids(
+            self.tokenizer(prompt, return_tensors="pt").input_ids, max_new_tokens
+        )
+
+    def greedy_ids(self, input_ids: Any, max_new_tokens: int) -> list[int]:
+        """The same from token ids ([1, n] tensor) already encoded."""
         import torch
 
-        input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids,
@@ -121,6 +126,19 @@ def reference(smollm2_server: RunningServer) -> Reference:
     files = smollm2_files(CACHE_DIR)
     model = AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32).eval()
     return Reference(AutoTokenizer.from_pretrained(files.path), model)
+
+
+async def generate(client: httpx.AsyncClient, prompt: str, **params: Any) -> dict[str, Any]:
+    """POST /generate with `details`; asserts a 200."""
+    response = await client.post(
+        "/generate", json={"inputs": prompt, "parameters": {"details": True, **params}}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def token_ids(body: dict[str, Any]) -> list[int]:
+    return [token["id"] for token in body["details"]["tokens"]]
 
 
 def chat(tokenizer: Any, question: str) -> str:

@@ -12,7 +12,7 @@ import httpx
 import jsonschema
 import pytest
 
-from .conftest import RunningServer, chat
+from .conftest import RunningServer, chat, generate, token_ids
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
@@ -172,18 +172,6 @@ PLAIN = [
     "List three primary colors.",
 ]
 MAX_NEW_TOKENS = 80
-
-
-async def generate(client: httpx.AsyncClient, prompt: str, **params: Any) -> dict[str, Any]:
-    response = await client.post(
-        "/generate", json={"inputs": prompt, "parameters": {"details": True, **params}}
-    )
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def token_ids(body: dict[str, Any]) -> list[int]:
-    return [token["id"] for token in body["details"]["tokens"]]
 
 
 def json_prompt(tokenizer: Any, question: str, schema: dict[str, Any]) -> str:

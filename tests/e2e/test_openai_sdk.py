@@ -59,21 +59,11 @@ def reference_chat(
 ) -> tuple[int, list[int]]:
     """transformers' greedy continuation of `apply_chat_template(messages)`:
     (prompt length, generated ids)."""
-    import torch
-
     encoded = reference.tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
     )
     input_ids = encoded["input_ids"]
-    with torch.inference_mode():
-        output = reference.model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=n,
-            do_sample=False,
-            pad_token_id=reference.tokenizer.eos_token_id,
-        )
-    return input_ids.shape[1], list(output[0, input_ids.shape[1] :].tolist())
+    return input_ids.shape[1], reference.greedy_ids(input_ids, n)
 
 
 def test_chat_greedy_equals_transformers(

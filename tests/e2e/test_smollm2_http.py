@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import Reference, RunningServer, chat, read_stream
+from .conftest import Reference, RunningServer, chat, generate, read_stream, token_ids
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
@@ -19,18 +19,6 @@ QUESTIONS = [
     "List three primary colors.",
     "Explain gravity to a child in one sentence.",
 ]
-
-
-async def generate(client: httpx.AsyncClient, prompt: str, **params: Any) -> dict[str, Any]:
-    response = await client.post(
-        "/generate", json={"inputs": prompt, "parameters": {"details": True, **params}}
-    )
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def token_ids(body: dict[str, Any]) -> list[int]:
-    return [token["id"] for token in body["details"]["tokens"]]
 
 
 async def test_greedy_equals_transformers_alone(
