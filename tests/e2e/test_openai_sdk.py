@@ -37,23 +37,6 @@ def client(smollm2_server: RunningServer) -> Iterator[Any]:
         yield sdk
 
 
-@pytest.fixture(scope="module")
-def grammar_supported(client: Any) -> bool:
-    """Whether this server constrains output with grammars (the `grammar` issue)."""
-    try:
-        client.chat.completions.create(
-            model="tgi",
-            messages=QUESTION,
-            max_tokens=2,
-            response_format={"type": "json_object"},
-        )
-    except openai.UnprocessableEntityError as exc:
-        if "grammar is not supported" in str(exc):
-            return False
-        raise
-    return True
-
-
 def reference_chat(
     reference: Reference, messages: list[dict[str, Any]], n: int
 ) -> tuple[int, list[int]]:
@@ -193,9 +176,7 @@ def test_bad_input_raises_typed_exceptions(client: Any, kwargs: dict[str, Any]) 
     assert caught.value.body["message"]  # the SDK reads OpenAI's error object
 
 
-def test_json_schema_response_format(client: Any, grammar_supported: bool) -> None:
-    if not grammar_supported:
-        pytest.skip("this server refuses grammars (`grammar is not supported`)")
+def test_json_schema_response_format(client: Any) -> None:
     schema = {
         "type": "object",
         "properties": {
@@ -238,9 +219,7 @@ WEATHER_TOOL = {
 WEATHER_QUESTION = [{"role": "user", "content": "What is the weather like in Paris?"}]
 
 
-def test_a_tool_call(client: Any, grammar_supported: bool, schemas: OpenApiSchemas) -> None:
-    if not grammar_supported:
-        pytest.skip("this server refuses grammars (`grammar is not supported`)")
+def test_a_tool_call(client: Any, schemas: OpenApiSchemas) -> None:
     kwargs: dict[str, Any] = {
         "model": "tgi",
         "messages": WEATHER_QUESTION,
