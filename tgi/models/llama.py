@@ -131,12 +131,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self._doubled: torch.Tensor | None = None  # [w, w], for the reduced-precision path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused op instead of eight: the same math in float32; in bf16 it accumulates
-        # in float32 as transformers does and only the final weight product rounds
-        # differently (by at most one bf16 ulp), nothing a float32 reference compares.
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32 or x.device.type != "cpu":
+            # The same math as transformers in float32; one fused op where the device has one.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # On a CPU, rms_norm in bf16/fp16 runs as a dozen small ops (~12-22 us at SmolLM2's
+        # width, twice per layer per step) but layer_norm has one fused kernel. Over
+        # z = [x, -x] the mean is 0 and the variance is mean(x^2), so layer_norm(z)'s first
+        # half is x / sqrt(mean(x^2) + eps): RMSNorm, accumulated in float32 as
+        # transformers does, the weight applied before the one rounding (transformers rounds
+        # before and after it: at most one ulp apart).
+        size = x.shape[-1]
+        if self._doubled is None or self._doubled.dtype != x.dtype:
+            weight = self.weight.to(x.dtype)
+            self._doubled = torch.cat((weight, weight))
+        doubled = torch.cat((x, x.neg()), dim=-1)
+        return F.layer_norm(doubled, (2 * size,), self._doubled, None, self.eps)[..., :size]
 
 
 class LlamaLayer(nn.Module):

@@ -133,29 +133,28 @@ class Rotary:
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N] -> cos, sin [N, 1, rotary_dim] in `dtype`, halves repeated as HF's."""
+        """positions [N] -> cos, sin [N, 1, rotary_dim] in `dtype` for `apply_rotary`.
+
+        cos has its halves repeated as HF's; sin carries rotate_half's sign, [-sin, sin],
+        so that the rotation is one multiply-add over the whole head.
+        """
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [N, rd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [N, rd]
-        cos, sin = emb.cos() * self.scale, emb.sin() * self.scale
+        cos, sin = freqs.cos() * self.scale, freqs.sin() * self.scale
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
         return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, heads, head_dim] by cos/sin [N, 1, rotary_dim] (HF's rotate_half form).
+    """Rotate x [N, heads, head_dim] by `Rotary.cos_sin` tables [N, 1, rotary_dim].
 
-    Written as four multiply-adds into one output instead of rotate_half's two `cat`s:
-    the first half is x1*cos - x2*sin, the second x2*cos + x1*sin.
+    HF's rotate_half form, x * cos + rotate_half(x) * sin, in three ops: rotate_half(x)
+    is [-x2, x1]; swapping the halves gives [x2, x1] and the sign sits in the sin table.
+    A decode step runs this once per layer, so the op count is what it costs.
     """
     rotary_dim = cos.shape[-1]
-    half = rotary_dim // 2
-    x1, x2 = x[..., :half], x[..., half:rotary_dim]
-    c, s = cos[..., :half], sin[..., :half]  # both halves of the tables are equal
-    out = torch.empty_like(x)
-    first, second = out[..., :half], out[..., half:rotary_dim]
-    torch.mul(x1, c, out=first)
-    first.addcmul_(x2, s, value=-1)
-    torch.mul(x2, c, out=second)
-    second.addcmul_(x1, s)
-    if rotary_dim < x.shape[-1]:
-        out[..., rotary_dim:] = x[..., rotary_dim:]
+    rot = x[..., :rotary_dim]
+    swapped = rot.unflatten(-1, (2, rotary_dim // 2)).flip(-2).flatten(-2)  # [x2, x1]
+    out = torch.addcmul(rot * cos, swapped, sin)
+    if rotary_dim < x.shape[-1]:  # partial rotary: the other dims pass through
+        out = torch.cat((out, x[..., rotary_dim:]), dim=-1)
     return out
