@@ -187,14 +187,13 @@ class LlamaLayer(nn.Module):
         qk_size = self.split[0] + self.split[1]
         # q and k sit side by side in the fused output: rotate both heads at once
         qk = apply_rotary(qkv[:, :qk_size].view(num_tokens, -1, self.head_dim), cos, sin)
-        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # slices: no Python split()
         v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = attention(self.index, q, k, v, metadata)  # [N, H, D]
         hidden = hidden + self.o_proj(out.reshape(num_tokens, -1))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).split(
-            self.intermediate_size, dim=-1
-        )
-        return hidden + self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(hidden))
+        size = self.intermediate_size
+        return hidden + self.down_proj(F.silu(gate_up[:, :size]) * gate_up[:, size:])
 
 
 class LlamaForCausalLM(nn.Module):

@@ -63,7 +63,7 @@ _KERNEL_DTYPE = torch.bfloat16
 # calling `F.linear` beats the kernel, whose cost grows linearly in M: at K=576,
 # N=3072 on one core, M=32 kernel 1.6 ms / dequant 2.0 ms, M=64 3.2 / 2.5, M=512 49 / 23.
 DEQUANT_MIN_ROWS = 48
-_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+_INT4_MM = torch._weight_int4pack_mm_for_cpu  # the builtin: no Python frame per call
 
 
 class _PrefillWeight:
