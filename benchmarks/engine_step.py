@@ -50,7 +50,7 @@ def _backend(
     from tgi_backend_cpu.backend import TransformersCpuBackend
 
     return TransformersCpuBackend(
-        model_dir, dtype=dtype, num_threads=threads, environ={"TGI_KV_CACHE_MEMORY": "2GiB"}
+        model_dir, dtype=dtype, num_threads=threads, kv_cache_memory=2 * 2**30
     )
 
 

@@ -73,9 +73,7 @@ def _backend(model_dir: Path, **kwargs: object) -> TransformersCpuBackend:
 
 def _warm(model_dir: Path, tmp_path: Path, capacity_tokens: int) -> TransformersCpuBackend:
     budget = capacity_tokens * TINY_BYTES_PER_TOKEN
-    backend = _backend(
-        model_dir, environ={"TGI_KV_CACHE_MEMORY": str(budget)}, meminfo=_meminfo(tmp_path, 10**9)
-    )
+    backend = _backend(model_dir, kv_cache_memory=budget, meminfo=_meminfo(tmp_path, 10**9))
     backend.warmup(LIMITS)
     return backend
 
@@ -156,11 +154,16 @@ def test_parse_bytes_rejects_junk(text: str) -> None:
         parse_bytes(text)
 
 
-def test_kv_memory_override_names_the_variable() -> None:
-    assert _host.kv_memory_override({"TGI_KV_CACHE_MEMORY": "1MiB"}) == 2**20
-    assert _host.kv_memory_override({}) is None
-    with pytest.raises(ConfigError, match="TGI_KV_CACHE_MEMORY='lots'"):
-        _host.kv_memory_override({"TGI_KV_CACHE_MEMORY": "lots"})
+def test_kv_budget_says_where_it_came_from(tmp_path: Path) -> None:
+    meminfo = _meminfo(tmp_path, 1000)
+    assert _host.kv_budget_bytes(2**20, meminfo, 0.5) == (
+        2**20,
+        "--kv-cache-memory / TGI_KV_CACHE_MEMORY",
+    )
+    assert _host.kv_budget_bytes(None, meminfo, 0.5) == (
+        512000,
+        "50% of 1024000 bytes available",
+    )
 
 
 def test_mem_available_reads_kilobytes(tmp_path: Path) -> None:
@@ -193,7 +196,7 @@ def test_bfloat16_backend_returns_float32_logits(model_dir: Path, tmp_path: Path
 
 def test_warmup_sizes_kv_from_the_override(model_dir: Path, tmp_path: Path) -> None:
     backend = _backend(
-        model_dir, environ={"TGI_KV_CACHE_MEMORY": "1MiB"}, meminfo=_meminfo(tmp_path, 10**9)
+        model_dir, kv_cache_memory=parse_bytes("1MiB"), meminfo=_meminfo(tmp_path, 10**9)
     )
     capacity = backend.warmup(LIMITS)
     assert capacity.max_total_tokens == 2**20 // TINY_BYTES_PER_TOKEN == 2048
@@ -223,21 +226,17 @@ def test_warmup_refuses_max_batch_total_tokens_beyond_memory(
 
 def test_warmup_refuses_a_budget_below_one_full_sequence(model_dir: Path, tmp_path: Path) -> None:
     backend = _backend(
-        model_dir, environ={"TGI_KV_CACHE_MEMORY": "8KiB"}, meminfo=_meminfo(tmp_path, 10**9)
+        model_dir, kv_cache_memory=parse_bytes("8KiB"), meminfo=_meminfo(tmp_path, 10**9)
     )  # 16 tokens < 32
-    with pytest.raises(BackendError, match=r"--max-total-tokens 32.*TGI_KV_CACHE_MEMORY"):
-        backend.warmup(LIMITS)
-
-
-def test_warmup_refuses_an_unreadable_kv_memory_setting(model_dir: Path, tmp_path: Path) -> None:
-    backend = _backend(model_dir, environ={"TGI_KV_CACHE_MEMORY": "a lot"})
-    with pytest.raises(BackendError, match="TGI_KV_CACHE_MEMORY='a lot'"):
+    with pytest.raises(
+        BackendError, match=r"--max-total-tokens 32.*--kv-cache-memory / TGI_KV_CACHE_MEMORY"
+    ):
         backend.warmup(LIMITS)
 
 
 def test_warmup_without_meminfo_asks_for_a_budget(model_dir: Path, tmp_path: Path) -> None:
     backend = _backend(model_dir, meminfo=tmp_path / "missing")
-    with pytest.raises(BackendError, match="TGI_KV_CACHE_MEMORY"):
+    with pytest.raises(BackendError, match="--kv-cache-memory / TGI_KV_CACHE_MEMORY"):
         backend.warmup(LIMITS)
 
 
@@ -379,11 +378,6 @@ def test_validate_rejects_more_threads_than_cores(pm: pluggy.PluginManager) -> N
         pm.hook.tgi_validate_config(config=config)
 
 
-def test_validate_rejects_a_bad_kv_memory_setting(pm: pluggy.PluginManager) -> None:
-    with pytest.raises(ConfigError, match="TGI_KV_CACHE_MEMORY"):
-        pm.hook.tgi_validate_config(config=ServeConfig(environ={"TGI_KV_CACHE_MEMORY": "x"}))
-
-
 def test_validate_warns_about_float16_without_native_fp16(
     pm: pluggy.PluginManager, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -398,11 +392,12 @@ def test_validate_warns_about_float16_without_native_fp16(
 def test_create_builds_the_backend_from_config(
     pm: pluggy.PluginManager, model_dir: Path, restore_threads: int
 ) -> None:
-    config = ServeConfig(dtype="float32", cpu_threads=1)
+    config = ServeConfig(dtype="float32", cpu_threads=1, kv_cache_memory=parse_bytes("1MiB"))
     backend = pm.hook.tgi_backend_create(config=config, model=FakeModelFiles("tiny", model_dir))
     assert isinstance(backend, Backend) and isinstance(backend, TransformersCpuBackend)
     assert backend.dtype == torch.float32
     assert torch.get_num_threads() == 1
+    assert backend.warmup(LIMITS).max_total_tokens == 2**20 // TINY_BYTES_PER_TOKEN
     backend.close()
 
 

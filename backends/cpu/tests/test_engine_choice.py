@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from tgi_backend_cpu import plugin
 from tgi_backend_cpu.backend import TransformersCpuBackend
-from tgi_backend_cpu.paged import PagedCpuBackend
+from tgi_backend_cpu.paged import BLOCK_SIZE, PagedCpuBackend
 
-from tgi.config import ServeConfig
+from tgi.backend.contract import Limits
+from tgi.config import ServeConfig, parse_bytes
 from tgi.errors import ConfigError
 from tgi.models.source import ModelFiles, ModelKind
 from tgi.testing.tiny_models import build_tiny_model
+
+KV_BYTES = parse_bytes("1MiB")
+LIMITS = Limits(16, 32, 64, max_batch_total_tokens=None, max_batch_size=None)
 
 
 def model_files(model_id: str, path: Path, architecture: str | None) -> ModelFiles:
@@ -36,11 +41,11 @@ def restore_threads() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _config(engine: str | None = None, **values: object) -> ServeConfig:
-    environ = {"TGI_KV_CACHE_MEMORY": "1MiB"}
-    if engine is not None:
-        environ[plugin.ENGINE_ENV] = engine
-    return ServeConfig(dtype="float32", cpu_threads=1, environ=environ, **values)  # type: ignore[arg-type]
+def _config(engine: str | None = None, **values: Any) -> ServeConfig:
+    environ = {plugin.ENGINE_ENV: engine} if engine is not None else {}
+    return ServeConfig(
+        dtype="float32", cpu_threads=1, kv_cache_memory=KV_BYTES, environ=environ, **values
+    )
 
 
 @pytest.mark.parametrize(
@@ -73,9 +78,13 @@ def test_create_builds_each_engine(model_dir: Path, restore_threads: None) -> No
     files = model_files("tiny", model_dir, "Qwen2ForCausalLM")
     paged = plugin.tgi_backend_create(config=_config(), model=files)
     assert isinstance(paged, PagedCpuBackend) and paged.dtype == torch.float32
+    # Both engines size KV from config.kv_cache_memory, not from a MemAvailable share.
+    block_bytes = paged.bytes_per_token * BLOCK_SIZE
+    assert paged.warmup(LIMITS).max_total_tokens == KV_BYTES // block_bytes * BLOCK_SIZE
     paged.close()
     generic = plugin.tgi_backend_create(config=_config("generic"), model=files)
     assert isinstance(generic, TransformersCpuBackend)
+    assert generic.warmup(LIMITS).max_total_tokens == KV_BYTES // generic.bytes_per_token
     generic.close()
 
 

@@ -2,7 +2,7 @@
 
 Every reader takes the file it reads as an argument so tests can hand in a fake
 `/proc/cpuinfo` or `/proc/meminfo`; nothing here reads `os.environ` (the backend's own
-settings come from `ServeConfig.environ`).
+settings come from `ServeConfig`, which the core resolves from flags and environment).
 """
 
 from __future__ import annotations
@@ -10,33 +10,31 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tgi.config import parse_bytes
-from tgi.errors import BackendError, ConfigError
+from tgi.errors import BackendError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "KV_MEMORY_ENV",
+    "KV_MEMORY_SETTING",
     "CpuInfo",
     "DtypeChoice",
     "check_kv_fits",
     "choose_dtype",
     "choose_threads",
     "kv_budget_bytes",
-    "kv_memory_override",
     "mem_available_bytes",
     "read_cpu_info",
 ]
 
 CPUINFO = Path("/proc/cpuinfo")
 MEMINFO = Path("/proc/meminfo")
-KV_MEMORY_ENV = "TGI_KV_CACHE_MEMORY"
+# How the user sets the KV budget; the core resolves it into ServeConfig.kv_cache_memory.
+KV_MEMORY_SETTING = "--kv-cache-memory / TGI_KV_CACHE_MEMORY"
 
 # Flags that mean the CPU multiplies bf16 natively (AVX512-BF16 dot products, AMX tiles);
 # without them torch upcasts bf16 per op and it is slower than fp32.
@@ -152,20 +150,6 @@ def mem_available_bytes(meminfo: Path = MEMINFO) -> int | None:
     return int(match.group(1)) * 1024 if match else None
 
 
-def kv_memory_override(environ: Mapping[str, str]) -> int | None:
-    """The KV budget in bytes from TGI_KV_CACHE_MEMORY, or None when unset."""
-    raw = environ.get(KV_MEMORY_ENV)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        value = parse_bytes(raw)
-    except ValueError as exc:
-        raise ConfigError(f"environment variable {KV_MEMORY_ENV}={raw!r}: {exc}") from None
-    if value <= 0:
-        raise ConfigError(f"environment variable {KV_MEMORY_ENV}={raw!r} must be positive")
-    return value
-
-
 def check_kv_fits(max_batch_total_tokens: int, needed: int, meminfo: Path) -> None:
     """Refuse a --max-batch-total-tokens whose KV (`needed` bytes) exceeds MemAvailable."""
     available = mem_available_bytes(meminfo)
@@ -176,23 +160,16 @@ def check_kv_fits(max_batch_total_tokens: int, needed: int, meminfo: Path) -> No
         )
 
 
-def kv_budget_bytes(
-    explicit: int | None, environ: Mapping[str, str], meminfo: Path, fraction: float
-) -> tuple[int, str]:
+def kv_budget_bytes(explicit: int | None, meminfo: Path, fraction: float) -> tuple[int, str]:
     """The bytes the KV cache may take, and where that number came from: `explicit`
-    (--kv-cache-memory), else TGI_KV_CACHE_MEMORY, else `fraction` of MemAvailable."""
+    (`ServeConfig.kv_cache_memory`, i.e. --kv-cache-memory / TGI_KV_CACHE_MEMORY), else
+    `fraction` of MemAvailable."""
     if explicit is not None:
-        return explicit, "--kv-cache-memory"
-    try:
-        budget = kv_memory_override(environ)
-    except ConfigError as exc:  # validate_config reports it first; this is a backstop
-        raise BackendError(str(exc)) from exc
-    if budget is not None:
-        return budget, KV_MEMORY_ENV
+        return explicit, KV_MEMORY_SETTING
     available = mem_available_bytes(meminfo)
     if available is None:
         raise BackendError(
             f"cannot read MemAvailable from {meminfo} to size the KV cache; set "
-            f"{KV_MEMORY_ENV} (e.g. 2GiB) or --max-batch-total-tokens"
+            f"{KV_MEMORY_SETTING} (e.g. 2GiB) or --max-batch-total-tokens"
         )
     return int(available * fraction), f"{fraction:.0%} of {available} bytes available"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +46,7 @@ from tgi.backend.contract import (
 )
 from tgi.errors import BackendError
 from tgi_backend_cpu._host import (
-    KV_MEMORY_ENV,
+    KV_MEMORY_SETTING,
     MEMINFO,
     check_kv_fits,
     choose_dtype,
@@ -64,8 +64,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["KV_MEMORY_FRACTION", "WARMUP_MAX_TOKENS", "TransformersCpuBackend"]
 
 # Share of MemAvailable (measured after the weights loaded) given to KV when neither
-# --max-batch-total-tokens nor TGI_KV_CACHE_MEMORY says: DynamicCache grows by
-# concatenation, so a layer briefly holds two copies, and activations need room too.
+# --max-batch-total-tokens nor --kv-cache-memory (TGI_KV_CACHE_MEMORY) says: DynamicCache
+# grows by concatenation, so a layer briefly holds two copies, and activations need room.
 KV_MEMORY_FRACTION = 0.5
 # Warmup runs one prompt of at most this many tokens: enough to fault in the weights and
 # allocator pools; SmolLM2-135M takes about 1 s for it on two cores.
@@ -96,16 +96,20 @@ class TransformersCpuBackend:
         *,
         dtype: torch.dtype = torch.float32,
         num_threads: int | None = None,
-        environ: Mapping[str, str] | None = None,
+        kv_cache_memory: int | None = None,
         trust_remote_code: bool = False,
         meminfo: Path = MEMINFO,
     ) -> None:
-        """Load the weights from `model_dir` (config.json + safetensors) in eval mode."""
+        """Load the weights from `model_dir` (config.json + safetensors) in eval mode.
+
+        `kv_cache_memory` is the KV budget in bytes (`ServeConfig.kv_cache_memory`); None
+        sizes KV from MemAvailable at warmup.
+        """
         from transformers import AutoModelForCausalLM
 
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self._environ = dict(environ or {})
+        self._kv_cache_memory = kv_cache_memory
         self._meminfo = meminfo
         started = time.perf_counter()
         try:
@@ -147,7 +151,7 @@ class TransformersCpuBackend:
             model.path,
             dtype=dtype.dtype,
             num_threads=threads,
-            environ=config.environ,
+            kv_cache_memory=config.kv_cache_memory,
             trust_remote_code=config.trust_remote_code,
         )
 
@@ -176,7 +180,7 @@ class TransformersCpuBackend:
                 f"KV for one sequence of --max-total-tokens {limits.max_total_tokens} needs "
                 f"{limits.max_total_tokens * self.bytes_per_token} bytes but only "
                 f"{capacity_tokens} tokens ({capacity_tokens * self.bytes_per_token} bytes) "
-                f"fit; lower --max-total-tokens or give KV more memory ({KV_MEMORY_ENV}, "
+                f"fit; lower --max-total-tokens or give KV more memory ({KV_MEMORY_SETTING}, "
                 "--max-batch-total-tokens)"
             )
         max_positions = getattr(self._text_config, "max_position_embeddings", None)
@@ -215,7 +219,7 @@ class TransformersCpuBackend:
             needed = limits.max_batch_total_tokens * per_token
             check_kv_fits(limits.max_batch_total_tokens, needed, self._meminfo)
             return limits.max_batch_total_tokens
-        budget, source = kv_budget_bytes(None, self._environ, self._meminfo, KV_MEMORY_FRACTION)
+        budget, source = kv_budget_bytes(self._kv_cache_memory, self._meminfo, KV_MEMORY_FRACTION)
         logger.info("cpu backend KV budget %d bytes (%s)", budget, source)
         return budget // per_token
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ from tgi.backend.contract import (
 from tgi.errors import BackendError, ConfigError
 from tgi.models.llama import LlamaForCausalLM, load_llama, quantize_model_
 from tgi_backend_cpu._host import (
-    KV_MEMORY_ENV,
+    KV_MEMORY_SETTING,
     MEMINFO,
     check_kv_fits,
     choose_dtype,
@@ -90,10 +90,13 @@ class PagedCpuBackend:
         kv_cache_memory: int | None = None,
         quantize: str | None = None,
         dense_kv_bytes: int | None = None,
-        environ: Mapping[str, str] | None = None,
         meminfo: Path = MEMINFO,
     ) -> None:
-        """Load a Llama-family checkpoint (dir, ModelFiles or .gguf); quantize if asked."""
+        """Load a Llama-family checkpoint (dir, ModelFiles or .gguf); quantize if asked.
+
+        `kv_cache_memory` is the pool's budget in bytes (`ServeConfig.kv_cache_memory`);
+        None sizes the pool from MemAvailable at warmup.
+        """
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         started = time.perf_counter()
@@ -111,7 +114,6 @@ class PagedCpuBackend:
         self.spec = self._model.spec
         self.dtype = dtype
         self.kv_dtype = kv_dtype or dtype
-        self._environ = dict(environ or {})
         self._kv_cache_memory = kv_cache_memory
         self._dense_kv_bytes = dense_kv_bytes  # None: as many bytes as the pool; 0: off
         self._meminfo = meminfo
@@ -149,7 +151,6 @@ class PagedCpuBackend:
             num_threads=threads,
             kv_cache_memory=config.kv_cache_memory,
             quantize=config.quantize,
-            environ=config.environ,
         )
 
     @property
@@ -172,7 +173,7 @@ class PagedCpuBackend:
                 f"KV for one sequence of --max-total-tokens {limits.max_total_tokens} needs "
                 f"{limits.max_total_tokens * self.bytes_per_token} bytes but only "
                 f"{capacity_tokens} tokens fit; lower --max-total-tokens or give KV more "
-                f"memory ({KV_MEMORY_ENV}, --max-batch-total-tokens)"
+                f"memory ({KV_MEMORY_SETTING}, --max-batch-total-tokens)"
             )
         spec = self.spec
         self._pool = KvPool(
@@ -226,9 +227,7 @@ class PagedCpuBackend:
             num_blocks = -(-limits.max_batch_total_tokens // BLOCK_SIZE)
             check_kv_fits(limits.max_batch_total_tokens, num_blocks * per_block, self._meminfo)
             return num_blocks
-        budget, source = kv_budget_bytes(
-            self._kv_cache_memory, self._environ, self._meminfo, KV_MEMORY_FRACTION
-        )
+        budget, source = kv_budget_bytes(self._kv_cache_memory, self._meminfo, KV_MEMORY_FRACTION)
         logger.info("paged cpu engine KV budget %d bytes (%s)", budget, source)
         return budget // per_block
 

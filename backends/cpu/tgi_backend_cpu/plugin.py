@@ -17,12 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from tgi.backend.hookspecs import BackendProbe, hookimpl
 from tgi.errors import ConfigError
-from tgi_backend_cpu._host import (
-    choose_dtype,
-    choose_threads,
-    kv_memory_override,
-    read_cpu_info,
-)
+from tgi_backend_cpu._host import choose_dtype, choose_threads, read_cpu_info
 
 if TYPE_CHECKING:
     from tgi.backend.contract import Backend
@@ -102,12 +97,13 @@ def tgi_backend_probe() -> BackendProbe:
 def tgi_validate_config(config: ServeConfig) -> ServeConfig | None:
     """Check the CPU-relevant settings; fill dtype and threads so `tgi config` shows them.
 
-    Raises ConfigError for a thread count above the usable cores or an unreadable
-    TGI_KV_CACHE_MEMORY; warns (keeps the user's choice) for float16 on a CPU without
-    native fp16, where every op converts and runs several times slower than float32.
+    Raises ConfigError for an unknown TGI_CPU_ENGINE, `--quantize` with
+    TGI_CPU_ENGINE=generic, or a thread count above the usable cores; warns (keeps the
+    user's choice) for float16 on a CPU without native fp16, where every op converts and
+    runs several times slower than float32. --kv-cache-memory / TGI_KV_CACHE_MEMORY is
+    parsed and checked by the core (`ServeConfig.kv_cache_memory`), not here.
     """
     cpu = read_cpu_info()
-    kv_memory_override(config.environ)  # raises ConfigError naming the variable
     if _engine_setting(config) == "generic" and config.quantize is not None:
         raise ConfigError(
             f"--quantize {config.quantize} needs the paged cpu engine, but "
