@@ -40,6 +40,7 @@ from tgi.server.openai.tools import (
     response_format_grammar,
     tool_grammar,
 )
+from tgi.server.serving import KEEP_ALIVE
 
 __all__ = ["ChunkWriter", "PreparedChat", "chat_completion", "chat_stream", "prepare_chat"]
 
@@ -217,7 +218,7 @@ async def chat_stream(
     call_id = new_call_id()
     async for item in merged_events([handle], keep_alive_s):
         if item is None:
-            yield ":\n\n"
+            yield KEEP_ALIVE
             continue
         _, event = item
         if isinstance(event, ErrorEvent):

@@ -1,8 +1,7 @@
 """What the chat and completion routes share: submitting, waiting, SSE framing, ids.
 
-Submitting goes through the TGI routes' own steps (`tgi.server.routes.generate`):
-the concurrency check first, then the router's `Validator` (the same path /generate
-uses, with TGI's messages), then the router.
+Submitting takes the steps /generate takes (`tgi.server.serving`): the concurrency
+check first, then the router's `Validator` (with TGI's messages), then the router.
 """
 
 from __future__ import annotations
@@ -13,24 +12,20 @@ import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from functools import partial
 from typing import Any, cast
 
-from starlette.concurrency import run_in_threadpool
-
 from tgi import __version__
-from tgi.errors import InvalidRequest, Overloaded, TgiError
+from tgi.errors import Overloaded, TgiError
 from tgi.router.request import (
     ErrorEvent,
     FinalEvent,
     FinishReason,
-    GenerationRequest,
     TokenEvent,
 )
 from tgi.router.scheduler import RequestHandle
 from tgi.router.validation import ClientParameters
 from tgi.server.openai.errors import describe, openai_error
-from tgi.server.routes.generate import check_capacity, refuse_request
+from tgi.server.serving import check_capacity, validate
 from tgi.server.state import ServerState
 
 __all__ = [
@@ -108,22 +103,6 @@ def failure_event(message: str, error_type: str, *, openai_shape: bool) -> str:
     return sse({"error": message, "error_type": error_type})
 
 
-async def _validate(
-    state: ServerState, inputs: str, params: ClientParameters, add_special_tokens: bool
-) -> GenerationRequest:
-    """The TGI routes' validation step (worker thread, metrics), with the choice TGI
-    makes for chat: a templated prompt gets no special tokens added."""
-    started = time.perf_counter()
-    validate = partial(state.validator.validate, add_special_tokens=add_special_tokens)
-    try:
-        request: GenerationRequest = await run_in_threadpool(validate, inputs, params)
-    except InvalidRequest as exc:
-        raise refuse_request(state, str(exc)) from None
-    state.metrics.request_validation_duration.observe(time.perf_counter() - started)
-    state.metrics.request_max_new_tokens.observe(request.stopping.max_new_tokens)
-    return request
-
-
 async def submit_all(
     state: ServerState,
     prompts: list[str],
@@ -133,7 +112,10 @@ async def submit_all(
 ) -> list[RequestHandle]:
     """Validate every prompt, then submit them all, or none (a failure cancels the rest)."""
     check_capacity(state, len(prompts))
-    validated = [await _validate(state, prompt, params, add_special_tokens) for prompt in prompts]
+    validated = [
+        await validate(state, prompt, params, add_special_tokens=add_special_tokens)
+        for prompt in prompts
+    ]
     handles: list[RequestHandle] = []
     try:
         for request in validated:

@@ -25,6 +25,7 @@ from tgi.server.openai.common import (
     sse,
 )
 from tgi.server.openai.schemas import CompletionRequest, Usage
+from tgi.server.serving import KEEP_ALIVE
 
 __all__ = ["check_prompts", "completion", "completion_parameters", "completion_stream"]
 
@@ -157,7 +158,7 @@ async def completion_stream(
     finals: list[FinalEvent] = []
     async for item in merged_events(handles, keep_alive_s):
         if item is None:
-            yield ":\n\n"
+            yield KEEP_ALIVE
             continue
         index, event = item
         if isinstance(event, ErrorEvent):

@@ -29,14 +29,9 @@ from tgi.server.openai.completions import (
 from tgi.server.openai.errors import OpenAIRoute, openai_error, tgi_error
 from tgi.server.openai.schemas import ChatRequest, CompletionRequest
 from tgi.server.openai.tools import DEFAULT_TOOL_PROMPT, tool_grammar
-from tgi.server.routes.generate import (
-    ERROR_RESPONSES,
-    EventStream,
-    compat_generate,
-    final_events,
-    response_headers,
-)
+from tgi.server.routes.generate import compat_generate
 from tgi.server.schemas import CompatGenerateRequest, SimpleToken
+from tgi.server.serving import ERROR_RESPONSES, EventStream, final_events, response_headers
 from tgi.server.state import ServerState, get_state
 
 __all__ = ["router", "v1_router"]

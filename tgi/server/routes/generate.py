@@ -5,7 +5,9 @@ router/src/infer/mod.rs): count the request, refuse what a route cannot do
 (`best_of` or `decoder_input_details` on a stream), refuse when
 `max_concurrent_requests` are in flight, then validate. /generate answers errors with
 their status code; /generate_stream always answers 200 and sends any error, early or
-late, as a `data: {"error": ..., "error_type": ...}` event.
+late, as a `data: {"error": ..., "error_type": ...}` event. The steps the OpenAI
+routes share with these (admission, waiting for results, the SSE response) are in
+`tgi.server.serving`.
 """
 
 from __future__ import annotations
@@ -15,16 +17,14 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, cast
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
-from starlette.types import Send
 
-from tgi.errors import GenerationError, InvalidRequest, Overloaded, TgiError
-from tgi.router.request import ErrorEvent, FinalEvent, GenerationRequest
+from tgi.errors import InvalidRequest, Overloaded, TgiError
+from tgi.router.request import ErrorEvent, FinalEvent
 from tgi.router.scheduler import RequestHandle
 from tgi.router.validation import ClientParameters, Validator
 from tgi.server.errors import error_body
@@ -36,124 +36,32 @@ from tgi.server.schemas import (
     GenerateResponse,
     StreamResponse,
 )
+from tgi.server.serving import (
+    ERROR_RESPONSES,
+    KEEP_ALIVE,
+    EventStream,
+    check_capacity,
+    final_events,
+    refuse_request,
+    response_headers,
+    validate,
+)
 from tgi.server.state import ServerState, get_state
 
-__all__ = [
-    "ERROR_RESPONSES",
-    "EventStream",
-    "check_capacity",
-    "compat_generate",
-    "final_events",
-    "refuse_request",
-    "response_headers",
-    "router",
-]
+__all__ = ["compat_generate", "router"]
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["Text Generation Inference"])
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    422: {"model": ErrorResponse, "description": "Input validation error"},
-    424: {"model": ErrorResponse, "description": "Generation Error"},
-    429: {"model": ErrorResponse, "description": "Model is overloaded"},
-}
-
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_KEEP_ALIVE = ":\n\n"  # an SSE comment, what axum's KeepAlive sends
-
 
 # ---- admission -------------------------------------------------------------------------
 
 
-def check_capacity(state: ServerState, num_requests: int) -> None:
-    """TGI takes a concurrency permit before validating: refuse at once when full."""
-    stats = state.router.stats()
-    if stats.queue_size + stats.batch_size + num_requests > state.config.max_concurrent_requests:
-        state.metrics.request_failure.labels(err="overloaded").inc()
-        raise Overloaded("Model is overloaded")
-
-
-def refuse_request(state: ServerState, message: str) -> InvalidRequest:
-    state.metrics.request_failure.labels(err="validation").inc()
-    return InvalidRequest(message)
-
-
-async def _validate(state: ServerState, inputs: str, params: ClientParameters) -> GenerationRequest:
-    started = time.perf_counter()
-    try:
-        request: GenerationRequest = await run_in_threadpool(
-            state.validator.validate, inputs, params
-        )
-    except InvalidRequest as exc:
-        raise refuse_request(state, str(exc)) from None
-    state.metrics.request_validation_duration.observe(time.perf_counter() - started)
-    state.metrics.request_max_new_tokens.observe(request.stopping.max_new_tokens)
-    return request
-
-
 async def _submit(state: ServerState, inputs: str, params: ClientParameters) -> RequestHandle:
     check_capacity(state, 1)
-    request = await _validate(state, inputs, params)
+    request = await validate(state, inputs, params)
     return state.router.submit(request)
-
-
-# ---- waiting for results ---------------------------------------------------------------
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    """Returns when the client closes the connection (the body is already read)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def final_events(handles: list[RequestHandle], request: Request) -> list[FinalEvent]:
-    """Wait for the end of non-streamed requests. The first failure cancels the others
-    (TGI's `try_join_all`), and so does the client going away."""
-
-    async def consume(handle: RequestHandle) -> FinalEvent:
-        async for event in handle.events():
-            if isinstance(event, FinalEvent):
-                return event
-            if isinstance(event, ErrorEvent):
-                raise GenerationError(event.message)
-        raise GenerationError("Incomplete generation")
-
-    results = [asyncio.ensure_future(consume(handle)) for handle in handles]
-    everything: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*results))
-    disconnect: asyncio.Future[Any] = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({everything, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        disconnect.cancel()
-    if everything.done() and not everything.cancelled() and everything.exception() is None:
-        return list(everything.result())
-    for result in results:
-        result.cancel()
-    for handle in handles:
-        handle.cancel()
-    if everything.done() and not everything.cancelled():
-        raise everything.exception()  # type: ignore[misc]
-    everything.cancel()
-    raise GenerationError("client disconnected")
-
-
-def response_headers(state: ServerState, event: FinalEvent, started: float) -> dict[str, str]:
-    """TGI's timing headers on a non-streamed answer."""
-    total_s = time.perf_counter() - started
-    per_token_s = event.inference_s / max(event.generated_tokens, 1)
-    return {
-        "x-compute-type": state.model.device_type,
-        "x-compute-time": str(total_s),
-        "x-total-time": str(int(total_s * 1000)),
-        "x-queue-time": str(int(event.queued_s * 1000)),
-        "x-inference-time": str(int(event.inference_s * 1000)),
-        "x-time-per-token": str(int(per_token_s * 1000)),
-        "x-prompt-tokens": str(event.input_length),
-        "x-generated-tokens": str(event.generated_tokens),
-    }
 
 
 # ---- /generate -------------------------------------------------------------------------
@@ -188,7 +96,7 @@ async def _generate_best_of(
     except InvalidRequest as exc:
         raise refuse_request(state, str(exc)) from None
     check_capacity(state, best_of)
-    validated = await _validate(state, inputs, params)
+    validated = await validate(state, inputs, params)
     handles: list[RequestHandle] = []
     try:
         for index in range(best_of):
@@ -235,27 +143,6 @@ async def generate_stream(
     return EventStream(stream, on_close=handle.cancel)
 
 
-class EventStream(StreamingResponse):
-    """An SSE response that cancels its request however the stream ends.
-
-    Starlette stops iterating a body whose client went away without closing the
-    generator (that waits for garbage collection), so the cancel is made here, at once.
-    """
-
-    def __init__(
-        self, content: AsyncIterator[str], on_close: Callable[[], None] | None = None
-    ) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
-        self._on_close = on_close
-
-    async def stream_response(self, send: Send) -> None:
-        try:
-            await super().stream_response(send)
-        finally:
-            if self._on_close is not None:
-                self._on_close()  # a no-op when the request finished
-
-
 def _keep_alive(state: ServerState) -> float:
     return state.config.sse_keep_alive_s
 
@@ -279,7 +166,7 @@ async def _sse(handle: RequestHandle, *, details: bool, keep_alive_s: float) -> 
             # event generator, which cancels the request. Wait on it again instead.
             pending = asyncio.ensure_future(anext(events))
             while not (await asyncio.wait({pending}, timeout=keep_alive_s))[0]:
-                yield _KEEP_ALIVE
+                yield KEEP_ALIVE
             try:
                 event = pending.result()
             except StopAsyncIteration:
