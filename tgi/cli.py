@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from tgi import __version__
+from tgi.bench.cli import bench_app
 from tgi.config import ServeConfig, env_help, resolve_config, snapshot_environ
 from tgi.errors import TgiError
 
@@ -175,7 +176,7 @@ def version() -> None:
     typer.echo(__version__)
 
 
-app.add_typer(__import__("tgi.bench.cli", fromlist=["bench_app"]).bench_app, name="bench")
+app.add_typer(bench_app, name="bench")
 
 if __name__ == "__main__":
     app()

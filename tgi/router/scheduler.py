@@ -29,6 +29,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from tgi.backend.contract import Backend, Capabilities, KvLayout, KVUsage
 from tgi.errors import BackendUnavailable, Overloaded
@@ -89,40 +90,24 @@ class RequestHandle:
         self._router.cancel(self._sequence)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RouterLimits:
     """The router's share of the configuration."""
 
-    __slots__ = (
-        "max_batch_prefill_tokens",
-        "max_batch_size",
-        "max_batch_total_tokens",
-        "max_concurrent_requests",
-    )
-
-    def __init__(
-        self,
-        *,
-        max_batch_prefill_tokens: int,
-        max_batch_total_tokens: int,
-        max_batch_size: int | None,
-        max_concurrent_requests: int,
-    ) -> None:
-        self.max_batch_prefill_tokens = max_batch_prefill_tokens
-        self.max_batch_total_tokens = max_batch_total_tokens
-        self.max_batch_size = max_batch_size
-        self.max_concurrent_requests = max_concurrent_requests
+    max_batch_prefill_tokens: int
+    max_batch_total_tokens: int
+    max_batch_size: int | None
+    max_concurrent_requests: int
 
 
+@dataclass(frozen=True, slots=True)
 class RouterStats:
     """A snapshot for /info and tests."""
 
-    __slots__ = ("batch_size", "kv", "queue_size", "reserved_tokens")
-
-    def __init__(self, queue_size: int, batch_size: int, reserved_tokens: int, kv: KVUsage) -> None:
-        self.queue_size = queue_size
-        self.batch_size = batch_size
-        self.reserved_tokens = reserved_tokens
-        self.kv = kv
+    queue_size: int
+    batch_size: int
+    reserved_tokens: int
+    kv: KVUsage
 
 
 class Router:
