@@ -1,7 +1,8 @@
 """The serving steps every generation route shares, TGI's and OpenAI's alike.
 
 Both route families (`tgi.server.routes.generate` and `tgi.server.openai`) admit a
-request the same way (the concurrency check, then counted refusals), wait for
+request the same way (the concurrency check, then validation on a worker thread with
+timed and counted refusals), wait for
 non-streamed results the same way (the first failure or the client leaving cancels
 them all), answer with the same timing headers, and stream through the same SSE
 response with the same keep-alive comment. Those steps live here, so neither route
