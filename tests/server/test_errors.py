@@ -264,6 +264,23 @@ async def test_a_body_over_the_payload_limit_is_413(
     }
 
 
+async def test_a_body_over_the_limit_on_v1_gets_openai_s_error_shape(
+    make_state: Any, serve_state: Any
+) -> None:
+    client = await serve_state(make_state(payload_limit=100, **LIMITS))
+    body = {"model": "tgi", "messages": [{"role": "user", "content": "x" * 200}]}
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 413
+    assert response.json() == {
+        "error": {
+            "message": "Failed to buffer the request body: length limit exceeded",
+            "type": "validation",
+            "param": None,
+            "code": None,
+        }
+    }
+
+
 async def test_a_chunked_body_over_the_limit_is_413(make_state: Any, serve_state: Any) -> None:
     client = await serve_state(make_state(payload_limit=100, **LIMITS))
 

@@ -13,9 +13,11 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from tgi.server.errors import payload_too_large
+from tgi.server.openai.errors import openai_error
 
 __all__ = ["PayloadLimit"]
 
+OPENAI_PREFIX = "/v1/"  # the routes that answer errors in OpenAI's shape
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -23,7 +25,8 @@ ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 
 class PayloadLimit:
-    """Answers 413 in TGI's error shape to bodies over `limit_bytes`."""
+    """Answers 413 to bodies over `limit_bytes`: in TGI's error shape, or in OpenAI's on
+    the /v1 routes (whose clients parse that one; this runs before any route is chosen)."""
 
     def __init__(self, app: ASGIApp, limit_bytes: int) -> None:
         self._app = app
@@ -34,7 +37,7 @@ class PayloadLimit:
             await self._app(scope, receive, send)
             return
         if _declared_length(scope) > self._limit:
-            await _too_large(send)
+            await _too_large(scope, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -45,7 +48,7 @@ class PayloadLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._limit:
-                await _too_large(send)
+                await _too_large(scope, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -73,9 +76,12 @@ def _declared_length(scope: MutableMapping[str, Any]) -> int:
     return 0
 
 
-async def _too_large(send: Send) -> None:
+async def _too_large(scope: MutableMapping[str, Any], send: Send) -> None:
     status, body = payload_too_large()
-    payload = json.dumps(body).encode()
+    shaped: dict[str, Any] = dict(body)
+    if str(scope.get("path", "")).startswith(OPENAI_PREFIX):
+        shaped = openai_error(body["error"], body["error_type"])
+    payload = json.dumps(shaped).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(payload)).encode()),
