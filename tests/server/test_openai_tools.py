@@ -141,12 +141,35 @@ def test_a_streamed_call_concatenates_to_its_arguments(text: str, step: int) -> 
     assert json.loads(arguments) == expected
 
 
-def test_a_streamed_no_tool_answer_is_content() -> None:
+def test_a_streamed_no_tool_answer_streams_as_content() -> None:
     stream = ToolCallStream()
     text = '{"function": {"_name": "no_tool", "content": "Hello there"}}'
     outputs = [stream.push(char) for char in text]
-    assert all(delta == "" for _, delta in outputs)
-    assert stream.finish() == ("Hello there", None, "")
+    assert [name for name, _ in outputs if name is not None] == ["no_tool"]
+    deltas = [delta for _, delta in outputs if delta]
+    assert len(deltas) == len("Hello there")  # one character per pushed character
+    assert "".join(deltas) == "Hello there"
+    assert stream.finish() == ("", None, "")
+
+
+ANSWERS = ["Hello there", 'Say "hi"\n\t\u00e9 \\ done \U0001f600 ok', "\ud83d lone", ""]
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+@pytest.mark.parametrize("ascii_only", [True, False])
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
+def test_a_no_tool_answer_decodes_whole_escapes_only(
+    answer: str, ascii_only: bool, step: int
+) -> None:
+    # escapes (\n, \", \uXXXX, surrogate pairs) may arrive split across tokens
+    call = {"function": {"_name": "no_tool", "content": answer}}
+    text = json.dumps(call, ensure_ascii=ascii_only)
+    stream = ToolCallStream()
+    streamed = "".join(
+        stream.push(text[start : start + step])[1] for start in range(0, len(text), step)
+    )
+    rest, name, arguments = stream.finish()
+    assert (streamed, rest, name, arguments) == (answer, "", None, "")
 
 
 def test_a_stream_that_never_names_a_function_fails() -> None:
@@ -339,6 +362,31 @@ def test_a_no_tool_completion_is_content(schemas: Any) -> None:
     schemas.validate("ChatCompletion", body)
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hi"}
     assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streamed_no_tool_chunks_are_content(schemas: Any) -> None:
+    pieces = ['{"function": {"_name": "no', '_tool", "content": "Hel', 'lo \\"you', '\\""}', "}"]
+    writer = ChunkWriter(Identity("chatcmpl", _State(), None), logprobs=False, include_usage=False)  # type: ignore[arg-type]
+    stream = ToolCallStream()
+    chunks: list[dict[str, Any]] = []
+    tokens = [_token(piece) for piece in pieces]
+    for index, token in enumerate(tokens):
+        if index < len(tokens) - 1:
+            from tgi.router.request import TokenEvent
+
+            event: Any = TokenEvent(index=index + 1, token=token)
+        else:
+            event = _final("".join(pieces), tokens)
+        for sse in _tool_chunks(stream, "call_x", writer, event, ()):
+            chunks.append(json.loads(sse.removeprefix("data: ")))
+    for chunk in chunks:
+        schemas.validate("ChatCompletionChunk", chunk)
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
+    assert all("tool_calls" not in delta for delta in deltas)
+    assert [delta["content"] for delta in deltas[:-1]] == ["Hel", 'lo "you', '"']
+    assert "".join(delta["content"] for delta in deltas) == 'Hello "you"'
+    reasons = [chunk["choices"][0]["finish_reason"] for chunk in chunks]
+    assert reasons[-1] == "stop" and set(reasons[:-1]) == {None}
 
 
 def test_streamed_tool_call_chunks(schemas: Any) -> None:

@@ -253,7 +253,11 @@ def _tool_chunks(
     """The chunks one token of a tool grammar's output gives (maybe none)."""
     chunks = []
     name, arguments = call.push(_text(event.token))
-    if name is not None and not call.is_no_tool:
+    if call.is_no_tool:  # a plain answer: its text streams as content
+        if arguments:
+            delta = {"role": "assistant", "content": arguments}
+            chunks.append(writer.chunk(delta, token=event.token, top=top))
+    elif name is not None:
         chunks.append(writer.chunk(_tool_delta(call_id, name, ""), token=event.token, top=top))
         if arguments:
             chunks.append(writer.chunk(_tool_delta(call_id, None, arguments)))
@@ -263,7 +267,7 @@ def _tool_chunks(
         )
     if isinstance(event, FinalEvent):
         content, late_name, rest = call.finish()
-        if content is not None:  # a no_tool answer: plain content
+        if content is not None:  # a no_tool answer: the rest of its content
             reason = finish_reason(event.finish_reason)
             delta = {"role": "assistant", "content": content}
             chunks.append(writer.chunk(delta, reason=reason))

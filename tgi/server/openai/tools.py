@@ -188,6 +188,9 @@ def parse_tool_call(text: str) -> ParsedToolCall | str:
 _NAME = re.compile(r'^\s*\{\s*"function"\s*:\s*\{\s*"_name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _COMMA = re.compile(r"\s*(?:,\s*)?")
 _TRAILING_CLOSE = re.compile(r"\}\s*$")
+_CONTENT_KEY = re.compile(r'\s*,\s*"content"\s*:\s*"')  # no_tool's answer, after its name
+_HIGH_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
+_LOW_SURROGATE = re.compile(r"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 class ToolCallStream:
@@ -203,7 +206,9 @@ class ToolCallStream:
                                    |------|  body up to the held-back last "}"
         arguments = "{" + "\"a\": 1}"
 
-    A `no_tool` answer is held whole and given back by `finish` as content.
+    A `no_tool` answer streams as content: the JSON string after `"content": "` is decoded
+    as it arrives (an escape is held back until it is whole, a surrogate pair until both
+    halves are there), and `finish` gives what is left of it.
     """
 
     def __init__(self) -> None:
@@ -213,6 +218,8 @@ class ToolCallStream:
         self._body_at: int | None = None  # where the arguments' body starts, once known
         self._sent = 0  # characters of the body already given out
         self._opened = False  # whether the leading "{" was given out
+        self._content_at: int | None = None  # no_tool: where the answer's next char is
+        self._content = ""  # no_tool: the answer given out so far
 
     @property
     def name(self) -> str | None:
@@ -223,7 +230,8 @@ class ToolCallStream:
         return self._name == NO_TOOL
 
     def push(self, text: str) -> tuple[str | None, str]:
-        """Add generated text; returns (the name when first read, new argument text)."""
+        """Add generated text; returns (the name when first read, new argument text, or
+        for `no_tool` new answer text)."""
         self._text += text
         announced = None
         if self._name is None:
@@ -234,8 +242,39 @@ class ToolCallStream:
             self._args_at = match.end()
             announced = self._name
         if self.is_no_tool:
-            return announced, ""
+            return announced, self._answer()
         return announced, self._arguments(final=False)
+
+    def _answer(self) -> str:
+        """The no_tool answer's characters decoded since the last call."""
+        text = self._text
+        if self._content_at is None:
+            key = _CONTENT_KEY.match(text, self._args_at)
+            if key is None:
+                return ""
+            self._content_at = key.end()
+        pieces, at = [], self._content_at
+        while at < len(text) and text[at] != '"':  # an unescaped quote ends the string
+            if text[at] != "\\":
+                end = at
+                while end < len(text) and text[end] not in '"\\':
+                    end += 1
+                pieces.append(text[at:end])
+                at = end
+                continue
+            width = 6 if text.startswith("\\u", at) else 2
+            if _HIGH_SURROGATE.match(text, at):
+                if at + 12 > len(text):
+                    break  # its low half may be on its way: decode the pair together
+                width = 12 if _LOW_SURROGATE.match(text, at + 6) else 6
+            if at + width > len(text):
+                break  # an escape not whole yet
+            pieces.append(json.loads(f'"{text[at : at + width]}"'))
+            at += width
+        self._content_at = at
+        delta = "".join(pieces)
+        self._content += delta
+        return delta
 
     def _body_start(self) -> int | None:
         if self._body_at is None:
@@ -267,8 +306,8 @@ class ToolCallStream:
         return delta
 
     def finish(self) -> tuple[str | None, str | None, str]:
-        """At the end: (a `no_tool` answer's content or None, the function's name when
-        `push` never announced it, the last argument text).
+        """At the end: (a `no_tool` answer's content not given out by `push` yet, or None,
+        the function's name when `push` never announced it, the last argument text).
 
         A name read only now happens when `_name` is not the first key (a grammar
         compiler that sorts keys puts upper-case names first): the whole call is parsed
@@ -282,5 +321,6 @@ class ToolCallStream:
             return None, call.name, call.arguments
         if self.is_no_tool:
             result = parse_tool_call(self._text)
-            return (result if isinstance(result, str) else ""), None, ""
+            answer = result if isinstance(result, str) else ""
+            return answer.removeprefix(self._content), None, ""
         return None, None, self._arguments(final=True)
