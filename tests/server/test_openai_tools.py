@@ -364,23 +364,29 @@ def test_a_no_tool_completion_is_content(schemas: Any) -> None:
     assert body["choices"][0]["finish_reason"] == "stop"
 
 
-def test_streamed_no_tool_chunks_are_content(schemas: Any) -> None:
-    pieces = ['{"function": {"_name": "no', '_tool", "content": "Hel', 'lo \\"you', '\\""}', "}"]
+def _streamed_chunks(pieces: list[str], schemas: Any) -> list[dict[str, Any]]:
+    """The chunks a tool grammar's output gives when each piece is one token (the last
+    one final), each validated against TGI's `ChatCompletionChunk` schema."""
+    from tgi.router.request import TokenEvent
+
     writer = ChunkWriter(Identity("chatcmpl", _State(), None), logprobs=False, include_usage=False)  # type: ignore[arg-type]
     stream = ToolCallStream()
     chunks: list[dict[str, Any]] = []
     tokens = [_token(piece) for piece in pieces]
     for index, token in enumerate(tokens):
-        if index < len(tokens) - 1:
-            from tgi.router.request import TokenEvent
-
-            event: Any = TokenEvent(index=index + 1, token=token)
-        else:
+        event: Any = TokenEvent(index=index + 1, token=token)
+        if index == len(tokens) - 1:
             event = _final("".join(pieces), tokens)
         for sse in _tool_chunks(stream, "call_x", writer, event, ()):
             chunks.append(json.loads(sse.removeprefix("data: ")))
     for chunk in chunks:
         schemas.validate("ChatCompletionChunk", chunk)
+    return chunks
+
+
+def test_streamed_no_tool_chunks_are_content(schemas: Any) -> None:
+    pieces = ['{"function": {"_name": "no', '_tool", "content": "Hel', 'lo \\"you', '\\""}', "}"]
+    chunks = _streamed_chunks(pieces, schemas)
     deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
     assert all("tool_calls" not in delta for delta in deltas)
     assert [delta["content"] for delta in deltas[:-1]] == ["Hel", 'lo "you', '"']
@@ -391,21 +397,7 @@ def test_streamed_no_tool_chunks_are_content(schemas: Any) -> None:
 
 def test_streamed_tool_call_chunks(schemas: Any) -> None:
     pieces = ['{"function": {"_na', 'me": "get_weather", "ci', 'ty": "Paris"}', "}"]
-    writer = ChunkWriter(Identity("chatcmpl", _State(), None), logprobs=False, include_usage=False)  # type: ignore[arg-type]
-    stream = ToolCallStream()
-    chunks: list[dict[str, Any]] = []
-    tokens = [_token(piece) for piece in pieces]
-    for index, token in enumerate(tokens):
-        if index < len(tokens) - 1:
-            from tgi.router.request import TokenEvent
-
-            event: Any = TokenEvent(index=index + 1, token=token)
-        else:
-            event = _final("".join(pieces), tokens)
-        for sse in _tool_chunks(stream, "call_x", writer, event, ()):
-            chunks.append(json.loads(sse.removeprefix("data: ")))
-    for chunk in chunks:
-        schemas.validate("ChatCompletionChunk", chunk)
+    chunks = _streamed_chunks(pieces, schemas)
     calls = [chunk["choices"][0]["delta"]["tool_calls"][0] for chunk in chunks]
     assert calls[0]["function"] == {"name": "get_weather", "arguments": ""}
     assert all(call["id"] == "call_x" and call["index"] == 0 for call in calls)

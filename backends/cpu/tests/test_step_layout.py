@@ -54,9 +54,21 @@ def test_one_token_rows_match_the_general_layout(seed: int) -> None:
     _same(fast[2], general[2])
 
 
-def test_build_step_takes_the_fast_path_only_where_it_applies() -> None:
+def test_build_step_takes_the_fast_path_only_where_it_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tgi_backend_cpu._paged_attention as layout
+
+    taken: list[int] = []
+    fast = layout._one_token_rows
+    monkeypatch.setattr(
+        layout, "_one_token_rows", lambda rows, *args: taken.append(len(rows)) or fast(rows, *args)
+    )
     rows = [StepRow([1], 5, [0, 1]), StepRow([2], 7, [2, 3])]
     assert build_step(rows, BLOCK, (None,), ([0, 1], 16))[2].key_slots is None
     # rows out of dense order, or no dense rows at all: the general path decides
     assert build_step(rows, BLOCK, (None,), ([1, 0], 16))[2].query_index is not None
     assert build_step(rows, BLOCK, (None,), None)[2].key_slots is not None
+    assert taken == [2]  # only the in-order dense step; a two-token row never takes it
+    build_step([StepRow([1, 2], 5, [0, 1])], BLOCK, (None,), ([0], 16))
+    assert taken == [2]

@@ -156,7 +156,7 @@ def _one_token_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
     """`build_step` for the commonest step: one token per row, the rows in dense rows
     0..R-1 in order. Plain lists and five small tensors instead of the general path's
-    two dozen ops (175 -> ~50 us for one row), which a one-stream decode pays per token."""
+    two dozen ops (175 -> ~25 us for one row), which a one-stream decode pays per token."""
     positions = [row.start for row in rows]
     slots = [
         row.block_ids[p // block_size] * block_size + p % block_size
@@ -337,8 +337,9 @@ class PagedAttention:
         mask = metadata.masks[self.layer_windows[layer_index]]  # [R, 1, T, L] or None
         if queries == 1 and metadata.query_index is None:
             # One query per row (decode): each KV head's G query heads become G queries of
-            # plain multi-head attention, [R, KVH, G, D]. Same math as enable_gqa, and the
-            # CPU kernel runs it faster (SmolLM2 shapes, bf16, 256 keys: 19 vs 23 us).
+            # plain multi-head attention, [R, KVH, G, D]. Same math as enable_gqa (summed in
+            # another order), and the CPU kernel runs it faster (SmolLM2 shapes, bf16, 256
+            # keys: 19 vs 23 us).
             num_kv_heads = key.shape[1]
             query = q.view(rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
