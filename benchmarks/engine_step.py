@@ -1,8 +1,11 @@
 """Milliseconds per engine step on the CPU: the paged engine against the generic one.
 
-Runs each backend in-process (no HTTP, no sampling): one prefill of `--prompt` tokens,
-then decode steps of 1, 8 and 32 rows whose sequences hold `--context` tokens. Short by
-design (a few steps per shape) because the machine is shared.
+Runs each backend in-process (no HTTP, no sampling) on contract-v2 step plans: one new
+sequence of `--prompt` tokens, then decode steps of 1, 8 and 32 rows whose sequences
+hold `--context` tokens (decode `RunningSequence`s: the backend keeps each table, a row
+names only a block appended at a block boundary), then one mixed step (a new prompt next
+to the decode rows, one forward). Short by design (a few steps per shape) because the
+machine is shared.
 
     .venv/bin/python benchmarks/engine_step.py [--model DIR] [--rows 1,8,32]
         [--engines paged,generic] [--dtype float32|bfloat16] [--threads N]
@@ -18,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tgi.backend.contract import DecodeBatch, DecodeRow, Limits, PrefillBatch, PrefillRow
+from tgi.backend.contract import Limits, NewSequence, RunningSequence, StepPlan
 
 CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "tgi-test"
 
@@ -67,32 +70,44 @@ def run(
 ) -> None:
     backend = _backend(engine, model_dir, dtype, threads, quantize)
     limits = Limits(context + 64, context + 128, max(prompt, context) + 64, None, None)
-    capacity = backend.warmup(limits)
-    block_size = capacity.block_size or 1
-    blocks_per_seq = -(-(context + 64) // block_size)
+    capacity = backend.warmup(limits).kv
+    block_size = capacity.block_size
+    blocks_per_seq = -(-(context + 128) // (block_size or 1))
     vocab = 1000
 
-    def table(seq_id: int) -> tuple[int, ...]:
+    def blocks(seq_id: int, num_tokens: int) -> tuple[int, ...]:
+        """The first blocks of `seq_id`'s own run, covering `num_tokens` positions."""
+        if block_size is None:
+            return ()
         first = seq_id * blocks_per_seq
-        return tuple(range(first, first + blocks_per_seq)) if capacity.block_size else ()
+        return tuple(range(first, first + -(-num_tokens // block_size)))
 
-    def prefill(seq_id: int, num_tokens: int) -> Any:
+    def new(seq_id: int, num_tokens: int) -> NewSequence:
         ids = tuple((seq_id * 7 + i) % vocab for i in range(num_tokens))
-        return backend.prefill(PrefillBatch((PrefillRow(seq_id, ids, 0, None, table(seq_id)),)))
+        return NewSequence(seq_id, ids, block_ids=blocks(seq_id, num_tokens))
 
-    prefill_ms = _timed(lambda: (backend.release([40]), prefill(40, prompt)), repeat)
-    backend.release([40])
+    def decode(seq_id: int, position: int) -> RunningSequence:
+        """A decode row at `position`, naming the block it starts, if any."""
+        starts_block = block_size is not None and position % block_size == 0
+        appended = blocks(seq_id, position + 1)[-1:] if starts_block else ()
+        return RunningSequence(
+            seq_id, position, decode=True, last_token=seq_id % vocab, new_block_ids=appended
+        )
+
+    alone = max(rows)  # the prompt's seq id: the decode rows use 0 .. max(rows) - 1
+
+    def prefill_once() -> None:
+        backend.step(StepPlan(new=(new(alone, prompt),)))
+        backend.release([alone])
+
+    prefill_ms = _timed(prefill_once, repeat)
     print(f"{engine:8s} prefill {prompt:4d} tokens: {prefill_ms:8.1f} ms")
     for num_rows in rows:
-        for seq in range(num_rows):
-            prefill(seq, context)
+        backend.step(StepPlan(new=tuple(new(seq, context) for seq in range(num_rows))))
         positions = dict.fromkeys(range(num_rows), context)
 
         def step(positions: dict[int, int] = positions) -> None:
-            batch = DecodeBatch(
-                tuple(DecodeRow(s, (s % vocab,), p, None, table(s)) for s, p in positions.items())
-            )
-            backend.decode(batch)
+            backend.step(StepPlan(running=tuple(decode(s, p) for s, p in positions.items())))
             for s in positions:
                 positions[s] += 1
 
@@ -100,6 +115,23 @@ def run(
         print(
             f"{engine:8s} decode {num_rows:3d} rows @ ~{context} ctx: {ms:8.1f} ms/step "
             f"({num_rows * 1000 / ms:6.1f} tok/s)"
+        )
+        mixed_ms = _timed(
+            lambda positions=positions: (
+                backend.step(
+                    StepPlan(
+                        new=(new(alone, prompt),),
+                        running=tuple(decode(s, p) for s, p in positions.items()),
+                    )
+                ),
+                backend.release([alone]),
+                positions.update((s, p + 1) for s, p in positions.items()),
+            ),
+            repeat,
+        )
+        print(
+            f"{engine:8s} mixed  {num_rows:3d} rows + {prompt}-token prompt: "
+            f"{mixed_ms:8.1f} ms/step"
         )
         backend.release(list(range(num_rows)))
     print(f"{engine:8s} KV bytes per token: {capacity.bytes_per_token}")

@@ -41,7 +41,9 @@ StateFactory = Callable[..., ServerState]
 def make_state(byte_tokenizer: Any) -> StateFactory:
     """Build a server state around a FakeBackend sized to the byte tokenizer."""
 
-    def factory(backend: FakeBackend | None = None, **config_values: Any) -> ServerState:
+    def factory(
+        backend: FakeBackend | None = None, custom_policy: Any = None, **config_values: Any
+    ) -> ServerState:
         backend = backend or FakeBackend(vocab_size=len(byte_tokenizer))
         return assemble_state(
             make_config(**config_values),
@@ -51,6 +53,7 @@ def make_state(byte_tokenizer: Any) -> StateFactory:
             model_id="fake/model",
             backend_name="fake",
             backend_version="0",
+            custom_policy=custom_policy,
         )
 
     return factory

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tgi.config import derive_limits, resolve_config
+from tgi.backend.hookspecs import BackendFlag
+from tgi.config import (
+    KV_CACHE_DTYPE_CHOICES,
+    QUANTIZE_CHOICES,
+    derive_limits,
+    parse_backend_option_args,
+    resolve_backend_options,
+    resolve_config,
+)
 from tgi.errors import ConfigError
 
 
@@ -110,7 +118,9 @@ def test_engine_settings_parse_from_cli_and_environment() -> None:
 @pytest.mark.parametrize(
     ("values", "environ", "message"),
     [
-        ({"quantize": "gptq"}, {}, "--quantize: expected one of int8, int4"),
+        ({"quantize": "gguf"}, {}, "--quantize: expected one of awq, compressed-tensors, "),
+        ({}, {"KV_CACHE_DTYPE": "int8"}, "KV_CACHE_DTYPE='int8': expected one of float32, "),
+        ({}, {"DTYPE": "fp8"}, "DTYPE='fp8': expected one of float32, bfloat16, float16"),
         ({}, {"TGI_KV_CACHE_MEMORY": "lots"}, "TGI_KV_CACHE_MEMORY='lots'"),
         ({"speculate": -1}, {}, "--speculate must not be negative"),
     ],
@@ -120,3 +130,80 @@ def test_bad_engine_settings_are_named(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         resolve_config(values, environ=environ)
+
+
+def test_quantize_accepts_tgis_whole_set_and_tgis_own() -> None:
+    assert QUANTIZE_CHOICES == (
+        "awq",
+        "compressed-tensors",
+        "eetq",
+        "exl2",
+        "gptq",
+        "marlin",
+        "bitsandbytes",
+        "bitsandbytes-nf4",
+        "bitsandbytes-fp4",
+        "fp8",
+        "int8",
+        "int4",
+    )
+    for method in QUANTIZE_CHOICES:
+        assert resolve_config({"quantize": method.upper()}, environ={}).quantize == method
+    config = resolve_config({}, environ={"QUANTIZE": "bitsandbytes_nf4"})
+    assert (config.quantize, config.source_of("quantize")) == ("bitsandbytes-nf4", "env QUANTIZE")
+
+
+@pytest.mark.parametrize(
+    ("given", "parsed"),
+    [
+        ("fp8", "fp8"),
+        ("fp8_e4m3fn", "fp8_e4m3fn"),
+        ("FP8_E4M3", "fp8_e4m3fn"),
+        ("fp8_e5m2", "fp8_e5m2"),
+        ("bf16", "bfloat16"),
+        ("torch.float16", "float16"),
+    ],
+)
+def test_kv_cache_dtype_takes_fp8_variants_and_float_aliases(given: str, parsed: str) -> None:
+    assert resolve_config({"kv_cache_dtype": given}, environ={}).kv_cache_dtype == parsed
+    assert parsed in KV_CACHE_DTYPE_CHOICES
+
+
+def test_backend_option_args_are_keyed_and_checked() -> None:
+    assert parse_backend_option_args(["engine=paged", "Num-Cores = 2", "path=a=b"]) == {
+        "engine": "paged",
+        "num_cores": "2",
+        "path": "a=b",
+    }
+    with pytest.raises(ConfigError, match=r"--backend-option 'engine': expected KEY=VALUE"):
+        parse_backend_option_args(["engine"])
+    with pytest.raises(ConfigError, match="--backend-option engine is given twice"):
+        resolve_config({"backend_option": ["engine=a", "engine=b"]}, environ={})
+    config = resolve_config({"backend_option": ["engine=paged"]}, environ={})
+    assert (config.backend_option_args, config.backend_options) == ({"engine": "paged"}, {})
+
+
+def test_backend_options_resolve_typed_with_their_sources() -> None:
+    flags = (
+        BackendFlag("threads", "worker threads", type=int, default=1),
+        BackendFlag("ratio", "a float", type=float, default=0.5),
+        BackendFlag("fast", "a bool", type=bool, default=False, env="FOO_FAST"),
+        BackendFlag("mode", "a choice", default="a", choices=("a", "b")),
+    )
+    config = resolve_config(
+        {"backend_option": ["ratio=0.25"]},
+        environ={"TGI_MY_BACKEND_THREADS": "3", "FOO_FAST": "1", "TGI_MY_BACKEND_MODE": ""},
+    )
+
+    resolved = resolve_backend_options(config, "my-backend", flags)
+
+    assert resolved.backend_options == {"threads": 3, "ratio": 0.25, "fast": True, "mode": "a"}
+    assert {
+        name: resolved.source_of(f"backend_option.{name}")
+        for name in ["threads", "ratio", "fast", "mode"]
+    } == {
+        "threads": "env TGI_MY_BACKEND_THREADS",
+        "ratio": "cli",
+        "fast": "env FOO_FAST",
+        "mode": "default",
+    }

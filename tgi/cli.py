@@ -73,6 +73,17 @@ KvCacheMemory = Annotated[str | None, _opt("kv_cache_memory", "--kv-cache-memory
 PrefixCaching = Annotated[
     bool | None, _opt("prefix_caching", "--prefix-caching/--no-prefix-caching")
 ]
+OverlapSteps = Annotated[bool | None, _opt("overlap_steps", "--overlap-steps/--no-overlap-steps")]
+BackendOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--backend-option",
+        metavar="KEY=VALUE",
+        help="KEY=VALUE for a setting of the chosen backend's own (repeatable); `tgi "
+        "backends --json` lists each backend's options. [env: TGI_<BACKEND>_<KEY>]",
+        show_default=False,
+    ),
+]
 
 
 def _serve_values(**values: Any) -> dict[str, Any]:
@@ -111,6 +122,8 @@ def serve(
     kv_cache_dtype: KvCacheDtype = None,
     kv_cache_memory: KvCacheMemory = None,
     prefix_caching: PrefixCaching = None,
+    overlap_steps: OverlapSteps = None,
+    backend_option: BackendOption = None,
 ) -> None:
     """Serve a model over TGI's HTTP API (the embedded SmolLM2 when no --model-id)."""
     config = _config(dict(locals()))
@@ -148,6 +161,7 @@ def show_config(
     max_batch_prefill_tokens: MaxPrefill = None,
     max_batch_total_tokens: MaxBatchTotal = None,
     max_batch_size: MaxBatchSize = None,
+    backend_option: BackendOption = None,
 ) -> None:
     """Print the effective settings and where each came from, loading no weights."""
     config = _config(dict(locals()))
@@ -167,6 +181,9 @@ def show_config(
         for s in SETTINGS
     }
     rows["backend"]["value"] = selected.name
+    for name, value in config.backend_options.items():
+        key = f"backend_option.{name}"
+        rows[key] = {"value": value, "source": config.source_of(key)}
     typer.echo(json.dumps(rows, indent=2))
 
 

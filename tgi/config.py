@@ -13,31 +13,60 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
 from tgi.errors import ConfigError
 
+if TYPE_CHECKING:
+    from tgi.backend.hookspecs import BackendFlag
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DTYPE_CHOICES",
+    "KV_CACHE_DTYPE_CHOICES",
+    "QUANTIZE_CHOICES",
     "SETTINGS",
     "ServeConfig",
     "Setting",
+    "backend_option_env",
     "derive_limits",
     "env_help",
+    "parse_backend_option_args",
     "parse_bytes",
+    "resolve_backend_options",
     "resolve_config",
     "snapshot_environ",
 ]
 
+# NOTE: these are the spellings the core ACCEPTS (TGI's launcher's full sets, plus tgi's
+# own int8/int4); whether a value RUNS is the chosen backend's call: each backend declares
+# the subset it offers (`tgi_backend_options`), and selection rejects the rest, naming
+# the backends that do offer it (`tgi.backend.manager.SelectedBackend.validate_config`).
 Dtype = Literal["float32", "bfloat16", "float16"]
-# Weight-only quantization the core knows; a backend says which of them it runs.
-QUANTIZE_CHOICES = ("int8", "int4")
+Quantize = Literal[
+    "awq",
+    "compressed-tensors",
+    "eetq",
+    "exl2",
+    "gptq",
+    "marlin",
+    "bitsandbytes",
+    "bitsandbytes-nf4",
+    "bitsandbytes-fp4",
+    "fp8",
+    "int8",  # tgi's own: weight-only int8 at load time
+    "int4",  # tgi's own: weight-only int4 (grouped) at load time
+]
+KvCacheDtype = Literal["float32", "bfloat16", "float16", "fp8", "fp8_e4m3fn", "fp8_e5m2"]
+DTYPE_CHOICES: tuple[str, ...] = get_args(Dtype)
+QUANTIZE_CHOICES: tuple[str, ...] = get_args(Quantize)
+KV_CACHE_DTYPE_CHOICES: tuple[str, ...] = get_args(KvCacheDtype)
 
 # TGI caps its derived default context here to leave memory for more users.
 DEFAULT_MAX_TOTAL_TOKENS_CAP = 4096
@@ -80,25 +109,44 @@ def parse_bytes(text: str) -> int:
 
 
 def _quantize(text: str) -> str:
-    lowered = text.strip().lower()
+    lowered = text.strip().lower().replace("_", "-")
     if lowered not in QUANTIZE_CHOICES:
         raise ValueError(f"expected one of {', '.join(QUANTIZE_CHOICES)}; got {text!r}")
     return lowered
 
 
+_DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+# vLLM spells the e4m3 variant without TGI's (and torch's) "fn" suffix.
+_KV_CACHE_DTYPE_ALIASES = {
+    **_DTYPE_ALIASES,
+    "fp8": "fp8",  # the backend picks the fp8 format
+    "fp8_e4m3fn": "fp8_e4m3fn",
+    "fp8_e4m3": "fp8_e4m3fn",
+    "fp8_e5m2": "fp8_e5m2",
+}
+
+
 def _dtype(text: str) -> str:
-    aliases = {
-        "float32": "float32",
-        "fp32": "float32",
-        "bfloat16": "bfloat16",
-        "bf16": "bfloat16",
-        "float16": "float16",
-        "fp16": "float16",
-    }
     try:
-        return aliases[text.strip().lower()]
+        return _DTYPE_ALIASES[text.strip().lower().removeprefix("torch.")]
     except KeyError:
-        raise ValueError(f"expected one of float32, bfloat16, float16; got {text!r}") from None
+        raise ValueError(f"expected one of {', '.join(DTYPE_CHOICES)}; got {text!r}") from None
+
+
+def _kv_cache_dtype(text: str) -> str:
+    try:
+        return _KV_CACHE_DTYPE_ALIASES[text.strip().lower().removeprefix("torch.")]
+    except KeyError:
+        choices = ", ".join(KV_CACHE_DTYPE_CHOICES)
+        raise ValueError(f"expected one of {choices}; got {text!r}") from None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -122,7 +170,8 @@ SETTINGS: tuple[Setting, ...] = (
         ("QUANTIZE",),
         _quantize,
         None,
-        "Weight-only quantization at load time: int8 or int4; unset keeps the weights' dtype.",
+        "Quantization: " + ", ".join(QUANTIZE_CHOICES) + " (the chosen backend runs a "
+        "subset; `tgi backends --json` lists them); unset keeps the weights' dtype.",
     ),
     Setting(
         "speculate",
@@ -134,9 +183,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "kv_cache_dtype",
         ("KV_CACHE_DTYPE",),
-        _dtype,
+        _kv_cache_dtype,
         None,
-        "Storage dtype of the KV cache; unset stores it in the compute dtype.",
+        "Storage dtype of the KV cache: " + ", ".join(KV_CACHE_DTYPE_CHOICES) + " (the "
+        "chosen backend runs a subset); unset stores it in the compute dtype.",
     ),
     Setting(
         "kv_cache_memory",
@@ -151,6 +201,13 @@ SETTINGS: tuple[Setting, ...] = (
         _bool,
         True,
         "Reuse the KV of block-aligned prompt prefixes seen before (paged backends).",
+    ),
+    Setting(
+        "overlap_steps",
+        ("TGI_OVERLAP_STEPS",),
+        _bool,
+        False,
+        "Plan each step while the previous one runs (where no token value is needed).",
     ),
     Setting(
         "backend",
@@ -294,11 +351,12 @@ class ServeConfig(BaseModel):
     model_id: str | None = None
     revision: str | None = None
     dtype: Dtype | None = None
-    quantize: Literal["int8", "int4"] | None = None
+    quantize: Quantize | None = None
     speculate: int | None = None
-    kv_cache_dtype: Dtype | None = None
+    kv_cache_dtype: KvCacheDtype | None = None
     kv_cache_memory: int | None = None
     prefix_caching: bool = True
+    overlap_steps: bool = False
     backend: str | None = None
     hostname: str = "0.0.0.0"
     port: int = 3000
@@ -324,7 +382,14 @@ class ServeConfig(BaseModel):
     huggingface_hub_cache: str | None = None
     cache_dir: str | None = None
     cpu_threads: int | None = None
-    # setting name -> "cli", "env NAME", "derived (...)", "backend <name>" or "default"
+    # `--backend-option KEY=VALUE` as given, untyped: only the chosen backend's declared
+    # flags (`BackendOptions.flags`) say what KEY means (`resolve_backend_options`)
+    backend_option_args: dict[str, str] = {}
+    # the chosen backend's own flags, typed: every declared flag, from the CLI, its
+    # environment variable or its default; empty until a backend is chosen
+    backend_options: dict[str, Any] = {}
+    # setting name (or "backend_option.<key>") -> "cli", "env NAME", "derived (...)",
+    # "backend <name>" or "default"
     sources: dict[str, str] = {}
     # the environment at start-up, for backends' own settings (read them from here)
     environ: dict[str, str] = {}
@@ -355,6 +420,13 @@ class ServeConfig(BaseModel):
                 getattr(self, setting.name),
                 self.source_of(setting.name),
             )
+        for name, value in self.backend_options.items():
+            logger.info(
+                "backend option %s = %r (%s)",
+                name,
+                value,
+                self.source_of(f"backend_option.{name}"),
+            )
 
 
 def snapshot_environ() -> dict[str, str]:
@@ -370,7 +442,13 @@ def env_help(name: str) -> str:
 
 
 def resolve_config(cli_values: Mapping[str, Any], environ: Mapping[str, str]) -> ServeConfig:
-    """Merge command line values (None = not given) over the environment over defaults."""
+    """Merge command line values (None = not given) over the environment over defaults.
+
+    `cli_values["backend_option"]` takes the raw `--backend-option KEY=VALUE` strings;
+    they are typed later, against the chosen backend's flags (`resolve_backend_options`).
+    """
+    cli_values = dict(cli_values)
+    option_args = parse_backend_option_args(cli_values.pop("backend_option", None) or ())
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for setting in SETTINGS:
@@ -399,9 +477,90 @@ def resolve_config(cli_values: Mapping[str, Any], environ: Mapping[str, str]) ->
     unknown = set(cli_values) - set(_BY_NAME)
     if unknown:
         raise ConfigError(f"unknown settings: {sorted(unknown)}")
-    config = ServeConfig(**values, sources=sources, environ=dict(environ))
+    config = ServeConfig(
+        **values, backend_option_args=option_args, sources=sources, environ=dict(environ)
+    )
     _check_ranges(config)
     return config
+
+
+def parse_backend_option_args(args: Iterable[str]) -> dict[str, str]:
+    """`["engine=paged", "num-cores=2"]` -> `{"engine": "paged", "num_cores": "2"}`.
+
+    Keys are lower-cased with `-` read as `_`; a key given twice is an error.
+    """
+    parsed: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.strip().lower().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"--backend-option {arg!r}: expected KEY=VALUE, e.g. engine=paged")
+        if key in parsed:
+            raise ConfigError(f"--backend-option {key} is given twice")
+        parsed[key] = value.strip()
+    return parsed
+
+
+def backend_option_env(backend: str, flag: BackendFlag) -> str:
+    """The environment variable of a backend's flag: its own, else `TGI_<BACKEND>_<KEY>`."""
+    if flag.env:
+        return flag.env
+    return f"TGI_{backend}_{flag.name}".upper().replace("-", "_")
+
+
+def _parse_flag(flag: BackendFlag, raw: str) -> Any:
+    if flag.type is bool:
+        value: Any = _bool(raw)
+    else:
+        try:
+            value = flag.type(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected {flag.type.__name__}, got {raw!r}") from None
+    if flag.choices and str(value) not in flag.choices:
+        raise ValueError(f"expected one of {', '.join(flag.choices)}; got {raw!r}")
+    return value
+
+
+def resolve_backend_options(
+    config: ServeConfig, backend: str, flags: Sequence[BackendFlag]
+) -> ServeConfig:
+    """A copy with `backend_options` holding every flag `backend` declares, typed.
+
+    Per flag: `--backend-option KEY=VALUE`, then its environment variable
+    (`backend_option_env`), then its default. Raises `ConfigError` naming the flag and
+    where its value came from when a value does not parse, and for a `--backend-option`
+    key that the backend does not declare (listing those it does).
+    """
+    if not flags and not config.backend_option_args:
+        return config
+    declared = {flag.name: flag for flag in flags}
+    unknown = sorted(set(config.backend_option_args) - set(declared))
+    if unknown:
+        known = ", ".join(sorted(declared)) or "none"
+        raise ConfigError(
+            f"--backend-option {', '.join(unknown)} (cli): backend {backend!r} declares no "
+            f"such option; its options: {known}"
+        )
+    options: dict[str, Any] = {}
+    sources = dict(config.sources)
+    for flag in flags:
+        var = backend_option_env(backend, flag)
+        if flag.name in config.backend_option_args:
+            raw, source = config.backend_option_args[flag.name], "cli"
+        elif config.environ.get(var, "") != "":
+            raw, source = config.environ[var], f"env {var}"
+        else:
+            options[flag.name] = flag.default
+            sources[f"backend_option.{flag.name}"] = "default"
+            continue
+        try:
+            options[flag.name] = _parse_flag(flag, raw)
+        except ValueError as exc:
+            raise ConfigError(
+                f"--backend-option {flag.name}={raw} ({source}) for backend {backend!r}: {exc}"
+            ) from None
+        sources[f"backend_option.{flag.name}"] = source
+    return config.model_copy(update={"backend_options": options, "sources": sources})
 
 
 def _check_ranges(config: ServeConfig) -> None:

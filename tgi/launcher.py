@@ -8,19 +8,34 @@ not a model load.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tgi.backend.contract import Backend, Batching, Capabilities, KVCapacity, KvLayout, Limits
+from tgi.backend.contract import (
+    Backend,
+    Batching,
+    Capabilities,
+    KVCapacity,
+    KvLayout,
+    Limits,
+    WarmupReport,
+)
 from tgi.backend.manager import SelectedBackend, select_backend
 from tgi.config import ServeConfig, derive_limits
+from tgi.engine.thread import EngineThread
 from tgi.errors import BackendError
 from tgi.metrics import Metrics
 from tgi.models.source import ModelFiles, inspect_model, materialize
-from tgi.router.engine_thread import EngineThread
-from tgi.router.policies import ContinuousPolicy, PagedPolicy, StaticSlotsPolicy
-from tgi.router.scheduler import Router, RouterLimits, joins_immediately
-from tgi.router.validation import ValidationLimits, Validator
+from tgi.router.policies import (
+    ContinuousPolicy,
+    PagedPolicy,
+    PolicyLimits,
+    SchedulingPolicy,
+    StaticSlotsPolicy,
+)
+from tgi.router.router import Router, RouterLimits, joins_immediately
+from tgi.router.validation import BackendSampling, ValidationLimits, Validator
 from tgi.sampling.grammar import GrammarCompiler
 from tgi.server.state import ServedModel, ServerState
 
@@ -34,6 +49,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# A backend's own policy for its capabilities, limits and warmup (None: the built-in one)
+CustomPolicy = Callable[
+    [ServeConfig, Capabilities, PolicyLimits, WarmupReport], SchedulingPolicy | None
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +100,7 @@ def build_state(prepared: Prepared, metrics: Metrics | None = None) -> ServerSta
     tokenizer = AutoTokenizer.from_pretrained(
         files.path, trust_remote_code=config.trust_remote_code
     )
-    # Weights load, warm up and run on one thread (see tgi/router/engine_thread.py).
+    # Weights load, warm up and run on one thread (see tgi/engine/thread.py).
     engine_thread = EngineThread()
     backend = engine_thread.call(prepared.selected.create_backend, config, files)
     probe = prepared.selected.record.probe
@@ -95,6 +115,7 @@ def build_state(prepared: Prepared, metrics: Metrics | None = None) -> ServerSta
         backend_version=probe.version if probe else "unknown",
         metrics=metrics,
         engine_thread=engine_thread,
+        custom_policy=prepared.selected.scheduling_policy,
     )
 
 
@@ -110,36 +131,58 @@ def assemble_state(
     backend_version: str,
     metrics: Metrics | None = None,
     engine_thread: EngineThread | None = None,
+    custom_policy: CustomPolicy | None = None,
 ) -> ServerState:
     """Warm `backend` up and wire router, validator and metrics around it.
+
+    `custom_policy` may replace the built-in scheduling policy the backend's
+    capabilities call for (the plugin's `tgi_scheduling_policy`, or a test's).
 
     `config` must have its token limits derived (`tgi.config.derive_limits`).
     """
     limits = _limits(config)
     engine_thread = engine_thread or EngineThread()
-    capacity = engine_thread.call(backend.warmup, limits)
+    report: WarmupReport = engine_thread.call(backend.warmup, limits)
+    capacity = report.kv
     batch_total = _batch_total_tokens(config, capacity)
     logger.info(
-        "KV capacity: %d tokens (%d bytes per token); max_batch_total_tokens = %d",
-        capacity.max_total_tokens,
+        "KV capacity: %d tokens (%d bytes per token); max_batch_total_tokens = %d; "
+        "warmup took %.2f s",
+        capacity.total_tokens,
         capacity.bytes_per_token,
         batch_total,
+        report.seconds,
     )
+    _check_constraints(config, backend.capabilities, report)
+    policy_limits = PolicyLimits(
+        max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
+        max_batch_total_tokens=batch_total,
+        max_batch_size=_batch_size(config, capacity),
+        waiting_served_ratio=config.waiting_served_ratio,
+        max_waiting_tokens=config.max_waiting_tokens,
+        constraints=report.constraints,
+    )
+    policy = None
+    if custom_policy is not None:
+        policy = custom_policy(config, backend.capabilities, policy_limits, report)
+    if policy is None:
+        policy = _policy(config, backend.capabilities, policy_limits, capacity)
+    else:
+        logger.info("batching: the backend's own policy %s", type(policy).__name__)
     metrics = metrics or Metrics()
+    # built once here (about 0.5 s for a 50k vocabulary); None: grammar refused
+    grammars = GrammarCompiler.from_hf_tokenizer(tokenizer, eos_token_ids)
     router = Router(
         backend,
         tokenizer,
-        limits=RouterLimits(
-            max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
-            max_batch_total_tokens=batch_total,
-            max_batch_size=_batch_size(config, capacity),
-            max_concurrent_requests=config.max_concurrent_requests,
-        ),
-        policy=_policy(config, backend.capabilities, capacity, batch_total),
+        limits=RouterLimits(max_concurrent_requests=config.max_concurrent_requests),
+        policy=policy,
         eos_token_ids=eos_token_ids,
         metrics=metrics,
         initial_kv=backend.kv_usage(),
         engine_thread=engine_thread,
+        grammars=grammars,
+        overlap=config.overlap_steps,
     )
     validator = Validator(
         tokenizer,
@@ -152,8 +195,8 @@ def assemble_state(
             watermark_gamma=config.watermark_gamma,
             watermark_delta=config.watermark_delta,
         ),
-        # built once here (about 0.5 s for a 50k vocabulary); None: grammar refused
-        grammars=GrammarCompiler.from_hf_tokenizer(tokenizer, eos_token_ids),
+        grammars=grammars,
+        backend=BackendSampling(backend_name, backend.capabilities),
     )
     dtype = getattr(backend, "dtype", None)
     served = ServedModel(
@@ -165,6 +208,7 @@ def assemble_state(
         device_type=getattr(backend, "device_type", backend_name),
         capabilities=backend.capabilities,
         capacity=capacity,
+        constraints=report.constraints,
     )
     return ServerState(config, served, router, validator, tokenizer, metrics)
 
@@ -172,50 +216,40 @@ def assemble_state(
 def _policy(
     config: ServeConfig,
     capabilities: Capabilities,
+    limits: PolicyLimits,
     capacity: KVCapacity | None = None,
-    batch_total: int | None = None,
-) -> ContinuousPolicy | StaticSlotsPolicy | PagedPolicy:
-    """The batching policy the backend's capabilities call for."""
+) -> SchedulingPolicy:
+    """The built-in scheduling policy the backend's capabilities call for."""
     if capabilities.kv_layout is KvLayout.PAGED and capabilities.batching is Batching.CONTINUOUS:
-        return _paged_policy(config, capabilities, capacity, batch_total)
+        return _paged_policy(config, capabilities, limits, capacity)
     if capabilities.batching is Batching.STATIC:
-        policy = StaticSlotsPolicy.from_capabilities(
-            capabilities,
-            waiting_served_ratio=config.waiting_served_ratio,
-            max_waiting_tokens=config.max_waiting_tokens,
-        )
+        static = StaticSlotsPolicy.from_capabilities(capabilities, limits)
         logger.info(
             "batching: %d static slots of %d tokens, %s",
-            policy.num_slots,
-            policy.max_length,
-            "rebuilding every slot's KV at each prefill"
-            if policy.rebuild
+            static.num_slots,
+            static.max_length,
+            "the backend rebuilds every slot's KV when a sequence joins"
+            if static.rebuild
             else "new rows inserted into free slots",
         )
-        return policy
-    return ContinuousPolicy(
-        waiting_served_ratio=config.waiting_served_ratio,
-        max_waiting_tokens=config.max_waiting_tokens,
-        join_immediately=joins_immediately(capabilities),
-    )
+        return static
+    return ContinuousPolicy(limits, join_immediately=joins_immediately(capabilities))
 
 
 def _paged_policy(
     config: ServeConfig,
     capabilities: Capabilities,
+    limits: PolicyLimits,
     capacity: KVCapacity | None,
-    batch_total: int | None,
 ) -> PagedPolicy:
-    """Blocks for the router's allocator: warmup's pool, capped by max_batch_total_tokens."""
+    """Blocks for the policy's allocator: warmup's pool, capped by max_batch_total_tokens."""
     block_size = capabilities.block_size
     if capacity is None or not capacity.num_blocks or not block_size:
         raise BackendError(
             "a paged backend must report block_size in its capabilities and num_blocks "
             f"from warmup; it reported {capabilities} and {capacity}"
         )
-    num_blocks = capacity.num_blocks
-    if batch_total is not None:
-        num_blocks = min(num_blocks, batch_total // block_size)
+    num_blocks = min(capacity.num_blocks, limits.max_batch_total_tokens // block_size)
     max_total = config.max_total_tokens or 0
     if num_blocks * block_size < max_total:
         raise BackendError(
@@ -228,6 +262,7 @@ def _paged_policy(
         logger.warning("--speculate %d ignored: the backend cannot verify drafts", speculate)
     policy = PagedPolicy.from_capabilities(
         capabilities,
+        limits,
         num_blocks=num_blocks,
         prefix_caching=config.prefix_caching,
         speculate=speculate,
@@ -242,6 +277,20 @@ def _paged_policy(
         f"{policy.speculate} n-gram drafts" if policy.speculate else "off",
     )
     return policy
+
+
+def _check_constraints(
+    config: ServeConfig, capabilities: Capabilities, report: WarmupReport
+) -> None:
+    """Refuse limits the backend's hard step shapes can never serve."""
+    longest = report.constraints.max_chunk
+    max_input = config.max_input_tokens or 0
+    if longest is not None and not capabilities.chunked_prefill and max_input > longest:
+        raise BackendError(
+            f"--max-input-tokens {max_input} ({config.source_of('max_input_tokens')}) is "
+            f"longer than the longest prompt the backend compiled ({longest} tokens) and it "
+            "cannot split prompts; lower --max-input-tokens"
+        )
 
 
 def _limits(config: ServeConfig) -> Limits:
@@ -261,12 +310,12 @@ def _limits(config: ServeConfig) -> Limits:
 def _batch_total_tokens(config: ServeConfig, capacity: KVCapacity) -> int:
     """The KV budget the router admits against: the flag, never more than what fits."""
     if config.max_batch_total_tokens is None:
-        return capacity.max_total_tokens
-    if config.max_batch_total_tokens > capacity.max_total_tokens:
+        return capacity.total_tokens
+    if config.max_batch_total_tokens > capacity.total_tokens:
         raise BackendError(
             f"--max-batch-total-tokens {config.max_batch_total_tokens} "
             f"({config.source_of('max_batch_total_tokens')}) exceeds the "
-            f"{capacity.max_total_tokens} tokens of KV the backend can hold; lower it or "
+            f"{capacity.total_tokens} tokens of KV the backend can hold; lower it or "
             "leave it unset to use what warmup measured"
         )
     return config.max_batch_total_tokens

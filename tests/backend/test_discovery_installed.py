@@ -18,7 +18,9 @@ from tgi.backend.manager import BackendManager, PluginStatus, discover
 from tgi.config import resolve_config
 
 GOOD_PLUGIN = """
-from tgi.backend import BackendProbe, hookimpl
+from tgi.backend.hookspecs import BackendProbe, hookimpl
+
+TGI_CONTRACT_VERSION = 2
 
 
 @hookimpl

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tgi.backend import BackendProbe
+from tgi.backend.hookspecs import BackendFlag, BackendOptions, BackendProbe
 from tgi.backend.listing import backends_json, backends_table
 from tgi.backend.manager import PluginRecord, PluginStatus
 
@@ -23,6 +23,11 @@ CPU = PluginRecord(
         batching="continuous",
     ),
     reason="16 cores",
+    options=BackendOptions(
+        quantize=frozenset({"int8", "int4"}),
+        kv_cache_dtypes=frozenset({"float32"}),
+        flags=(BackendFlag("engine", "paged or generic"),),
+    ),
 )
 NEURON = PluginRecord(
     name="neuron",
@@ -93,6 +98,14 @@ def test_json_is_a_list_of_objects() -> None:
             "priority": 0,
             "batching": "continuous",
             "emulated": False,
+            "options": {
+                "quantize": ["int4", "int8"],
+                "dtypes": ["bfloat16", "float16", "float32"],
+                "kv_cache_dtypes": ["float32"],
+                "flags": [
+                    {"name": "engine", "help": "paged or generic", "type": "str", "env": None}
+                ],
+            },
         },
         {
             "name": "neuron",
@@ -106,5 +119,6 @@ def test_json_is_a_list_of_objects() -> None:
             "priority": None,
             "batching": None,
             "emulated": None,
+            "options": None,
         },
     ]

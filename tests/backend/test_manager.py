@@ -15,19 +15,18 @@ from typing import Any
 
 import pytest
 
-from tgi.backend import (
-    BackendProbe,
+from tgi.backend.contract import (
     Batching,
     Capabilities,
-    DecodeBatch,
     KVCapacity,
     KvLayout,
     KVUsage,
     Limits,
-    PrefillBatch,
     StepOutput,
-    hookimpl,
+    StepPlan,
+    WarmupReport,
 )
+from tgi.backend.hookspecs import BackendFlag, BackendOptions, BackendProbe, hookimpl
 from tgi.backend.manager import BackendManager, PluginRecord, PluginStatus, discover
 from tgi.config import ServeConfig, resolve_config
 from tgi.errors import BackendUnavailable, ConfigError, PluginError
@@ -40,13 +39,10 @@ class FakeBackend:
 
     capabilities = Capabilities(batching=Batching.CONTINUOUS, kv_layout=KvLayout.PER_ROW)
 
-    def warmup(self, limits: Limits) -> KVCapacity:
-        return KVCapacity(max_total_tokens=limits.max_total_tokens, bytes_per_token=1)
+    def warmup(self, limits: Limits) -> WarmupReport:
+        return WarmupReport(KVCapacity(total_tokens=limits.max_total_tokens, bytes_per_token=1))
 
-    def prefill(self, batch: PrefillBatch) -> StepOutput:
-        raise NotImplementedError
-
-    def decode(self, batch: DecodeBatch) -> StepOutput:
+    def step(self, plan: StepPlan) -> StepOutput:
         raise NotImplementedError
 
     def release(self, seq_ids: Sequence[int]) -> None:
@@ -63,7 +59,9 @@ class FakeBackend:
 
 
 class FakePlugin:
-    """A plugin object with all three hooks; records which of its hooks ran."""
+    """A contract-v2 plugin object with all three hooks; records which of its hooks ran."""
+
+    TGI_CONTRACT_VERSION = 2
 
     def __init__(
         self,
@@ -189,6 +187,7 @@ def test_discovery_records_distribution_version_and_probe(install) -> None:
         status=PluginStatus.AVAILABLE,
         probe=plugin.probe,
         reason="2 devices",
+        options=BackendOptions(),
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.status = PluginStatus.BROKEN  # type: ignore[misc]
@@ -269,6 +268,8 @@ def test_probe_answering_the_wrong_type_or_name_is_broken(install) -> None:
 
 def test_module_without_hooks_is_broken_with_a_hint(install) -> None:
     class Undecorated:
+        TGI_CONTRACT_VERSION = 2
+
         def tgi_backend_probe(self) -> None:  # forgot @hookimpl
             return None
 
@@ -285,6 +286,8 @@ def test_module_without_hooks_is_broken_with_a_hint(install) -> None:
 
 def test_module_missing_one_hook_is_broken(install) -> None:
     class NoCreate:
+        TGI_CONTRACT_VERSION = 2
+
         @hookimpl
         def tgi_backend_probe(self) -> BackendProbe:
             return FakePlugin("half").probe
@@ -632,3 +635,338 @@ def test_duplicate_entry_point_name_keeps_the_first(install) -> None:
         ("someone-elses-cpu", PluginStatus.BROKEN),
     ]
     assert records[1].reason == "entry-point name also declared by tgi-backend-cpu"
+
+
+# ---------------------------------------------------------------- contract version
+
+
+class V1Plugin(FakePlugin):
+    """A plugin written for contract v1: the same hooks, no TGI_CONTRACT_VERSION."""
+
+    TGI_CONTRACT_VERSION = None  # what getattr finds on a v1 module
+
+
+def test_plugin_without_a_contract_version_is_broken_and_never_called(install) -> None:
+    old, good = V1Plugin("legacy"), FakePlugin("cpu")
+    manager = manager_with(install, old, good)
+
+    records = by_name(manager.records)
+
+    assert records["legacy"].status is PluginStatus.BROKEN
+    assert records["legacy"].reason == (
+        "implements backend contract v1 (it declares no TGI_CONTRACT_VERSION); this "
+        "tgi-server speaks v2 (upgrade the plugin)"
+    )
+    assert records["legacy"].probe is None
+    assert manager.pm.get_plugin("legacy") is None  # never registered
+    with pytest.raises(PluginError, match="implements backend contract v1"):
+        manager.select_backend(config_naming("legacy"))
+    assert manager.select_backend(config_naming(None)).name == "cpu"
+    assert old.calls == []
+
+
+@pytest.mark.parametrize(
+    ("declared", "reason"),
+    [
+        (1, "implements backend contract v1; this tgi-server speaks v2 (upgrade the plugin)"),
+        (3, "implements backend contract v3; this tgi-server speaks v2 (upgrade tgi-server)"),
+        ("2", "TGI_CONTRACT_VERSION must be an int, got '2'"),
+    ],
+)
+def test_plugin_declaring_another_contract_version_is_broken(
+    install, declared: object, reason: str
+) -> None:
+    plugin = FakePlugin("other")
+    plugin.TGI_CONTRACT_VERSION = declared  # type: ignore[assignment]
+    install(entry_point("other", plugin))
+
+    [record] = discover({})
+
+    assert (record.status, record.reason) == (PluginStatus.BROKEN, reason)
+    assert plugin.calls == []
+
+
+# ---------------------------------------------------------------- options
+
+
+class OptionsPlugin(FakePlugin):
+    """A plugin that declares what it accepts."""
+
+    def __init__(self, name: str, options: BackendOptions, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.options = options
+
+    @hookimpl
+    def tgi_backend_options(self) -> BackendOptions:
+        self.calls.append("options")
+        return self.options
+
+
+CPU_OPTIONS = BackendOptions(
+    quantize=frozenset({"int8", "int4"}),
+    kv_cache_dtypes=frozenset({"float32", "bfloat16", "float16"}),
+)
+CUDA_OPTIONS = BackendOptions(
+    quantize=frozenset({"fp8", "gptq", "awq"}),
+    dtypes=frozenset({"bfloat16", "float16"}),
+    kv_cache_dtypes=frozenset({"fp8", "fp8_e4m3fn", "fp8_e5m2", "bfloat16", "float16"}),
+)
+
+
+def test_options_are_asked_once_after_the_probe_and_default_when_not_implemented(
+    install,
+) -> None:
+    cpu = OptionsPlugin("cpu", CPU_OPTIONS)
+    manager = manager_with(install, cpu, FakePlugin("plain"))
+
+    records = by_name(manager.records)
+
+    assert records["cpu"].options == CPU_OPTIONS
+    assert records["plain"].options == BackendOptions()
+    assert BackendOptions().dtypes == frozenset({"float32", "bfloat16", "float16"})
+    assert BackendOptions().quantize == BackendOptions().kv_cache_dtypes == frozenset()
+    assert cpu.calls == ["probe", "options"]
+    assert records["cpu"].to_json()["options"] == {
+        "quantize": ["int4", "int8"],
+        "dtypes": ["bfloat16", "float16", "float32"],
+        "kv_cache_dtypes": ["bfloat16", "float16", "float32"],
+        "flags": [],
+    }
+
+
+def test_options_hook_that_raises_or_answers_the_wrong_type_is_broken(install) -> None:
+    class Raising(FakePlugin):
+        @hookimpl
+        def tgi_backend_options(self) -> BackendOptions:
+            raise RuntimeError("options bug")
+
+    class Wrong(FakePlugin):
+        @hookimpl
+        def tgi_backend_options(self) -> BackendOptions:
+            return {"quantize": ["fp8"]}  # type: ignore[return-value]
+
+    manager = manager_with(install, Raising("raising"), Wrong("wrong"))
+    records = by_name(manager.records)
+
+    assert records["raising"].status is PluginStatus.BROKEN
+    assert records["raising"].reason == "tgi_backend_options failed: RuntimeError: options bug"
+    assert records["wrong"].reason == (
+        "tgi_backend_options failed: PluginError: plugin 'wrong': expected a "
+        "BackendOptions, got {'quantize': ['fp8']}"
+    )
+    assert manager.pm.get_plugin("raising") is None
+
+
+@pytest.mark.parametrize(
+    ("cli", "environ", "message"),
+    [
+        (
+            {"quantize": "gptq"},
+            {},
+            "--quantize gptq (cli) is not offered by backend 'cpu' (it offers: int4, int8); "
+            "installed backends that offer it: cuda",
+        ),
+        (
+            {},
+            {"QUANTIZE": "bitsandbytes-nf4"},
+            "--quantize bitsandbytes-nf4 (env QUANTIZE) is not offered by backend 'cpu' (it "
+            "offers: int4, int8); no installed backend offers it",
+        ),
+        (
+            {},
+            {"KV_CACHE_DTYPE": "fp8_e5m2"},
+            "--kv-cache-dtype fp8_e5m2 (env KV_CACHE_DTYPE) is not offered by backend 'cpu' "
+            "(it offers: bfloat16, float16, float32); installed backends that offer it: cuda",
+        ),
+    ],
+)
+def test_a_value_the_chosen_backend_does_not_offer_names_who_does(
+    install, cli: dict[str, str], environ: dict[str, str], message: str
+) -> None:
+    cpu = OptionsPlugin("cpu", CPU_OPTIONS, priority=100)
+    manager = manager_with(install, cpu, OptionsPlugin("cuda", CUDA_OPTIONS, available=False))
+    config = resolve_config(cli, environ)
+
+    with pytest.raises(ConfigError) as raised:
+        manager.select_backend(config).validate_config(config)
+
+    assert str(raised.value) == message
+    assert "validate" not in cpu.calls  # rejected before the plugin's own checks
+
+
+def test_a_backend_without_quantization_says_it_offers_none(install) -> None:
+    manager = manager_with(install, OptionsPlugin("neuron", BackendOptions()))
+    config = resolve_config({"quantize": "int8", "dtype": "fp32"}, {})
+
+    with pytest.raises(ConfigError) as raised:
+        manager.select_backend(config).validate_config(config)
+
+    assert str(raised.value) == (
+        "--quantize int8 (cli) is not offered by backend 'neuron' (it offers: none); "
+        "no installed backend offers it"
+    )
+
+
+def test_offered_values_pass_and_the_plugin_sees_them(install) -> None:
+    manager = manager_with(install, OptionsPlugin("cuda", CUDA_OPTIONS))
+    config = resolve_config({"quantize": "FP8", "dtype": "bf16"}, {"KV_CACHE_DTYPE": "fp8_e4m3"})
+
+    validated = manager.select_backend(config).validate_config(config)
+
+    assert (validated.quantize, validated.dtype, validated.kv_cache_dtype) == (
+        "fp8",
+        "bfloat16",
+        "fp8_e4m3fn",
+    )
+
+
+def test_plugin_filling_a_value_it_does_not_declare_is_a_plugin_error(install) -> None:
+    manager = manager_with(
+        install, OptionsPlugin("cuda", CUDA_OPTIONS, adjust={"dtype": "float32"})
+    )
+    config = config_naming(None)
+
+    with pytest.raises(PluginError) as raised:
+        manager.select_backend(config).validate_config(config)
+
+    assert str(raised.value) == (
+        "plugin 'cuda': tgi_validate_config set --dtype float32, which its "
+        "tgi_backend_options does not declare"
+    )
+
+
+# ---------------------------------------------------------------- backend flags
+
+FLAGS = BackendOptions(
+    flags=(
+        BackendFlag("engine", "which engine", default="auto", choices=("auto", "paged")),
+        BackendFlag("num_slots", "compiled slots", type=int, default=4),
+        BackendFlag("emulate", "run on the CPU", type=bool, default=False, env="FOO_EMULATE"),
+    )
+)
+
+
+class FlagsPlugin(OptionsPlugin):
+    """Records the typed backend options its validate hook was handed."""
+
+    seen: dict[str, Any] | None = None
+
+    @hookimpl
+    def tgi_validate_config(self, config: ServeConfig) -> ServeConfig | None:
+        self.seen = dict(config.backend_options)
+        return None
+
+
+def test_backend_flags_come_from_cli_then_env_then_default_typed(install) -> None:
+    plugin = FlagsPlugin("foo", FLAGS)
+    manager = manager_with(install, plugin)
+    config = resolve_config(
+        {"backend_option": ["num-slots=8"]},
+        {"TGI_FOO_NUM_SLOTS": "2", "FOO_EMULATE": "yes", "TGI_FOO_EMULATE": "no"},
+    )
+
+    validated = manager.select_backend(config).validate_config(config)
+
+    assert validated.backend_options == {"engine": "auto", "num_slots": 8, "emulate": True}
+    assert plugin.seen == validated.backend_options
+    assert [
+        validated.source_of(f"backend_option.{n}") for n in ("engine", "num_slots", "emulate")
+    ] == [
+        "default",
+        "cli",
+        "env FOO_EMULATE",
+    ]
+    assert config.backend_options == {}  # the original is untouched
+
+
+@pytest.mark.parametrize(
+    ("cli", "environ", "message"),
+    [
+        (
+            ["slots=2"],
+            {},
+            "--backend-option slots (cli): backend 'foo' declares no such option; its "
+            "options: emulate, engine, num_slots",
+        ),
+        (
+            [],
+            {"TGI_FOO_NUM_SLOTS": "many"},
+            "--backend-option num_slots=many (env TGI_FOO_NUM_SLOTS) for backend 'foo': "
+            "expected int, got 'many'",
+        ),
+        (
+            ["engine=turbo"],
+            {},
+            "--backend-option engine=turbo (cli) for backend 'foo': expected one of auto, "
+            "paged; got 'turbo'",
+        ),
+    ],
+)
+def test_bad_backend_flags_name_the_option_and_its_source(
+    install, cli: list[str], environ: dict[str, str], message: str
+) -> None:
+    manager = manager_with(install, FlagsPlugin("foo", FLAGS))
+    config = resolve_config({"backend_option": cli}, environ)
+
+    with pytest.raises(ConfigError) as raised:
+        manager.select_backend(config).validate_config(config)
+
+    assert str(raised.value) == message
+
+
+# ---------------------------------------------------------------- rank and world size
+
+
+def test_create_hands_rank_and_world_size_to_a_hookimpl_that_takes_them(install) -> None:
+    seen: list[tuple[int, int]] = []
+
+    class Sharded(FakePlugin):
+        @hookimpl
+        def tgi_backend_create(
+            self, config: ServeConfig, model: object, rank: int, world_size: int
+        ) -> object:
+            seen.append((rank, world_size))
+            return self.created
+
+    manager = manager_with(install, Sharded("cuda"), FakePlugin("cpu", priority=0))
+    config = config_naming(None)
+    selected = manager.select_backend(config)
+
+    assert isinstance(selected.create_backend(config, model=object()), FakeBackend)
+    selected.create_backend(config, model=object(), rank=1, world_size=2)
+    # the two-argument hookimpl of contract v1's signature keeps working
+    cpu = manager.select_backend(config_naming("cpu"))
+    assert isinstance(cpu.create_backend(config, model=object(), rank=0, world_size=1), FakeBackend)
+
+    assert seen == [(0, 1), (1, 2)]
+
+
+# ---------------------------------------------------------------- own scheduling policy
+
+
+def test_a_plugin_may_bring_its_own_scheduling_policy(install) -> None:
+    from tgi.router.policies import ContinuousPolicy, PolicyLimits
+
+    class OwnPolicy(ContinuousPolicy):
+        """A built-in policy in disguise: what matters is that it is the one used."""
+
+    class WithPolicy(FakePlugin):
+        @hookimpl
+        def tgi_scheduling_policy(
+            self, capabilities: Capabilities, limits: PolicyLimits
+        ) -> OwnPolicy:
+            self.calls.append("policy")
+            return OwnPolicy(limits, join_immediately=True)
+
+    plugin, plain = WithPolicy("own"), FakePlugin("plain")
+    manager = manager_with(install, plugin, plain)
+    limits = PolicyLimits(max_batch_prefill_tokens=8, max_batch_total_tokens=64, max_batch_size=2)
+    report = FakeBackend().warmup(Limits(8, 16, 8, None, None))
+    caps = FakeBackend.capabilities
+    own = manager.select_backend(config_naming("own"))
+    policy = own.scheduling_policy(config_naming("own"), caps, limits, report)
+    assert isinstance(policy, OwnPolicy) and policy.limits is limits
+    assert "policy" in plugin.calls
+    # a plugin without the hook leaves the choice to the core
+    other = manager.select_backend(config_naming("plain"))
+    assert other.scheduling_policy(config_naming("plain"), caps, limits, report) is None

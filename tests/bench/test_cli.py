@@ -71,7 +71,7 @@ def test_result_json_records_machine_command_parameters(two_results: tuple[Path,
     assert "--no-progress" in command and command[command.index("--input-len") + 1] == "12"
     environment = data["environment"]
     assert environment["cpu_count"] >= 1 and environment["memory_gib"] > 0
-    assert environment["packages"]["tgi"]
+    assert environment["packages"]["tgi-server"]
     parameters = data["parameters"]
     assert (parameters["input_len"], parameters["output_len"], parameters["ignore_eos"]) == (
         12,

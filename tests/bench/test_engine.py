@@ -8,7 +8,7 @@ import pytest
 
 from tgi.backend.contract import Batching, Capabilities, KvLayout, Limits
 from tgi.bench.engine import EngineParameters, _addressing, run_engine
-from tgi.testing.fake_backend import FakeBackend
+from tgi.testing.fake_backend import FakeBackend, FakeDeviceSamplingBackend, FakePagedBackend
 
 
 def _warm(backend: FakeBackend) -> FakeBackend:
@@ -60,3 +60,22 @@ def test_rows_are_addressed_for_each_kv_layout() -> None:
     assert _addressing(backend, 3, 100) == (3, ())
     backend._capabilities = dataclasses.replace(slots, kv_layout=KvLayout.PAGED, block_size=16)
     assert _addressing(backend, 1, 40) == (None, (3, 4, 5))  # 3 blocks per row
+
+
+def test_engine_drives_a_paged_backend_with_whole_tables_up_front() -> None:
+    backend = FakePagedBackend(vocab_size=50, num_blocks=64, block_size=4)
+    backend.warmup(Limits(32, 64, 512, None, 8))
+    parameters = EngineParameters((3,), input_len=9, decode_steps=6, runs=1, warmup_runs=1, seed=0)
+    (level,) = run_engine(backend, parameters, 50)
+    assert level.decode_step_ms.count == 6
+    assert backend.kv_usage().seq_ids == frozenset()
+
+
+def test_engine_reads_the_tokens_a_device_sampling_backend_returns() -> None:
+    backend = FakeDeviceSamplingBackend(vocab_size=50)
+    backend.warmup(Limits(32, 64, 512, None, 8))
+    parameters = EngineParameters((2,), input_len=5, decode_steps=3, runs=1, warmup_runs=0, seed=0)
+    (level,) = run_engine(backend, parameters, 50)
+    assert level.decode_step_ms.count == 3
+    decodes = [ids for call, ids in backend.calls if call == "decode"]
+    assert decodes == [(0, 1)] * 3

@@ -1,9 +1,9 @@
 """The Neuron backend end to end, on its CPU emulator: SmolLM2 over HTTP in 4 static slots.
 
-One server per mode: "rebuild" (compiled without continuous batching: each prefill
-re-sends every running slot's history) and "insert" (continuous batching). Ten
-concurrent requests must all complete through the 4 slots, each with exactly the tokens
-it gets when run alone.
+One server per mode: "rebuild" (compiled without continuous batching: when a request
+joins, the backend re-prefills every running slot itself) and "insert" (continuous
+batching). Ten concurrent requests must all complete through the 4 slots, each with
+exactly the tokens it gets when run alone.
 """
 
 from __future__ import annotations

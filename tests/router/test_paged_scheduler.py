@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tgi.router.request import ErrorEvent, FinalEvent, FinishReason, GenerationRequest
-from tgi.router.scheduler import RequestHandle, Router
+from tgi.router.router import RequestHandle, Router
 from tgi.sampling import SamplingParams
 from tgi.testing.fake_backend import FakePagedBackend, paged_expected_tokens
 from tgi.testing.paged import check_drained, check_pool, make_request, paged_router
@@ -36,7 +36,7 @@ def watch(router: Router) -> list[BaseException]:
     def checked() -> None:
         publish()
         try:
-            check_pool(router._paged)
+            check_pool(router.policy)
         except AssertionError as exc:
             errors.append(exc)
 
@@ -91,7 +91,7 @@ async def test_greedy_tokens_match_the_model_in_a_mixed_batch(
     assert all(isinstance(o[-1], FinalEvent) for o in outs)
     assert outs[0][-1].finish_reason is FinishReason.LENGTH
     assert not errors
-    check_drained(router._paged)
+    check_drained(router.policy)
     assert sorted(backend.released) == sorted(range(1, 7))
 
 
@@ -127,7 +127,7 @@ async def test_long_prompt_is_chunked_while_others_keep_decoding(
         if method == "prefill" and second.seq_id in seq_ids:
             assert backend.calls[index + 1] == ("decode", (first.seq_id,))
     assert not errors
-    check_drained(router._paged)
+    check_drained(router.policy)
 
 
 async def test_prefix_cache_skips_a_repeated_system_prompt(byte_tokenizer: Any, vocab: int) -> None:
@@ -150,7 +150,7 @@ async def test_prefix_cache_skips_a_repeated_system_prompt(byte_tokenizer: Any, 
     assert metrics.prefix_cache_hit_tokens._value.get() == 4 * 20
     assert metrics.prefix_cache_queried_tokens._value.get() == total
     assert not errors
-    check_drained(router._paged)
+    check_drained(router.policy)
 
     uncached = FakePagedBackend(vocab, num_blocks=64, block_size=4)
     plain = paged_router(uncached, byte_tokenizer, prefix_caching=False)
@@ -193,7 +193,7 @@ async def test_preemption_gives_the_tokens_of_an_unconstrained_run(
         assert got == [paged_expected_tokens(p, 24, vocab) for p in batch]
     assert tight._metrics.preemptions._value.get() > 0
     assert not errors
-    check_drained(tight._paged)
+    check_drained(tight.policy)
 
 
 async def test_cancelling_a_preempted_request_forgets_it(byte_tokenizer: Any, vocab: int) -> None:
@@ -218,9 +218,9 @@ async def test_cancelling_a_preempted_request_forgets_it(byte_tokenizer: Any, vo
     for handle, out in zip(rest, outs, strict=True):
         prompt = batch[handles.index(handle)]
         assert ids(out) == paged_expected_tokens(prompt, 28, vocab)
-    assert router._engine._sampler.num_histories == 0
+    assert router.engine._sampler.num_histories == 0
     assert not errors
-    check_drained(router._paged)
+    check_drained(router.policy)
 
 
 async def test_speculation_output_is_identical_and_saves_steps(
@@ -240,7 +240,7 @@ async def test_speculation_output_is_identical_and_saves_steps(
         errors = watch(router)
         out = [ids(o) for o in await run_all(router, requests)]
         assert not errors
-        check_drained(router._paged)
+        check_drained(router.policy)
         return out, backend, router
 
     plain, plain_backend, _ = await run(0)
@@ -280,8 +280,17 @@ async def test_speculation_stops_exactly_at_eos_and_max_new_tokens(
 
 
 async def _stress(
-    byte_tokenizer: Any, vocab: int, *, seed: int, num_requests: int, num_blocks: int
+    byte_tokenizer: Any,
+    vocab: int,
+    *,
+    seed: int,
+    num_requests: int,
+    num_blocks: int,
+    overlap: bool = False,
 ) -> None:
+    """Random arrivals, shared prefixes and cancellations; with `overlap` the router plans
+    ahead (no speculation then, and a roomier pool, so it may), else speculation on a
+    pool tight enough to preempt."""
     rng = random.Random(seed)
     block_size = 4
     backend = FakePagedBackend(vocab, num_blocks=num_blocks, block_size=block_size)
@@ -289,8 +298,9 @@ async def _stress(
         backend,
         byte_tokenizer,
         max_batch_prefill_tokens=rng.choice([8, 16, 32]),
-        speculate=2,
+        speculate=0 if overlap else 2,
         max_batch_size=rng.choice([None, 6]),
+        overlap=overlap,
     )
     errors = watch(router)
     systems = [[rng.randrange(vocab) for _ in range(rng.randrange(4, 12))] for _ in range(3)]
@@ -331,18 +341,27 @@ async def _stress(
             continue
         assert isinstance(events[-1], FinalEvent), events[-1]
         assert ids(events) == paged_expected_tokens(prompt, max_new, vocab)
-    check_drained(router._paged)
+    check_drained(router.policy)
     assert backend.kv_usage().seq_ids == frozenset()
-    assert router._engine._sampler.num_histories == 0
+    assert router.engine._sampler.num_histories == 0
     metrics = router._metrics
-    assert metrics.preemptions._value.get() > 0, "the pool was never tight"
     assert metrics.prefix_cache_hit_tokens._value.get() > 0, "no prefix was ever shared"
+    if overlap:
+        assert router.overlapped_steps > 0, "no step was ever planned ahead"
+    else:
+        assert metrics.preemptions._value.get() > 0, "the pool was never tight"
 
 
 async def test_randomized_arrivals_cancellations_and_preemptions(
     byte_tokenizer: Any, vocab: int
 ) -> None:
     await _stress(byte_tokenizer, vocab, seed=11, num_requests=120, num_blocks=14)
+
+
+async def test_randomized_arrivals_with_steps_planned_ahead(
+    byte_tokenizer: Any, vocab: int
+) -> None:
+    await _stress(byte_tokenizer, vocab, seed=12, num_requests=120, num_blocks=64, overlap=True)
 
 
 @pytest.mark.slow
@@ -422,7 +441,7 @@ async def test_real_paged_cpu_engine_output_does_not_depend_on_the_policy() -> N
         backend = paged.PagedCpuBackend(files.path, dtype=torch.float32)
         router = paged_router(backend, tokenizer, max_total_tokens=128, **options)
         out = [ids(o) for o in await run_all(router, requests)]
-        check_drained(router._paged)
+        check_drained(router.policy)
         if options.get("max_batch_total_tokens"):
             assert router._metrics.preemptions._value.get() > 0
         return out
@@ -445,7 +464,7 @@ async def test_the_latest_admitted_row_is_preempted_and_resumes_first(
         running_before = list(router._running)
         before = router._metrics.preemptions._value.get()
         await router._step()
-        check_pool(router._paged)
+        check_pool(router.policy)
         if router._metrics.preemptions._value.get() > before:
             seen_preemption = True
             victim = router._waiting[0]
@@ -458,4 +477,4 @@ async def test_the_latest_admitted_row_is_preempted_and_resumes_first(
     for handle, prompt in zip(handles, batch, strict=True):
         assert ids(await events_of(handle)) == paged_expected_tokens(prompt, 12, vocab)
     await router.stop()
-    check_drained(router._paged)
+    check_drained(router.policy)

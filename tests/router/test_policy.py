@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tgi.router.policies import Budget, Candidate, ContinuousPolicy
+from tgi.router.policies import Budget, Candidate, ContinuousPolicy, PolicyLimits
 
 
 def policy(join_immediately: bool = True, **values: Any) -> ContinuousPolicy:
     values = {"waiting_served_ratio": 1.2, "max_waiting_tokens": 20} | values
-    return ContinuousPolicy(join_immediately=join_immediately, **values)
+    limits = PolicyLimits(
+        max_batch_prefill_tokens=100, max_batch_total_tokens=1000, max_batch_size=None, **values
+    )
+    return ContinuousPolicy(limits, join_immediately=join_immediately)
 
 
 def budget(**values: Any) -> Budget:

@@ -10,7 +10,7 @@ import pytest
 
 from tgi.errors import Overloaded
 from tgi.router.request import ErrorEvent, FinalEvent, FinishReason, TokenEvent
-from tgi.router.scheduler import RequestHandle, Router
+from tgi.router.router import RequestHandle, Router
 from tgi.router.validation import ClientParameters
 from tgi.testing.fake_backend import FakeBackend, expected_tokens
 
@@ -172,8 +172,9 @@ async def test_a_failing_prefill_fails_only_its_request(
     assert not backend.kv
 
 
-async def test_stop_sequence_ends_a_sequence(make_state: Any) -> None:
-    state = make_state()
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-turn", "overlapped"])
+async def test_stop_sequence_ends_a_sequence(make_state: Any, overlap: bool) -> None:
+    state = make_state(overlap_steps=overlap)
     state.router.start()
     try:
         # Find a prompt whose output has a clean character after the second token.
@@ -197,7 +198,10 @@ async def test_stop_sequence_ends_a_sequence(make_state: Any) -> None:
     assert [e.token.id for e in events] == [e.token.id for e in free[: len(events)]]
 
 
-async def test_eos_token_finishes_with_eos_reason(byte_tokenizer: Any, make_state: Any) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-turn", "overlapped"])
+async def test_eos_token_finishes_with_eos_reason(
+    byte_tokenizer: Any, make_state: Any, overlap: bool
+) -> None:
     vocab = len(byte_tokenizer)
     eos = byte_tokenizer.eos_token_id
     # Find a prompt whose fake continuation hits EOS within a few tokens.
@@ -208,7 +212,7 @@ async def test_eos_token_finishes_with_eos_reason(byte_tokenizer: Any, make_stat
             break
     else:
         pytest.fail("no prompt reaches EOS with the fake model")
-    state = make_state()
+    state = make_state(overlap_steps=overlap)
     state.router.start()
     try:
         events = await collect(submit(state, prompt, max_new_tokens=8))
@@ -228,10 +232,11 @@ async def test_overloaded_when_max_concurrent_requests_are_in_flight(make_state:
     await state.router.stop()
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-turn", "overlapped"])
 async def test_sixteen_concurrent_mixed_requests_all_complete(
-    make_state: Any, byte_tokenizer: Any
+    make_state: Any, byte_tokenizer: Any, overlap: bool
 ) -> None:
-    state = make_state()
+    state = make_state(overlap_steps=overlap)
     backend: FakeBackend = state.router._backend
     state.router.start()
     prompts = [f"prompt number {i} " + "x" * (i * 3) for i in range(16)]
@@ -246,6 +251,8 @@ async def test_sixteen_concurrent_mixed_requests_all_complete(
             byte_tokenizer.encode(prompt), 4 + i, vocab
         )
     assert not backend.kv
+    # planned ahead, a sequence that stops gets at most one row too many, never a token
+    assert (state.router.overlapped_steps > 0) == overlap
 
 
 async def test_admission_respects_the_token_budget(make_state: Any) -> None:

@@ -1,10 +1,11 @@
-"""The static-slots policy and the scheduler over a static-shape backend.
+"""The static-slots policy and the router over a static-shape backend.
 
 `StaticFakeBackend` plays a Neuron-like backend of B slots on top of the fake backend's
 computable "model": it refuses any step that breaks static shapes (more than B rows, a
-row without a slot, a slot held by another sequence, a rebuild whose history is not the
-prompt plus generated tokens minus the pending one), so every test below also checks
-that the router never sends one.
+new row without a slot, a slot held by another sequence, a running row whose slot
+moved), so every test below also checks that the policy never plans one. Where it
+rebuilds on prefill (compiled without continuous batching) it re-writes every live slot
+itself from the tokens it was fed, as the Neuron backend does under contract v2.
 """
 
 from __future__ import annotations
@@ -17,17 +18,23 @@ import pytest
 from tgi.backend.contract import (
     Batching,
     Capabilities,
-    DecodeBatch,
     KVCapacity,
     KvLayout,
     Limits,
-    PrefillBatch,
     StepOutput,
+    StepPlan,
+    WarmupReport,
 )
 from tgi.errors import BackendError
-from tgi.router.policies import Budget, Candidate, SlotTable, StaticSlotsPolicy
+from tgi.router.policies import (
+    Budget,
+    Candidate,
+    PolicyLimits,
+    SlotTable,
+    StaticSlotsPolicy,
+)
 from tgi.router.request import ErrorEvent, FinalEvent
-from tgi.router.scheduler import RequestHandle
+from tgi.router.router import RequestHandle
 from tgi.router.validation import ClientParameters
 from tgi.testing.fake_backend import FakeBackend, expected_tokens
 
@@ -57,72 +64,71 @@ class StaticFakeBackend(FakeBackend):
             prefill_rebuilds_cache=rebuild,
         )
         self.slot_of: dict[int, int] = {}
-        self.slots_used: list[tuple[int, int]] = []  # (seq_id, slot), in prefill order
-        self.rebuilt: list[int] = []  # seq_ids of rebuild rows, in order
+        self.slots_used: list[tuple[int, int]] = []  # (seq_id, slot), in admission order
+        self.rebuilt: list[int] = []  # seq_ids of slots rewritten for a newcomer, in order
         self.max_rows = 0
         self.prefill_calls = 0
         self.lose_after_decodes = dict(lose_after_decodes or {})  # seq_id -> decodes
-        self.fail_prefill_call = fail_prefill_call  # 1-based prefill call that raises
+        self.fail_prefill_call = fail_prefill_call  # 1-based prefilling step that raises
         self.stray_seq_id = stray_seq_id  # invented into KV at the first prefill
         self._decodes: dict[int, int] = {}
 
-    def warmup(self, limits: Limits) -> KVCapacity:
+    def warmup(self, limits: Limits) -> WarmupReport:
         if limits.max_batch_size is None or limits.max_batch_size > self.num_slots:
             raise BackendError(f"max_batch_size {limits.max_batch_size} > {self.num_slots}")
         if limits.max_total_tokens > LENGTH:
             raise BackendError("max_total_tokens past the compiled length")
-        return KVCapacity(self.capacity_tokens, bytes_per_token=4, max_sequences=self.num_slots)
+        kv = KVCapacity(self.capacity_tokens, bytes_per_token=4, max_sequences=self.num_slots)
+        return WarmupReport(kv=kv)
 
-    def _check_slots(self, rows: Any, extra: int = 0) -> None:
-        if len(rows) + extra > self.num_slots:
+    def _check_slots(self, plan: StepPlan) -> None:
+        rows = plan.rows
+        if len(rows) > self.num_slots:
             raise BackendError(f"{len(rows)} rows for {self.num_slots} slots")
         self.max_rows = max(self.max_rows, len(rows))
-        slots = [row.slot for row in rows]
-        if None in slots or len(set(slots)) != len(slots):
-            raise BackendError(f"rows must carry distinct slots, got {slots}")
-        if any(not 0 <= slot < self.num_slots for slot in slots):
-            raise BackendError(f"slot out of range: {slots}")
-        for row in rows:
-            holder = next((s for s, slot in self.slot_of.items() if slot == row.slot), None)
-            if holder is not None and holder != row.seq_id:
-                raise BackendError(f"slot {row.slot} of seq {row.seq_id} is held by {holder}")
+        dropped = {*plan.finished, *plan.preempted}
+        held = {seq: slot for seq, slot in self.slot_of.items() if seq not in dropped}
+        for new in plan.new:
+            if new.slot is None or not 0 <= new.slot < self.num_slots:
+                raise BackendError(f"new seq {new.seq_id} has slot {new.slot}")
+            holder = next((s for s, slot in held.items() if slot == new.slot), None)
+            if holder is not None:
+                raise BackendError(f"slot {new.slot} of seq {new.seq_id} is held by {holder}")
+            held[new.seq_id] = new.slot
+        for row in plan.running:
+            if row.seq_id not in held:
+                raise BackendError(f"seq {row.seq_id} runs without a slot")
 
-    def prefill(self, batch: PrefillBatch) -> StepOutput:
-        self.prefill_calls += 1
-        if self.prefill_calls == self.fail_prefill_call:
-            raise BackendError("injected prefill failure")
-        self._check_slots(batch.rows)
-        rebuild = [row for row in batch.rows if not row.want_logits]
-        new = [row for row in batch.rows if row.want_logits]
-        if self.capabilities.prefill_rebuilds_cache:
-            missing = set(self.kv) - {row.seq_id for row in batch.rows}
-            if missing:
-                raise BackendError(f"rebuild prefill left out live sequences {missing}")
-        elif rebuild:
-            raise BackendError("insert mode got rebuild rows")
-        for row in rebuild:
-            if row.start_position != 0 or list(row.token_ids) != self.kv.get(row.seq_id):
-                raise BackendError(f"rebuild of seq {row.seq_id} does not match its history")
-            self.rebuilt.append(row.seq_id)
-        output = super().prefill(PrefillBatch(tuple(new)))
-        for row in batch.rows:
-            self.slot_of[row.seq_id] = row.slot  # type: ignore[assignment]
-        self.slots_used += [(row.seq_id, row.slot) for row in new]  # type: ignore[misc]
-        if self.stray_seq_id is not None:
-            self.kv[self.stray_seq_id] = [0]
-            self.stray_seq_id = None
-        return output
-
-    def decode(self, batch: DecodeBatch) -> StepOutput:
-        self._check_slots(batch.rows)
-        for row in batch.rows:
-            if self.slot_of.get(row.seq_id) != row.slot:
-                raise BackendError(f"seq {row.seq_id} decoded at slot {row.slot}")
-        output = super().decode(batch)
-        for row in batch.rows:
+    def step(self, plan: StepPlan) -> StepOutput:
+        self._check_slots(plan)
+        if plan.new:
+            self.prefill_calls += 1
+            if self.prefill_calls == self.fail_prefill_call:
+                rewritten = (
+                    [*plan.new, *plan.running]
+                    if self.capabilities.prefill_rebuilds_cache
+                    else plan.new
+                )
+                self._drop([row.seq_id for row in rewritten])
+                for row in rewritten:
+                    self.slot_of.pop(row.seq_id, None)
+                raise BackendError("injected prefill failure")
+            if self.capabilities.prefill_rebuilds_cache:
+                dropped = {*plan.finished, *plan.preempted}
+                self.rebuilt += [s for s in self.kv if s not in dropped]
+        for seq_id in (*plan.finished, *plan.preempted):
+            self.slot_of.pop(seq_id, None)
+        output = super().step(plan)
+        for new in plan.new:
+            self.slot_of[new.seq_id] = new.slot  # type: ignore[assignment]
+            self.slots_used.append((new.seq_id, new.slot))  # type: ignore[arg-type]
+        for row in plan.running:
             self._decodes[row.seq_id] = self._decodes.get(row.seq_id, 0) + 1
             if self._decodes[row.seq_id] == self.lose_after_decodes.get(row.seq_id):
                 self.kv.pop(row.seq_id)  # the device "forgets" the sequence
+        if plan.new and self.stray_seq_id is not None:
+            self.kv[self.stray_seq_id] = [0]
+            self.stray_seq_id = None
         return output
 
     def release(self, seq_ids: Any) -> None:
@@ -161,7 +167,13 @@ def budget(running: int = 0, **values: Any) -> Budget:
 
 def policy(rebuild: bool, **values: Any) -> StaticSlotsPolicy:
     defaults: dict[str, Any] = {"waiting_served_ratio": 1.2, "max_waiting_tokens": 20}
-    return StaticSlotsPolicy(4, LENGTH, rebuild, **{**defaults, **values})
+    limits = PolicyLimits(
+        max_batch_prefill_tokens=1000,
+        max_batch_total_tokens=4 * LENGTH,
+        max_batch_size=4,
+        **{**defaults, **values},
+    )
+    return StaticSlotsPolicy(limits, num_slots=4, max_length=LENGTH, rebuild=rebuild)
 
 
 def candidates(*input_tokens: int) -> list[Candidate]:
@@ -223,7 +235,10 @@ def test_rebuild_mode_waits_for_enough_newcomers_or_max_waiting_tokens() -> None
 def test_from_capabilities_refuses_a_continuous_backend() -> None:
     caps = Capabilities(batching=Batching.CONTINUOUS, kv_layout=KvLayout.PER_ROW)
     with pytest.raises(ValueError, match="static slots need batching=STATIC"):
-        StaticSlotsPolicy.from_capabilities(caps, waiting_served_ratio=1.2, max_waiting_tokens=20)
+        StaticSlotsPolicy.from_capabilities(
+            caps,
+            PolicyLimits(max_batch_prefill_tokens=1, max_batch_total_tokens=1, max_batch_size=1),
+        )
 
 
 # -- the scheduler over a static backend ------------------------------------------------------
@@ -233,10 +248,10 @@ def test_the_launcher_picks_the_policy_from_capabilities(
     make_state: Any, byte_tokenizer: Any
 ) -> None:
     static = make_state(StaticFakeBackend(len(byte_tokenizer), rebuild=False), max_batch_size=4)
-    assert isinstance(static.router._policy, StaticSlotsPolicy)
-    assert static.router._policy.num_slots == 4 and not static.router._policy.rebuild
+    assert isinstance(static.router.policy, StaticSlotsPolicy)
+    assert static.router.policy.num_slots == 4 and not static.router.policy.rebuild
     continuous = make_state()
-    assert not isinstance(continuous.router._policy, StaticSlotsPolicy)
+    assert not isinstance(continuous.router.policy, StaticSlotsPolicy)
 
 
 @pytest.mark.parametrize("rebuild", [True, False], ids=["rebuild", "insert"])
@@ -261,7 +276,7 @@ async def test_ten_requests_on_four_slots_all_complete_with_their_solo_tokens(
         assert [event.token.id for event in events] == alone
     assert backend.max_rows == 4  # the queue waited for slots; no step had more rows
     assert not backend.kv and not backend.slot_of
-    assert state.router._policy.slots.num_free == 4
+    assert state.router.policy.slots.num_free == 4
     if rebuild:
         assert backend.rebuilt, "no newcomer joined a running batch: the test proves nothing"
     else:
@@ -291,7 +306,7 @@ async def test_a_cancelled_request_frees_its_slot_for_the_next_one(
     assert leaver.seq_id in backend.released
 
 
-async def test_a_failed_rebuild_fails_the_rows_it_rewrote_and_frees_their_slots(
+async def test_a_failed_rebuild_fails_the_newcomer_and_recomputes_the_rows_it_rewrote(
     make_state: Any, byte_tokenizer: Any
 ) -> None:
     backend = StaticFakeBackend(len(byte_tokenizer), rebuild=True, fail_prefill_call=2)
@@ -300,7 +315,7 @@ async def test_a_failed_rebuild_fails_the_rows_it_rewrote_and_frees_their_slots(
     try:
         running = submit(state, "first", max_new_tokens=50)
         stream = running.events()
-        await stream.__anext__()
+        head = await stream.__anext__()
         joiner = submit(state, "second", max_new_tokens=5)  # its prefill rebuilds "first"
         joined = await collect(joiner)
         rest = [event async for event in stream]
@@ -308,9 +323,12 @@ async def test_a_failed_rebuild_fails_the_rows_it_rewrote_and_frees_their_slots(
     finally:
         await state.router.stop()
     assert isinstance(joined[-1], ErrorEvent) and "injected" in joined[-1].message
-    assert isinstance(rest[-1], ErrorEvent) and "injected" in rest[-1].message
+    # "first" lost its KV with the failed step; it is recomputed, not failed
+    assert isinstance(rest[-1], FinalEvent)
+    alone = expected_tokens(byte_tokenizer.encode("first"), 50, len(byte_tokenizer))
+    assert [event.token.id for event in (head, *rest)] == alone
     assert isinstance(after[-1], FinalEvent)
-    assert not backend.kv and state.router._policy.slots.num_free == 4
+    assert not backend.kv and state.router.policy.slots.num_free == 4
 
 
 async def test_a_sequence_the_backend_lost_fails_instead_of_decoding(
@@ -329,7 +347,7 @@ async def test_a_sequence_the_backend_lost_fails_instead_of_decoding(
     assert isinstance(lost_events[-1], ErrorEvent)
     assert "lost the state of request" in lost_events[-1].message
     assert isinstance(kept_events[-1], FinalEvent) and kept_events[-1].generated_tokens == 20
-    assert state.router._policy.slots.num_free == 4
+    assert state.router.policy.slots.num_free == 4
     assert not state.router.healthy  # /health now runs a real forward before saying ok
 
 

@@ -10,6 +10,7 @@ import pytest
 from tgi.errors import InvalidRequest
 from tgi.router.validation import ClientParameters, ValidationLimits, Validator
 from tgi.sampling.grammar import GrammarCompiler
+from tgi.sampling.params import GrammarSpec
 
 LIMITS = ValidationLimits(
     max_input_tokens=10,
@@ -45,9 +46,13 @@ def validate(validator: Validator, grammar: object, **params: Any) -> Any:
 )
 def test_valid_grammars_reach_the_sampling_parameters(validator: Validator, grammar: Any) -> None:
     request = validate(validator, grammar)
-    compiled = request.sampling.grammar
-    assert compiled is not None
-    assert compiled.kind == ("regex" if grammar["type"] == "regex" else "json")
+    spec = request.sampling.grammar
+    assert isinstance(spec, GrammarSpec)  # plain text: a step plan may leave the process
+    assert spec.kind == ("regex" if grammar["type"] == "regex" else "json")
+    assert validator.grammars is not None
+    assert validator.grammars.cache_len == 1  # validation compiled it ...
+    assert validator.grammars.compile_spec(spec).spec == spec  # ... so the sampler hits it
+    assert validator.grammars.cache_len == 1
 
 
 def test_no_grammar_leaves_sampling_unconstrained(validator: Validator) -> None:
@@ -58,7 +63,14 @@ def test_the_same_grammar_compiles_once(validator: Validator) -> None:
     first = validate(validator, {"type": "json", "value": SCHEMA}).sampling.grammar
     as_text = json.dumps(SCHEMA, indent=2)  # same schema, sent as text
     again = validate(validator, {"type": "json", "value": as_text}).sampling.grammar
-    assert again is first
+    assert (
+        again
+        == first
+        == GrammarSpec(
+            "json", '{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}'
+        )
+    )
+    assert validator.grammars is not None and validator.grammars.cache_len == 1
 
 
 @pytest.mark.parametrize(

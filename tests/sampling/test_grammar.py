@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from typing import Any
 
@@ -22,6 +23,7 @@ from tgi.sampling.grammar import (
     fill_bitmasks,
     grammar_bitmask,
 )
+from tgi.sampling.params import GrammarSpec
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +127,57 @@ def test_compiled_grammars_compare_by_kind_and_text(compiler: GrammarCompiler) -
     compiled = compiler.compile(regex("a"))
     twin = CompiledGrammar("regex", "a", compiled.mask_words, None)
     assert twin == compiled and hash(twin) == hash(compiled)
-    assert SamplingParams(grammar=twin) == SamplingParams(grammar=compiled)
+    assert SamplingParams(grammar=twin.spec) == SamplingParams(grammar=compiled.spec)
     assert CompiledGrammar("json", "a", compiled.mask_words, None) != compiled
+
+
+# ---- specs: the grammar as plain text, compiled again where the sampler runs -----------
+
+
+def test_a_spec_is_the_canonical_text(compiler: GrammarCompiler) -> None:
+    schema = {"type": "json", "value": '{"type": "boolean"}'}
+    assert compiler.compile(schema).spec == GrammarSpec("json", '{"type":"boolean"}')
+    assert compiler.compile(regex("a+")).spec == GrammarSpec("regex", "a+")
+
+
+def test_compile_spec_hits_the_entry_validation_made(byte_tokenizer: Any) -> None:
+    fresh = GrammarCompiler.from_hf_tokenizer(byte_tokenizer)
+    assert fresh is not None
+    compiled = fresh.compile({"type": "json", "value": {"type": "integer"}})
+    assert fresh.compile_spec(compiled.spec) is compiled
+    assert fresh.cache_len == 1
+
+
+def test_compile_spec_builds_elsewhere(compiler: GrammarCompiler, byte_tokenizer: Any) -> None:
+    """A spec that crossed a process boundary compiles again, to the same grammar."""
+    spec = pickle.loads(pickle.dumps(compiler.compile(regex("[0-9]{2}")).spec))
+    elsewhere = GrammarCompiler.from_hf_tokenizer(byte_tokenizer, [byte_tokenizer.eos_token_id])
+    assert elsewhere is not None and elsewhere.cache_len == 0
+    rebuilt = elsewhere.compile_spec(spec)
+    assert elsewhere.cache_len == 1 and elsewhere.compile_spec(spec) is rebuilt
+    assert rebuilt.spec == spec
+    vocab = len(byte_tokenizer)
+    assert allowed_ids(rebuilt, rebuilt.new_matcher(), vocab) == set(
+        ids_of(byte_tokenizer, "0123456789")
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            GrammarSpec("json_schema", "{}"),
+            "unknown grammar kind `json_schema`: expected json or regex",
+        ),
+        (GrammarSpec("regex", "(("), 'invalid regex "((": unclosed group'),
+    ],
+)
+def test_compile_spec_refuses_a_spec_validation_never_made(
+    compiler: GrammarCompiler, spec: GrammarSpec, message: str
+) -> None:
+    with pytest.raises(GrammarError) as caught:
+        compiler.compile_spec(spec)
+    assert str(caught.value) == message
 
 
 # ---- masks -----------------------------------------------------------------------------
@@ -236,15 +287,15 @@ def test_grammar_rows_follow_their_grammar_and_others_are_untouched(
     compiler: GrammarCompiler, byte_tokenizer: Any
 ) -> None:
     eos, vocab = byte_tokenizer.eos_token_id, len(byte_tokenizer) + 3
-    digits = compiler.compile(regex("[0-9]{3}"))
-    word = compiler.compile(regex("(yes|no)!"))
+    digits = compiler.compile(regex("[0-9]{3}")).spec
+    word = compiler.compile(regex("(yes|no)!")).spec
     params = [
         SamplingParams(grammar=digits),
         SamplingParams(),
         SamplingParams(grammar=word, do_sample=True, seed=7, temperature=0.7),
         SamplingParams(do_sample=False, grammar=digits),
     ]
-    sampler = BatchSampler()
+    sampler = BatchSampler(compiler)
     out, argmax = decode_loop(sampler, [10, 11, 12, 13], params, vocab, 8, eos)
     for row, pattern in ((0, "[0-9]{3}"), (2, "(yes|no)!"), (3, "[0-9]{3}")):
         assert out[row][-1] == eos, out[row]
@@ -260,8 +311,8 @@ def test_grammar_state_survives_gaps_until_release(
 ) -> None:
     """A sequence left out of some forwards (paused, then resumed) keeps its place."""
     compiled = compiler.compile(regex("abc"))
-    params = SamplingParams(grammar=compiled)
-    sampler = BatchSampler()
+    params = SamplingParams(grammar=compiled.spec)
+    sampler = BatchSampler(compiler)
     vocab = len(byte_tokenizer)
     logits = torch.zeros(1, vocab)
     first = sampler.sample("prefill", [5], [params], [0], logits).token_ids
@@ -280,8 +331,8 @@ def test_grammar_with_penalties_and_top_tokens(
     compiler: GrammarCompiler, byte_tokenizer: Any
 ) -> None:
     compiled = compiler.compile(regex("[ab]{4}"))
-    params = SamplingParams(grammar=compiled, repetition_penalty=1.5, top_n_tokens=3)
-    sampler = BatchSampler()
+    params = SamplingParams(grammar=compiled.spec, repetition_penalty=1.5, top_n_tokens=3)
+    sampler = BatchSampler(compiler)
     vocab = len(byte_tokenizer)
     tokens: list[int] = []
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(1))
@@ -310,9 +361,49 @@ def test_json_schema_output_validates(compiler: GrammarCompiler, byte_tokenizer:
     }
     compiled = compiler.compile({"type": "json", "value": schema})
     eos = byte_tokenizer.eos_token_id
-    sampler = BatchSampler()
-    params = [SamplingParams(grammar=compiled, do_sample=True, seed=s) for s in range(3)]
+    sampler = BatchSampler(compiler)
+    params = [SamplingParams(grammar=compiled.spec, do_sample=True, seed=s) for s in range(3)]
     out, _ = decode_loop(sampler, [1, 2, 3], params, len(byte_tokenizer), 400, eos, seed=3)
     for row in out:
         assert row[-1] == eos, byte_tokenizer.decode(row)
         jsonschema.validate(json.loads(byte_tokenizer.decode(row[:-1])), schema)
+
+
+class CountingCompiler(GrammarCompiler):
+    """Counts `compile_spec` calls: the sampler compiles once per sequence."""
+
+    def __init__(self, tokenizer: Any, *, cache_size: int = 64) -> None:
+        super().__init__(tokenizer, cache_size=cache_size)
+        self.spec_calls = 0
+
+    def compile_spec(self, spec: GrammarSpec) -> CompiledGrammar:
+        self.spec_calls += 1
+        return super().compile_spec(spec)
+
+
+def test_the_sampler_compiles_each_sequences_spec_once(
+    compiler: GrammarCompiler, byte_tokenizer: Any
+) -> None:
+    # its own empty LRU, as in a worker process
+    counting = CountingCompiler.from_hf_tokenizer(byte_tokenizer, [byte_tokenizer.eos_token_id])
+    assert isinstance(counting, CountingCompiler)
+    spec = compiler.compile(regex("[ab]{3}")).spec
+    sampler = BatchSampler(counting)
+    eos = byte_tokenizer.eos_token_id
+    params = [SamplingParams(grammar=spec), SamplingParams(grammar=spec), SamplingParams()]
+    out, _ = decode_loop(sampler, [1, 2, 3], params, len(byte_tokenizer), 6, eos)
+    assert counting.spec_calls == 2  # one per grammar sequence, not per step
+    assert counting.cache_len == 1  # built once, then hit
+    for row in out[:2]:
+        assert re.fullmatch("[ab]{3}", byte_tokenizer.decode(row[:-1])), row
+
+
+def test_a_grammar_row_needs_a_compiler(compiler: GrammarCompiler, byte_tokenizer: Any) -> None:
+    spec = compiler.compile(regex("a")).spec
+    logits = torch.zeros(2, len(byte_tokenizer))  # [R, V]
+    sampler = BatchSampler()
+    params = [SamplingParams(), SamplingParams(grammar=spec)]
+    with pytest.raises(ValueError, match=r"^seq 8 has a grammar, but this BatchSampler has no"):
+        sampler.sample("prefill", [7, 8], params, [0, 0], logits)
+    # rows without a grammar still sample
+    assert len(sampler.sample("prefill", [7], params[:1], [0], logits[:1]).token_ids) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tgi.sampling import SamplingParams
+from tgi.sampling.params import GrammarSpec
 from tgi.sampling.speculation import SpeculationGate, propose, speculable
 
 
@@ -39,7 +40,7 @@ def test_only_rows_whose_sampling_reads_nothing_else_may_speculate() -> None:
     assert not speculable(SamplingParams(frequency_penalty=0.5))
     assert not speculable(SamplingParams(watermark=True))
     assert not speculable(SamplingParams(top_n_tokens=2))
-    assert not speculable(SamplingParams(grammar=object()))  # type: ignore[arg-type]
+    assert not speculable(SamplingParams(grammar=GrammarSpec("regex", "a")))
 
 
 def test_gate_closes_for_large_batches_and_low_acceptance_then_probes_again() -> None:

@@ -1,34 +1,38 @@
-"""The backend contract, its plugin hooks and the plugin manager."""
+"""The backend contract (v2), its plugin hooks and the plugin manager."""
 
 from tgi.backend.contract import (
+    CONTRACT_VERSION,
     Backend,
     Batching,
     Capabilities,
-    DecodeBatch,
-    DecodeRow,
     KVCapacity,
     KvLayout,
     KVUsage,
     Limits,
-    PrefillBatch,
-    PrefillRow,
+    NewSequence,
+    RunningSequence,
+    StepConstraints,
     StepOutput,
+    StepPlan,
+    WarmupReport,
 )
 from tgi.backend.hookspecs import BackendProbe, hookimpl
 
 __all__ = [
+    "CONTRACT_VERSION",
     "Backend",
     "BackendProbe",
     "Batching",
     "Capabilities",
-    "DecodeBatch",
-    "DecodeRow",
     "KVCapacity",
     "KVUsage",
     "KvLayout",
     "Limits",
-    "PrefillBatch",
-    "PrefillRow",
+    "NewSequence",
+    "RunningSequence",
+    "StepConstraints",
     "StepOutput",
+    "StepPlan",
+    "WarmupReport",
     "hookimpl",
 ]

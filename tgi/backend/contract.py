@@ -1,16 +1,39 @@
-"""The backend contract: what the router hands a backend each step and what it gets back.
+"""The backend contract (version 2): one `step(plan)` per forward, state that travels as changes.
 
-NOTE: the contract speaks token ids and logits only. Tokenizing, sampling, stopping and
-streaming stay in the core, so one contract covers three very different executors:
+NOTE: the contract speaks token ids and logits. Tokenizing, stopping and streaming stay
+in the core; sampling too, unless a backend declares that it samples on its device.
+One step plan carries only what changed since the previous step (vLLM v1's
+`SchedulerOutput` is the model):
 
-- paged continuous batching (CUDA, ROCm, CPU engine): rows carry `block_ids`;
-- static slots with prefill-time KV rebuild (Neuron): rows carry `slot`, and the router
-  re-sends the full history of every active slot when `prefill_rebuilds_cache` is set;
-- bucketed static shapes (Gaudi): the router sizes batches to `batch_buckets`, the
-  backend pads rows and lengths to its own buckets.
+    StepPlan
+      finished   ids whose KV and sampler state go, before the forward
+      preempted  ids whose KV goes (the core keeps their sampler state; they come back
+                 later as a NewSequence under the same id, recomputed from scratch)
+      new        NewSequence: first chunk, full block table or slot, sampling, adapter
+      running    RunningSequence: next chunk or a decode row, the blocks appended
 
-A backend keeps whatever KV state it wants, keyed by `seq_id`; the router promises to
-call `release` for every sequence it ever prefilled, exactly once.
+The backend keeps each live sequence's state (its block table or slot, grown by
+appends) and runs ONE forward over every new and running row of the plan, prefill
+chunks and decode rows mixed. A backend whose graphs cannot mix them (static shapes)
+splits the step inside itself; the core never sees it.
+
+Every layout reads the same dataclasses:
+
+- paged (CPU, CUDA, ROCm): `NewSequence.block_ids` + `RunningSequence.new_block_ids`;
+- static slots (Neuron, Gaudi): `NewSequence.slot`; where `prefill_rebuilds_cache` is
+  set, the backend re-writes every live slot itself when a new sequence arrives (it has
+  seen every token it was fed), so the core never re-sends histories;
+- one cache per sequence (the generic fallback): the seq_id is the key.
+
+The core promises: calls come from one thread, never at once; every sequence that
+reached the backend is named in `finished`, `preempted` or `release` exactly once per
+admission; slots and blocks named in a plan are owned by that sequence alone (the
+policy owns them; backends do not re-check them); token ids are in [0, vocab_size);
+a sequence never grows past `Limits.max_total_tokens`.
+
+Everything in a plan and in `KVUsage` is plain data (ints, strings, tuples, frozen
+dataclasses): it can cross a process boundary through a typed encoder
+(`tgi.backend.wire`). Only `StepOutput` holds tensors, and it never leaves the engine.
 """
 
 from __future__ import annotations
@@ -20,79 +43,149 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from tgi.sampling.params import SamplingParams
+
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "CONTRACT_VERSION",
     "Backend",
     "Batching",
     "Capabilities",
-    "DecodeBatch",
-    "DecodeRow",
     "KVCapacity",
     "KVUsage",
     "KvLayout",
     "Limits",
-    "PrefillBatch",
-    "PrefillRow",
+    "NewSequence",
+    "RunningSequence",
+    "StepConstraints",
     "StepOutput",
+    "StepPlan",
+    "WarmupReport",
 ]
+
+# The version of this contract. A plugin declares the one it implements (its module's
+# `TGI_CONTRACT_VERSION`); the manager lists any other as broken instead of calling it.
+CONTRACT_VERSION = 2
 
 
 class Batching(str, Enum):
-    """How the router may change a running batch."""
+    """How the scheduler may change a running batch."""
 
-    CONTINUOUS = "continuous"  # rows join and leave between any two decode steps
+    CONTINUOUS = "continuous"  # rows join and leave between any two steps
     STATIC = "static"  # a fixed number of slots, compiled shapes
 
 
 class KvLayout(str, Enum):
-    """How the backend stores KV; tells the router which fields of a row it reads."""
+    """How the backend stores KV; tells the policy which fields of a plan it fills."""
 
     PER_ROW = "per_row"  # one cache object per sequence (generic fallback)
-    PAGED = "paged"  # fixed-size blocks addressed through `block_ids`
-    SLOTS = "slots"  # a [B, max_length] tensor; rows address it through `slot`
-    PADDED = "padded"  # one padded tensor re-built per batch (bucketed shapes)
+    PAGED = "paged"  # fixed-size blocks addressed through block tables
+    SLOTS = "slots"  # a [B, max_length] tensor; a sequence owns one slot
 
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What a backend can do; the router picks its batching policy from this."""
+    """What a backend can do; fixed for its life. The policy is chosen from this."""
 
     batching: Batching
     kv_layout: KvLayout
     block_size: int | None = None  # paged: tokens per KV block
     static_batch_size: int | None = None  # static: B, the number of compiled slots
     static_max_length: int | None = None  # static: compiled sequence length
-    prefill_rebuilds_cache: bool = False  # static: a prefill rewrites every slot's KV
-    batch_buckets: tuple[int, ...] = ()  # bucketed shapes: allowed batch sizes, () when free
-    length_buckets: tuple[int, ...] = ()  # bucketed shapes: allowed lengths, () when free
-    speculation: bool = False  # decode accepts draft tokens after the last sampled one
-    prefix_caching: bool = False  # prefill may start past a cached prompt prefix
-    chunked_prefill: bool = False  # a prompt may be prefilled over several steps
-    prompt_logits: bool = False  # prefill can return logits for every prompt position
+    prefill_rebuilds_cache: bool = False  # static: a new sequence rewrites every slot's KV
+    speculation: bool = False  # decode rows may carry draft tokens after the fed one
+    prefix_caching: bool = False  # a new sequence may start past a shared cached prefix
+    chunked_prefill: bool = False  # a prompt may be computed over several steps
+    prompt_logits: bool = False  # can return logits for every prompt position
+    # The backend samples on its device and returns token ids instead of logits; it then
+    # names the SamplingParams fields it honours, and validation refuses the others.
+    samples_on_device: bool = False
+    sampling_parameters: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """The limits the router will respect, resolved from the launcher flags."""
+    """The limits the scheduler will respect, resolved from the launcher flags."""
 
     max_input_tokens: int  # longest prompt, after truncation
-    max_total_tokens: int  # prompt + generated tokens of one sequence
-    max_batch_prefill_tokens: int  # prompt tokens in one prefill step
+    max_total_tokens: int  # prompt + generated tokens of ONE sequence
+    max_batch_prefill_tokens: int  # prompt tokens computed in one step
     max_batch_total_tokens: int | None  # KV tokens across the batch; None: backend sizes it
-    max_batch_size: int | None  # rows in one batch; None: no cap beyond KV
+    max_batch_size: int | None  # rows in one step; None: no cap beyond KV
+    rank: int = 0  # tensor parallelism: this process's rank
+    world_size: int = 1  # ... and how many ranks serve the model
 
 
 @dataclass(frozen=True, slots=True)
 class KVCapacity:
-    """What `warmup` measured: how much KV the backend can hold at once."""
+    """How much KV the backend can hold at once, as warmup measured it."""
 
-    max_total_tokens: int  # tokens of KV across all live sequences
+    total_tokens: int  # tokens of KV across all live sequences (the pool's capacity)
     bytes_per_token: int  # KV bytes one token costs (all layers, keys and values)
     max_sequences: int | None = None  # live sequences at once (static slots), None: no cap
     block_size: int | None = None  # paged: tokens per block
     num_blocks: int | None = None  # paged: blocks in the pool
+
+
+@dataclass(frozen=True, slots=True)
+class StepConstraints:
+    """The step shapes warmup found the backend can run; the policy enforces them.
+
+    Hard constraints (a step outside them cannot run): `batch_buckets` (rows per
+    forward, padded up to the next bucket; no step may have more rows than the largest)
+    and `length_buckets` (a new sequence's first chunk, padded up to the next bucket; no
+    chunk may be longer than the largest). Soft ones only shape admission's cost:
+    `graph_batch_sizes` (batch sizes with captured graphs; a step is padded up to the
+    next one inside the backend and runs eagerly above the largest).
+    """
+
+    batch_buckets: tuple[int, ...] = ()  # () when any number of rows runs
+    length_buckets: tuple[int, ...] = ()  # () when any chunk length runs
+    graph_batch_sizes: tuple[int, ...] = ()  # soft: padding hint
+    max_adapters_per_step: int | None = None  # distinct LoRA adapters in one forward
+    max_rows_per_step: int | None = None  # rows one forward can take
+    max_tokens_per_step: int | None = None  # tokens one forward can take
+
+    def padded_rows(self, num_rows: int) -> int:
+        """Rows the forward really computes for `num_rows` (bucket or captured graph)."""
+        for sizes in (self.batch_buckets, self.graph_batch_sizes):
+            for size in sizes:
+                if size >= num_rows:
+                    return size
+        return num_rows
+
+    def padded_length(self, num_tokens: int) -> int:
+        """Tokens a new sequence's first chunk costs once padded to its bucket."""
+        for size in self.length_buckets:
+            if size >= num_tokens:
+                return size
+        return num_tokens
+
+    def padded_cost(self, num_rows: int, num_tokens: int) -> int:
+        """Token positions a forward of `num_rows` rows of `num_tokens` tokens computes."""
+        return self.padded_rows(num_rows) * self.padded_length(num_tokens)
+
+    @property
+    def max_rows(self) -> int | None:
+        """The most rows one step may hold (the largest batch bucket, or the cap)."""
+        caps = [c for c in (self.max_rows_per_step, max(self.batch_buckets, default=0)) if c]
+        return min(caps) if caps else None
+
+    @property
+    def max_chunk(self) -> int | None:
+        """The longest first chunk of a new sequence (the largest length bucket)."""
+        return max(self.length_buckets) if self.length_buckets else None
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupReport:
+    """What `warmup` measured and declares."""
+
+    kv: KVCapacity
+    constraints: StepConstraints = field(default_factory=StepConstraints)
+    seconds: float = 0.0  # how long warmup took (every bucket walked once, graphs captured)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,58 +198,133 @@ class KVUsage:
 
 
 @dataclass(frozen=True, slots=True)
-class PrefillRow:
-    """One sequence to write into KV during a prefill step."""
+class NewSequence:
+    """A sequence the backend does not hold: its state starts with this step.
 
-    seq_id: int  # router-assigned, unique for the life of the server
-    token_ids: tuple[int, ...]  # tokens to run now; they start at `start_position`
-    start_position: int = 0  # tokens of this sequence already in KV (cached prefix, chunk)
-    slot: int | None = None  # static layouts: the slot this sequence owns
-    block_ids: tuple[int, ...] = ()  # paged layout: the sequence's whole block table
-    want_logits: bool = True  # False for a non-final chunk or a static rebuild row
-    want_prompt_logits: bool = False  # also return logits for every position of token_ids
+    A preempted sequence comes back as a NewSequence under its old id, with
+    `prompt + generated[:-1]` as its tokens and `want_logits=False`: the token it had
+    sampled last is fed by its next decode row, as if nothing had happened.
+    """
+
+    seq_id: int  # scheduler-assigned, unique for the life of the server
+    token_ids: tuple[int, ...]  # the first chunk to compute, from `start_position` on
+    start_position: int = 0  # tokens already in KV: a cached prefix shared via block_ids
+    block_ids: tuple[int, ...] = ()  # paged: the block table, covering this chunk
+    slot: int | None = None  # static slots: the slot this sequence owns until released
+    want_logits: bool = True  # logits of the chunk's last position (False: more chunks
+    # follow, or a resumed sequence)
+    want_prompt_logits: bool = False  # also logits of every position of token_ids
+    adapter_id: str | None = None  # LoRA adapter; None: the base model
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # how its tokens are chosen
+
+    @property
+    def input_ids(self) -> tuple[int, ...]:
+        """The tokens the forward computes for this row."""
+        return self.token_ids
+
+    @property
+    def num_logits(self) -> int:
+        """Logits positions this row returns in `StepOutput.logits` (0 or 1)."""
+        return 1 if self.want_logits else 0
 
 
 @dataclass(frozen=True, slots=True)
-class PrefillBatch:
-    """Sequences to prefill together. Rows are new unless the policy says rebuild."""
+class RunningSequence:
+    """A sequence the backend holds: what it computes this step, and what changed.
 
-    rows: tuple[PrefillRow, ...]
+    A decode row (`decode=True`) first computes `last_token`, the token sampled for it
+    at its previous step, then its drafts (`token_ids`); it returns logits for every one
+    of those positions. A chunk row (`decode=False`) computes `token_ids`, the next chunk
+    of its prompt, and returns the last position's logits when `want_logits`.
 
-
-@dataclass(frozen=True, slots=True)
-class DecodeRow:
-    """One running sequence to advance by one step."""
+    `start_position` is where the step's first token goes: the tokens already in KV.
+    It is below the backend's own count after rejected drafts (their KV is junk the step
+    overwrites). `last_token` is None only in a plan the scheduler made before it knew
+    the token (overlapped planning); the engine fills it in before the backend sees it.
+    """
 
     seq_id: int
-    token_ids: tuple[int, ...]  # the last sampled token, then any speculated drafts
-    position: int  # position of token_ids[0]; equals the tokens already in KV
-    slot: int | None = None  # static layouts
-    block_ids: tuple[int, ...] = ()  # paged layout
+    start_position: int  # tokens of this sequence in KV before this step
+    token_ids: tuple[int, ...] = ()  # chunk row: the next chunk; decode row: its drafts
+    decode: bool = False  # feed `last_token` first, return logits of every position
+    last_token: int | None = None  # decode: the token sampled at the previous step
+    new_block_ids: tuple[int, ...] = ()  # paged: blocks appended to its table this step
+    want_logits: bool = True  # chunk rows: logits of the last position
+
+    @property
+    def input_ids(self) -> tuple[int, ...]:
+        """The tokens the forward computes for this row."""
+        if not self.decode:
+            return self.token_ids
+        if self.last_token is None:
+            raise ValueError(f"decode row of seq {self.seq_id} reached a backend without a token")
+        return (self.last_token, *self.token_ids)
+
+    @property
+    def num_logits(self) -> int:
+        """Logits positions this row returns: every position of a decode row."""
+        if self.decode:
+            return 1 + len(self.token_ids)
+        return 1 if self.want_logits else 0
 
 
 @dataclass(frozen=True, slots=True)
-class DecodeBatch:
-    """All running sequences of one decode step; every row has the same len(token_ids)."""
+class StepPlan:
+    """One step: the changes since the previous one, then the rows of one forward.
 
-    rows: tuple[DecodeRow, ...]
+    Rows are in forward order: `new` first, then `running`. A plan with no rows only
+    releases. A sequence appears in at most one of `new` and `running`.
+    """
+
+    new: tuple[NewSequence, ...] = ()
+    running: tuple[RunningSequence, ...] = ()
+    finished: tuple[int, ...] = ()  # ended: free KV (and the core's sampler state) first
+    preempted: tuple[int, ...] = ()  # free KV now; the sequence returns as a NewSequence
+    forgotten: tuple[int, ...] = ()  # preempted ones that ended: core sampler state only
+    step_index: int = 0  # counts the scheduler's steps, for logs and traces
+
+    @property
+    def rows(self) -> tuple[NewSequence | RunningSequence, ...]:
+        """Every row of the forward, in order."""
+        return (*self.new, *self.running)
+
+    @property
+    def logits_rows(self) -> tuple[NewSequence | RunningSequence, ...]:
+        """The rows that return logits, in the order `StepOutput` lists them."""
+        return tuple(row for row in self.rows if row.num_logits)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the forward computes."""
+        return sum(
+            len(row.token_ids) + int(isinstance(row, RunningSequence) and row.decode)
+            for row in self.rows
+        )
 
 
 @dataclass(slots=True)
 class StepOutput:
-    """Logits of one step, on the backend's device; the core samples from them."""
+    """One forward's result, on the backend's device; the core samples from it.
 
-    seq_ids: tuple[int, ...]  # rows that asked for logits, in request order
-    logits: torch.Tensor  # [R, T, V]: T = 1 for prefill, 1 + drafts for decode
+    `seq_ids` are the rows of `plan.logits_rows`, in order. `logits` is [R, T, V] with
+    T the largest `num_logits` of the step; row r's positions past its own `num_logits`
+    are padding. A backend that samples on its device (`samples_on_device`) returns
+    `token_ids` [R] (and `logprobs` [R] when it has them) and may leave `logits` None.
+    """
+
+    seq_ids: tuple[int, ...]
+    logits: torch.Tensor | None  # [R, T, V]
     prompt_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # seq_id -> [n, V]
+    token_ids: torch.Tensor | None = None  # [R] sampled on the device
+    logprobs: torch.Tensor | None = None  # [R] their logprobs, when the device has them
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """What every backend implements. Calls come from one router thread, never at once.
+    """What every backend implements. Calls come from one thread, never at once.
 
-    Lifecycle: `warmup` once, then any interleaving of `prefill`, `decode` and
-    `release`; `health` may be called between steps; `close` once at shutdown.
+    Lifecycle: `warmup` once, then any number of `step`s; `release` may be called
+    between steps (shutdown, a failed step); `health` between steps; `close` once.
     """
 
     @property
@@ -164,24 +332,26 @@ class Backend(Protocol):
         """Fixed for the life of the backend."""
         ...
 
-    def warmup(self, limits: Limits) -> KVCapacity:
-        """Run the largest shapes the limits allow once; return the KV that fits.
+    def warmup(self, limits: Limits) -> WarmupReport:
+        """Run the largest shapes the limits allow once; return the KV that fits and the
+        step shapes the backend can run.
 
         Raises `tgi.errors.BackendError` when even one sequence of `max_total_tokens`
         cannot fit, naming the setting to change.
         """
         ...
 
-    def prefill(self, batch: PrefillBatch) -> StepOutput:
-        """Write each row's tokens into KV; return logits of each row's last position."""
-        ...
+    def step(self, plan: StepPlan) -> StepOutput:
+        """Drop `finished` and `preempted`, take in `new`, then one forward over the
+        plan's rows; logits for `plan.logits_rows`, in order.
 
-    def decode(self, batch: DecodeBatch) -> StepOutput:
-        """Advance each row; return logits for each of its `token_ids` positions."""
+        Raises `tgi.errors.BackendError` when the forward fails; the core then fails
+        the step's rows and releases them.
+        """
         ...
 
     def release(self, seq_ids: Sequence[int]) -> None:
-        """Free the KV of ended sequences. Unknown ids are ignored."""
+        """Free the KV of sequences outside a step. Unknown ids are ignored."""
         ...
 
     def kv_usage(self) -> KVUsage:
@@ -189,7 +359,7 @@ class Backend(Protocol):
         ...
 
     def health(self) -> None:
-        """Run a real one-token forward; raise when the device cannot serve."""
+        """Run a real one-token forward that changes no sequence; raise when it fails."""
         ...
 
     def close(self) -> None:

@@ -7,6 +7,11 @@ error text, and the other plugins carry on. Only the chosen plugin's hooks are e
 called after the probe (`pm.subset_hook_caller`), so a second plugin's
 `tgi_validate_config` never answers for the first.
 
+Each plugin module declares the contract it implements (`TGI_CONTRACT_VERSION`); one
+without it, or with another version than `tgi.backend.contract.CONTRACT_VERSION`, is
+BROKEN and never registered. After its probe, each plugin says what it accepts
+(`tgi_backend_options`); the chosen one's sets are enforced in `validate_config`.
+
 `TGI_BACKENDS` restricts loading: unset loads every plugin, "cpu,neuron" loads those
 entry-point names, an empty value loads none (a kill switch, as llm's LLM_LOAD_PLUGINS).
 """
@@ -23,17 +28,20 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from tgi.backend import hookspecs
-from tgi.backend.contract import Backend
-from tgi.backend.hookspecs import BackendProbe
-from tgi.config import ServeConfig
+from tgi.backend.contract import CONTRACT_VERSION, Backend
+from tgi.backend.hookspecs import BackendOptions, BackendProbe
+from tgi.config import ServeConfig, resolve_backend_options
 from tgi.errors import BackendUnavailable, ConfigError, PluginError, TgiError
 
 if TYPE_CHECKING:
+    from tgi.backend.contract import Capabilities, WarmupReport
     from tgi.models.source import ModelFiles
+    from tgi.router.policies import PolicyLimits, SchedulingPolicy
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CONTRACT_ATTRIBUTE",
     "ENTRY_POINT_GROUP",
     "REQUIRED_HOOKS",
     "BackendManager",
@@ -47,6 +55,13 @@ __all__ = [
 ENTRY_POINT_GROUP = "tgi.backends"
 ALLOW_LIST_ENV = "TGI_BACKENDS"
 REQUIRED_HOOKS = frozenset({"tgi_backend_probe", "tgi_validate_config", "tgi_backend_create"})
+CONTRACT_ATTRIBUTE = "TGI_CONTRACT_VERSION"
+# (ServeConfig field, its flag, the BackendOptions set that must hold its value)
+_OFFERED: tuple[tuple[str, str, str], ...] = (
+    ("quantize", "--quantize", "quantize"),
+    ("dtype", "--dtype", "dtypes"),
+    ("kv_cache_dtype", "--kv-cache-dtype", "kv_cache_dtypes"),
+)
 
 
 class PluginStatus(str, Enum):
@@ -69,6 +84,7 @@ class PluginRecord:
     status: PluginStatus
     probe: BackendProbe | None = None  # the probe's answer, when it was probed
     reason: str = ""  # why unavailable, broken or disabled; what was found otherwise
+    options: BackendOptions | None = None  # what it accepts, when it was probed
 
     @property
     def version(self) -> str | None:
@@ -90,6 +106,7 @@ class PluginRecord:
             "priority": probe.priority if probe is not None else None,
             "batching": probe.batching if probe is not None else None,
             "emulated": probe.emulated if probe is not None else None,
+            "options": self.options.to_json() if self.options is not None else None,
         }
 
 
@@ -106,7 +123,11 @@ def _describe(exc: BaseException) -> str:
 
 
 def _record_of(
-    entry_point: Any, status: PluginStatus, reason: str, probe: BackendProbe | None = None
+    entry_point: Any,
+    status: PluginStatus,
+    reason: str,
+    probe: BackendProbe | None = None,
+    options: BackendOptions | None = None,
 ) -> PluginRecord:
     dist = getattr(entry_point, "dist", None)  # None for an entry point outside a distribution
     return PluginRecord(
@@ -117,7 +138,27 @@ def _record_of(
         status=status,
         probe=probe,
         reason=reason,
+        options=options,
     )
+
+
+def _contract_problem(plugin: object) -> str | None:
+    """None when `plugin` declares this core's contract version; else why it is refused."""
+    declared = getattr(plugin, CONTRACT_ATTRIBUTE, None)
+    if declared is None:
+        return (
+            f"implements backend contract v1 (it declares no {CONTRACT_ATTRIBUTE}); this "
+            f"tgi-server speaks v{CONTRACT_VERSION} (upgrade the plugin)"
+        )
+    if not isinstance(declared, int) or isinstance(declared, bool):
+        return f"{CONTRACT_ATTRIBUTE} must be an int, got {declared!r}"
+    if declared != CONTRACT_VERSION:
+        upgrade = "the plugin" if declared < CONTRACT_VERSION else "tgi-server"
+        return (
+            f"implements backend contract v{declared}; this tgi-server speaks "
+            f"v{CONTRACT_VERSION} (upgrade {upgrade})"
+        )
+    return None
 
 
 def _rejection(record: PluginRecord) -> str:
@@ -186,21 +227,22 @@ class BackendManager:
             return _record_of(
                 entry_point, PluginStatus.BROKEN, reason=f"import failed: {_describe(exc)}"
             )
-        problem = self._register(name, plugin)
+        problem = _contract_problem(plugin) or self._register(name, plugin)
         if problem is not None:
             return _record_of(entry_point, PluginStatus.BROKEN, reason=problem)
         try:
+            hook = "tgi_backend_probe"
             probe = self._probe(name)
+            hook = "tgi_backend_options"
+            options = self._options(name)
         except Exception as exc:
             self.pm.unregister(name=name)
-            logger.debug("probing plugin %r failed", name, exc_info=True)
+            logger.debug("calling %s of plugin %r failed", hook, name, exc_info=True)
             return _record_of(
-                entry_point,
-                PluginStatus.BROKEN,
-                reason=f"tgi_backend_probe failed: {_describe(exc)}",
+                entry_point, PluginStatus.BROKEN, reason=f"{hook} failed: {_describe(exc)}"
             )
         status = PluginStatus.AVAILABLE if probe.available else PluginStatus.UNAVAILABLE
-        return _record_of(entry_point, status, probe=probe, reason=probe.reason)
+        return _record_of(entry_point, status, probe=probe, reason=probe.reason, options=options)
 
     def _register(self, name: str, plugin: object) -> str | None:
         """Register and validate one plugin; on failure unregister it and say why."""
@@ -240,6 +282,23 @@ class BackendManager:
                 f"probe names itself {probe.name!r}, entry point says {name!r}", plugin=name
             )
         return probe
+
+    def _options(self, name: str) -> BackendOptions:
+        answers = self._hook("tgi_backend_options", name)()
+        if answers is None:  # the optional hook is not implemented
+            return BackendOptions()
+        if not isinstance(answers, BackendOptions):
+            raise PluginError(f"expected a BackendOptions, got {answers!r}", plugin=name)
+        return answers
+
+    def offering(self, field_name: str, value: str) -> list[str]:
+        """Names of the loaded plugins whose options accept `value` for `field_name`."""
+        attribute = {field: attr for field, _, attr in _OFFERED}[field_name]
+        return [
+            record.name
+            for record in self.records
+            if record.options is not None and value in getattr(record.options, attribute)
+        ]
 
     def select_backend(self, config: ServeConfig) -> SelectedBackend:
         """The backend `config.backend` names, else the best available one; raise otherwise."""
@@ -317,8 +376,21 @@ class SelectedBackend:
         except Exception as exc:
             raise PluginError(f"{hook_name} failed: {_describe(exc)}", plugin=self.name) from exc
 
+    @property
+    def options(self) -> BackendOptions:
+        """What the chosen plugin accepts (`tgi_backend_options`)."""
+        return self.record.options or BackendOptions()
+
     def validate_config(self, config: ServeConfig) -> ServeConfig:
-        """The config after the plugin's checks: unchanged, or its adjusted copy."""
+        """The config after the core's checks against this backend's options, then the
+        plugin's own: unchanged, or an adjusted copy with `backend_options` filled.
+
+        Raises `ConfigError` for a --quantize, --dtype or --kv-cache-dtype value the
+        backend does not offer (naming where it came from and the installed backends
+        that do offer it) and for a bad or unknown `--backend-option`.
+        """
+        self._check_offered(config)
+        config = resolve_backend_options(config, self.name, self.options.flags)
         adjusted = self._call("tgi_validate_config", config=config)
         if adjusted is None:
             return config
@@ -328,11 +400,56 @@ class SelectedBackend:
                 "expected a ServeConfig or None",
                 plugin=self.name,
             )
+        for field_name, flag, attribute in _OFFERED:
+            value = getattr(adjusted, field_name)
+            if value is not None and value not in getattr(self.options, attribute):
+                raise PluginError(
+                    f"tgi_validate_config set {flag} {value}, which its "
+                    f"tgi_backend_options does not declare",
+                    plugin=self.name,
+                )
         return adjusted
 
-    def create_backend(self, config: ServeConfig, model: ModelFiles) -> Backend:
-        """Build the backend, checking the result really is one."""
-        backend = self._call("tgi_backend_create", config=config, model=model)
+    def _check_offered(self, config: ServeConfig) -> None:
+        for field_name, flag, attribute in _OFFERED:
+            value = getattr(config, field_name)
+            offered: frozenset[str] = getattr(self.options, attribute)
+            if value is None or value in offered:
+                continue
+            others = [n for n in self._manager.offering(field_name, value) if n != self.name]
+            raise ConfigError(
+                f"{flag} {value} ({config.source_of(field_name)}) is not offered by backend "
+                f"{self.name!r} (it offers: {', '.join(sorted(offered)) or 'none'}); "
+                + (
+                    f"installed backends that offer it: {', '.join(others)}"
+                    if others
+                    else "no installed backend offers it"
+                )
+            )
+
+    def scheduling_policy(
+        self,
+        config: ServeConfig,
+        capabilities: Capabilities,
+        limits: PolicyLimits,
+        warmup: WarmupReport,
+    ) -> SchedulingPolicy | None:
+        """The plugin's own scheduling policy (`tgi_scheduling_policy`), or None."""
+        return self._call(  # type: ignore[no-any-return]
+            "tgi_scheduling_policy",
+            config=config,
+            capabilities=capabilities,
+            limits=limits,
+            warmup=warmup,
+        )
+
+    def create_backend(
+        self, config: ServeConfig, model: ModelFiles, rank: int = 0, world_size: int = 1
+    ) -> Backend:
+        """Build the backend for `rank` of `world_size`, checking the result really is one."""
+        backend = self._call(
+            "tgi_backend_create", config=config, model=model, rank=rank, world_size=world_size
+        )
         if not isinstance(backend, Backend):
             raise PluginError(
                 f"tgi_backend_create returned {type(backend).__name__}, which "

@@ -1,16 +1,19 @@
 """`tgi bench engine`: prefill and decode latency straight from a backend, no HTTP, no router.
 
-TGI's `text-generation-benchmark` idea for plugin authors: for each batch size, prefill
-`batch_size` random prompts of `input_len` tokens at once, then run `decode_steps`
-decode steps of the whole batch, then release it; repeat `runs` times after `warmup_runs`
-uncounted ones.
+TGI's `text-generation-benchmark` idea for plugin authors: for each batch size, one
+step plan admits `batch_size` random prompts of `input_len` tokens (`NewSequence`s),
+then `decode_steps` plans each advance the whole batch by a token (decode
+`RunningSequence`s), then the batch is released; repeat `runs` times after
+`warmup_runs` uncounted ones.
 
-NOTE: a timed step is the backend call plus `argmax(...).tolist()` of its logits: the
-one device-to-host copy the router also makes each step, and the only backend-neutral
-way to wait for a device that computes asynchronously. Greedy tokens feed the next step.
+NOTE: a timed step is `backend.step(plan)` plus `argmax(...).tolist()` of its logits (or
+`.tolist()` of the token ids a device-sampling backend returns): the one device-to-host
+copy the engine also makes each step, and the only backend-neutral way to wait for a
+device that computes asynchronously. Greedy tokens feed the next step's decode rows.
 
 Addressing fields are filled the simplest valid way for each KV layout: slot b for row
-b (static slots), and a contiguous run of blocks per row (paged), so a backend of any
+b (static slots), and a contiguous run of blocks per row covering every step (paged),
+sent whole with the new sequence, so decode rows append none and a backend of any
 layout can be timed without the router's allocator.
 """
 
@@ -28,13 +31,12 @@ import numpy as np
 
 from tgi.backend.contract import (
     Backend,
-    DecodeBatch,
-    DecodeRow,
     KvLayout,
     Limits,
-    PrefillBatch,
-    PrefillRow,
+    NewSequence,
+    RunningSequence,
     StepOutput,
+    StepPlan,
 )
 from tgi.bench.metrics import Distribution
 from tgi.bench.results import Environment
@@ -107,8 +109,14 @@ def _addressing(backend: Backend, row: int, total_len: int) -> tuple[int | None,
 
 
 def _greedy(output: StepOutput) -> list[int]:
-    """Last-position argmax of every row: the step's one device-to-host copy."""
-    ids: list[int] = output.logits[:, -1].argmax(dim=-1).tolist()  # [R]
+    """Each row's token (first-position argmax, or the device's pick): the step's one
+    device-to-host copy."""
+    if output.token_ids is not None:
+        sampled: list[int] = output.token_ids.tolist()  # [R]
+        return sampled
+    if output.logits is None:
+        raise BackendError("the backend returned neither logits nor token ids")
+    ids: list[int] = output.logits[:, 0].argmax(dim=-1).tolist()  # [R]
     return ids
 
 
@@ -124,30 +132,29 @@ def _one_run(
     seq_ids: Sequence[int],
     decode_steps: int,
 ) -> _RunTimes:
-    """Prefill `prompts` ([B, L]) as one batch, decode it, release it; time each step."""
+    """Admit `prompts` ([B, L]) in one plan, decode them, release them; time each step."""
     batch_size, input_len = prompts.shape
     total_len = input_len + decode_steps + 1
     addresses = [_addressing(backend, b, total_len) for b in range(batch_size)]
-    rows = tuple(
-        PrefillRow(seq_id, tuple(prompts[b].tolist()), slot=slot, block_ids=blocks)
+    new = tuple(
+        NewSequence(seq_id, tuple(prompts[b].tolist()), slot=slot, block_ids=blocks)
         for b, (seq_id, (slot, blocks)) in enumerate(zip(seq_ids, addresses, strict=True))
     )
     steps: list[float] = []
     try:
         started = time.perf_counter()
-        tokens = _greedy(backend.prefill(PrefillBatch(rows)))
+        tokens = _greedy(backend.step(StepPlan(new=new)))
         prefill_s = time.perf_counter() - started
         for step in range(decode_steps):
-            batch = DecodeBatch(
-                tuple(
-                    DecodeRow(seq_id, (token,), input_len + step, slot=slot, block_ids=blocks)
-                    for seq_id, token, (slot, blocks) in zip(
-                        seq_ids, tokens, addresses, strict=True
-                    )
-                )
+            plan = StepPlan(
+                running=tuple(
+                    RunningSequence(seq_id, input_len + step, decode=True, last_token=token)
+                    for seq_id, token in zip(seq_ids, tokens, strict=True)
+                ),
+                step_index=step + 1,
             )
             started = time.perf_counter()
-            tokens = _greedy(backend.decode(batch))
+            tokens = _greedy(backend.step(plan))
             steps.append(time.perf_counter() - started)
     finally:
         backend.release(list(seq_ids))

@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 SCHEMA = "tgi-bench-serve/1"
-_PACKAGES = ("tgi", "tgi-backend-cpu", "torch", "transformers", "httpx", "numpy")
+_PACKAGES = ("tgi-server", "tgi-backend-cpu", "torch", "transformers", "httpx", "numpy")
 T = TypeVar("T")
 
 

@@ -14,6 +14,7 @@ from tgi.sampling.params import SamplingParams
 
 __all__ = [
     "ErrorEvent",
+    "Event",
     "FinalEvent",
     "FinishReason",
     "GeneratedToken",
@@ -123,3 +124,7 @@ class ErrorEvent:
 
     message: str
     error_type: str = "generation"
+
+
+# What a request's stream yields: tokens, then one final or error event.
+Event = TokenEvent | FinalEvent | ErrorEvent

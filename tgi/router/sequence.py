@@ -17,9 +17,9 @@ from tgi.router.request import (
 from tgi.router.stopping import StopChecker
 
 if TYPE_CHECKING:
-    from tgi.router.scheduler import Event
+    from tgi.router.request import Event
 
-__all__ = ["Sequence", "TokenizerLike", "top_tokens_of"]
+__all__ = ["SequenceState", "TokenizerLike", "top_tokens_of"]
 
 
 class TokenizerLike(Protocol):
@@ -29,7 +29,7 @@ class TokenizerLike(Protocol):
 
 
 @dataclass(slots=True, eq=False)  # eq=False: membership tests compare identity
-class Sequence:
+class SequenceState:
     seq_id: int
     request: GenerationRequest
     events: asyncio.Queue[Event]
@@ -42,6 +42,8 @@ class Sequence:
     prefill: tuple[PrefillToken, ...] = ()
     cancelled: bool = False  # the client went away
     done: bool = False  # a final or error event was sent
+    in_flight: int = 0  # rows planned that will bring a token, whose results are not in yet
+    admitted_step: int = 0  # the step whose plan last handed it to the backend
 
     @classmethod
     def create(
@@ -52,7 +54,7 @@ class Sequence:
         tokenizer: TokenizerLike,
         eos_token_ids: frozenset[int],
         arrival_s: float,
-    ) -> Sequence:
+    ) -> SequenceState:
         return cls(
             seq_id=seq_id,
             request=request,
@@ -69,8 +71,15 @@ class Sequence:
 
     @property
     def next_position(self) -> int:
-        """Position of the last generated token, the one the next decode feeds."""
-        return len(self.request.input_ids) + len(self.tokens) - 1
+        """Position of the token the next decode feeds: the last one generated, or the
+        one a step still in flight will bring (`in_flight`)."""
+        return len(self.request.input_ids) + len(self.tokens) + self.in_flight - 1
+
+    @property
+    def needs_rows(self) -> bool:
+        """Whether another row may still change its output: False once the tokens in
+        hand and in flight reach max_new_tokens."""
+        return len(self.tokens) + self.in_flight < self.request.stopping.max_new_tokens
 
     def record(self, token: GeneratedToken, top: tuple[GeneratedToken, ...] = ()) -> None:
         self.tokens.append(token)

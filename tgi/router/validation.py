@@ -1,6 +1,9 @@
 """Turn client parameters into a `GenerationRequest`, with TGI's rules and messages.
 
 The messages are TGI's own, word for word, because clients and tests match on them.
+One refusal is ours: a backend that samples on its device honours only the sampling
+parameters it declares (`Capabilities.sampling_parameters`), and a request using any
+other is refused rather than answered as if the parameter had not been sent.
 """
 
 from __future__ import annotations
@@ -8,14 +11,23 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tgi.errors import InvalidRequest
 from tgi.router.request import GenerationRequest, StoppingParams
 from tgi.sampling.grammar import CompiledGrammar, GrammarCompiler, GrammarError, GrammarUnsupported
 from tgi.sampling.params import SamplingParams
 
-__all__ = ["ClientParameters", "Tokenizer", "ValidationLimits", "Validator"]
+if TYPE_CHECKING:
+    # typing only: validation reads two fields, and needs no backend package at import
+    from tgi.backend.contract import Capabilities
+
+__all__ = ["BackendSampling", "ClientParameters", "Tokenizer", "ValidationLimits", "Validator"]
+
+
+# Sampling fields validation sets without the client naming them: any warper turns
+# sampling on, and every sampled request gets a seed.
+_IMPLIED = frozenset({"do_sample", "seed"})
 
 
 class Tokenizer(Protocol):
@@ -33,6 +45,14 @@ class ValidationLimits:
     max_top_n_tokens: int
     watermark_gamma: float = 0.5  # TGI's WATERMARK_GAMMA
     watermark_delta: float = 2.0  # TGI's WATERMARK_DELTA
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSampling:
+    """What validation must know of the backend to refuse what its sampler ignores."""
+
+    name: str  # the backend's name, as `tgi backends` lists it ("cpu", "neuron", ...)
+    capabilities: Capabilities  # read: samples_on_device, sampling_parameters
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +90,15 @@ class Validator:
     inputs, truncate, then the token budget and the input length after tokenizing.
     `best_of`'s own range (TGI's `validate_best_of`) is checked before all of them.
     The grammar comes last, as in TGI, and is compiled here, on the validation worker
-    thread, so building it never stalls the engine thread; without `grammars` it is
+    thread, so building it never stalls the engine thread (the sampler gets its
+    `GrammarSpec` and finds it in the compiler's LRU); without `grammars` it is
     refused as TGI refuses it under `--disable-grammar-support`.
+
+    Between the token budget and the grammar: when `backend` samples on its device,
+    every sampling parameter the request uses (`SamplingParams.non_default_fields`, and
+    `grammar`) must be one it declares, or the request is refused naming the first
+    that is not (the ones the client set before the implied `do_sample` and `seed`).
+    Without `backend`, or for a backend that returns logits, nothing more is refused.
     """
 
     def __init__(
@@ -79,10 +106,12 @@ class Validator:
         tokenizer: Tokenizer,
         limits: ValidationLimits,
         grammars: GrammarCompiler | None = None,
+        backend: BackendSampling | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self.limits = limits
         self.grammars = grammars
+        self.backend = backend
 
     def check_best_of(self, best_of: int) -> None:
         """TGI's `validate_best_of`: run before anything else when best_of != 1."""
@@ -143,10 +172,12 @@ class Validator:
             )
         if max_new_tokens <= 0:  # a prompt of max_total_tokens, under limits that allow one
             raise self._budget_error(len(input_ids), max_new_tokens)
+        self._check_device_sampling(sampling, params.grammar is not None)
         grammar = self.compile_grammar(params.grammar)
         self._check_unsupported(params)
         if grammar is not None:
-            sampling = dataclasses.replace(sampling, grammar=grammar)
+            # plain text in the request; the sampler compiles it again (an LRU hit here)
+            sampling = dataclasses.replace(sampling, grammar=grammar.spec)
         return GenerationRequest(
             inputs=inputs,
             input_ids=input_ids,
@@ -221,6 +252,22 @@ class Validator:
             raise InvalidRequest("grammar is not supported") from None
         except GrammarError as exc:
             raise InvalidRequest(f"grammar is not valid: {exc}") from None
+
+    def _check_device_sampling(self, sampling: SamplingParams, has_grammar: bool) -> None:
+        """Refuse a sampling parameter an on-device sampler would silently ignore."""
+        backend = self.backend
+        if backend is None or not backend.capabilities.samples_on_device:
+            return
+        used = [*sampling.non_default_fields(), *(("grammar",) if has_grammar else ())]
+        honoured = backend.capabilities.sampling_parameters
+        refused = [name for name in used if name not in honoured]
+        if not refused:
+            return
+        # Name what the client set before what it implies (temperature -> do_sample, seed).
+        name = min(refused, key=lambda field: field in _IMPLIED)
+        raise InvalidRequest(
+            f"`{name}` is not supported by the {backend.name} backend, which samples on its device"
+        )
 
     @staticmethod
     def _check_unsupported(params: ClientParameters) -> None:

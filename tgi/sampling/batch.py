@@ -7,13 +7,15 @@ with exactly one device-to-host copy: the chosen ids, their logprobs and any top
 tokens packed into one float64 tensor and read with one `.tolist()` (float64 holds
 every token id exactly).
 
-Grammar rows (`SamplingParams.grammar`) get a matcher per sequence, created at the
-row's first sample, advanced with every token it samples (from the host copy, so no
-extra sync) and dropped only on `release`, so a sequence paused and resumed keeps its
-place in the grammar. Each forward has llguidance fill one `[G, ceil(V/32)]` int32 bitmask
-for the G grammar rows on the host, moves it to the logits' device once (a
-host-to-device copy: the forward's one device-to-host copy stays the only one), and
-masks those rows' scores with one batched op; other rows are untouched.
+Grammar rows (`SamplingParams.grammar`, a `GrammarSpec`) get a matcher per sequence,
+created at the row's first sample from the spec compiled through the sampler's
+`GrammarCompiler` (the LRU validation filled: a hit in the same process), advanced
+with every token it samples (from the host copy, so no extra sync) and dropped only on
+`release`, so a sequence paused and resumed keeps its place in the grammar. Each
+forward has llguidance fill one `[G, ceil(V/32)]` int32 bitmask for the G grammar rows
+on the host, moves it to the logits' device once (a host-to-device copy: the forward's
+one device-to-host copy stays the only one), and masks those rows' scores with one
+batched op; other rows are untouched.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-from tgi.sampling.grammar import CompiledGrammar, GrammarMask, advance, grammar_bitmask
+from tgi.sampling.grammar import GrammarCompiler, GrammarMask, advance, grammar_bitmask
 from tgi.sampling.history import TokenHistory
 from tgi.sampling.params import SamplingParams
 from tgi.sampling.sampler import HistoryView, SamplingBatch, sample
@@ -51,9 +53,15 @@ class _Cached:
 
 
 class BatchSampler:
-    """Samples the forwards of one engine; call it from that engine's thread only."""
+    """Samples the forwards of one engine; call it from that engine's thread only.
 
-    def __init__(self) -> None:
+    `grammars` compiles the rows' `GrammarSpec`s: the validator's compiler where both
+    live in one process (so each spec is a cache hit), one for the same tokenizer
+    elsewhere. Without it a row with a grammar is refused with `ValueError`.
+    """
+
+    def __init__(self, grammars: GrammarCompiler | None = None) -> None:
+        self._grammars = grammars
         self._cache: dict[str, _Cached] = {}  # per stream of forwards ("prefill", "decode")
         self._history = TokenHistory()
         self._matchers: dict[int, Any] = {}  # seq_id -> llguidance.LLMatcher of its grammar
@@ -65,19 +73,20 @@ class BatchSampler:
         params: Sequence[SamplingParams],
         steps: Sequence[int],
         logits: torch.Tensor,
-        prompts: Sequence[Sequence[int]] | None = None,
+        prompts: Sequence[Sequence[int] | None] | None = None,
     ) -> SampledTokens:
         """Choose the next token of every row of `logits` ([R, V]).
 
         `stream` names the cache ("prefill" or "decode"): the tensors built for a row set
         are reused while the next call of that stream has the same rows. `prompts`, given
-        for a prefill, starts the history of each row that needs one. Mutates the
+        for a row's first sample (None for the others), starts the history of each row
+        that needs one. Mutates the
         histories (each row's chosen token is appended).
         """
         vocab, device = logits.shape[-1], logits.device
         if prompts is not None:
             for seq_id, row_params, prompt in zip(seq_ids, params, prompts, strict=True):
-                if row_params.needs_history:
+                if prompt is not None and row_params.needs_history:
                     self._history.start(seq_id, prompt, vocab, device)
         key = (tuple(seq_ids), device, vocab)
         cached = self._cache.get(stream)
@@ -116,20 +125,23 @@ class BatchSampler:
         rows = cached.grammar_rows
         if not rows:
             return [], None
+        grammars = self._grammars
+        if grammars is None:
+            raise ValueError(
+                f"seq {seq_ids[rows[0]]} has a grammar, but this BatchSampler has no "
+                "GrammarCompiler: build it with BatchSampler(grammars=...)"
+            )
         matchers = []
-        mask_words = 0
         for row in rows:
-            grammar: CompiledGrammar | None = params[row].grammar
-            if grammar is None:
-                raise ValueError("row parameters changed under a cached batch")
             matcher = self._matchers.get(seq_ids[row])
             if matcher is None:
-                matcher = self._matchers[seq_ids[row]] = grammar.new_matcher()
+                spec = params[row].grammar
+                if spec is None:
+                    raise ValueError("row parameters changed under a cached batch")
+                # once per sequence: an LRU hit where validation compiled it
+                matcher = self._matchers[seq_ids[row]] = grammars.compile_spec(spec).new_matcher()
             matchers.append(matcher)
-            if mask_words and grammar.mask_words != mask_words:
-                raise ValueError("grammars of one batch must share one tokenizer")
-            mask_words = grammar.mask_words
-        bitmask = grammar_bitmask(matchers, mask_words, vocab)  # [G, ceil(V/32)] on the host
+        bitmask = grammar_bitmask(matchers, grammars.mask_words, vocab)  # [G, ceil(V/32)], host
         mask = GrammarMask.from_bitmask(bitmask.to(device), vocab, cached.grammar_index)
         return matchers, mask
 

@@ -12,15 +12,24 @@ built once in about 0.5 s; the 12 schemas of tests/e2e/test_grammar_smollm2.py c
 in 0.2-9 ms (median 0.4 ms; a cache hit costs about 20 us); filling the masks of 8 rows
 takes 0.1-0.3 ms per step, and feeding each row its token about 2 us.
 
+A grammar reaches the sampler as text (`GrammarSpec`: step plans may cross a process
+boundary) and `compile_spec` turns it back, once per sequence. Measured the same way
+(the 12 schemas and the date regex of that test, `compile_spec` timed alone): a hit,
+where validation compiled it in this process, costs 0.5-1 us (median; it skips the
+canonical JSON round trip that makes `compile`'s hit about 5 us); a miss, in a process
+whose compiler has not seen it, is a build on the engine thread: 0.2-1 ms for 12 of the
+13 (median 0.35 ms, slowest 4.5 ms), plus 8-14 ms once, for whichever grammar a fresh
+compiler builds first (reversing the order moves that cost to the other grammar).
+
 Where the work happens:
 
-    validation worker thread      engine thread (BatchSampler), per forward
-    ------------------------      ------------------------------------------
-    GrammarCompiler.compile  -->  CompiledGrammar.new_matcher()  (a deep copy, once
-      parse + build a template      per sequence, at its first sample)
-      LLMatcher (LRU cached)      fill_bitmasks(...)  one [G, W] int32 mask, filled by
-                                    llguidance's executor for every grammar row at once
-                                  advance(...)  each matcher consumes its sampled token
+    validation worker thread        engine thread (BatchSampler), per forward
+    ------------------------        ------------------------------------------
+    GrammarCompiler.compile    -->  compile_spec(spec).new_matcher()  (once per sequence,
+      parse + build a template        at its first sample: an LRU hit, then a deep copy)
+      LLMatcher (LRU cached)        fill_bitmasks(...)  one [G, W] int32 mask, filled by
+    SamplingParams.grammar =          llguidance's executor for every grammar row at once
+      compiled.spec (plain text)    advance(...)  each matcher consumes its sampled token
 
 `W = ceil(V_tok / 32)`: bit `t % 32` of word `t // 32` is set when token `t` may come
 next. When a grammar is complete only the EOS tokens stay allowed, so the sequence
@@ -41,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 import llguidance
 import torch
+
+from tgi.sampling.params import GrammarSpec
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -93,6 +104,12 @@ class CompiledGrammar:
         """A fresh matcher at the grammar's start (cheap: copies the built parser)."""
         return self._template.deep_copy()
 
+    @property
+    def spec(self) -> GrammarSpec:
+        """The grammar as plain text, for `SamplingParams.grammar`: what
+        `GrammarCompiler.compile_spec` turns back into this grammar."""
+        return GrammarSpec(self.kind, self.key)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CompiledGrammar) and (self.kind, self.key) == (
             other.kind,
@@ -107,8 +124,9 @@ class GrammarCompiler:
     """Turns TGI `grammar` objects into `CompiledGrammar`s for one tokenizer.
 
     Thread-safe: validation calls `compile` from worker threads, so the cost of
-    building a grammar never lands on the engine thread. Compiled grammars are kept in
-    an LRU of `cache_size` entries keyed by (kind, canonical value).
+    building a grammar never lands on the engine thread, which calls `compile_spec`
+    (a cache hit in the same process). Compiled grammars are kept in an LRU of
+    `cache_size` entries keyed by (kind, canonical value).
     """
 
     def __init__(self, tokenizer: Any, *, cache_size: int = 64) -> None:
@@ -141,7 +159,22 @@ class GrammarCompiler:
 
         Raises `GrammarError` (invalid schema or regex) or `GrammarUnsupported`.
         """
-        kind, text = canonical(grammar)
+        return self._cached(*canonical(grammar))
+
+    def compile_spec(self, spec: GrammarSpec) -> CompiledGrammar:
+        """The grammar a `GrammarSpec` (from `CompiledGrammar.spec`) stands for, through
+        the same LRU: a hit where validation compiled it in this process, a build
+        elsewhere (another process, or evicted since).
+
+        Raises `GrammarError` for a kind other than json or regex, or a source that does
+        not compile (validation compiled it, so only a spec made by hand gets here).
+        """
+        if spec.kind not in (JSON, REGEX):
+            raise GrammarError(f"unknown grammar kind `{spec.kind}`: expected json or regex")
+        return self._cached(spec.kind, spec.source)
+
+    def _cached(self, kind: str, text: str) -> CompiledGrammar:
+        """The LRU's entry for (kind, canonical text), built and stored on a miss."""
         key = (kind, text)
         with self._lock:
             cached = self._cache.get(key)

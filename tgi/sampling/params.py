@@ -1,14 +1,25 @@
-"""Per-request sampling parameters, as the sampler consumes them."""
+"""Per-request sampling parameters, as the sampler consumes them.
+
+Plain data only: `SamplingParams` travels inside step plans, which may cross a process
+boundary. A grammar travels as its canonical source (`GrammarSpec`); the sampler
+compiles it where it runs, through the compiler's LRU (validation compiled it once
+already, so a bad grammar is refused before the request is queued).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from tgi.sampling.grammar import CompiledGrammar
+__all__ = ["GrammarSpec", "SamplingParams"]
 
-__all__ = ["SamplingParams"]
+
+@dataclass(frozen=True, slots=True)
+class GrammarSpec:
+    """A validated grammar as text: what `GrammarCompiler.compile_spec` turns back into
+    a `CompiledGrammar` (a cache hit where validation ran in the same process)."""
+
+    kind: str  # "json" or "regex" ("json_schema" compiles as "json")
+    source: str  # canonical text of the grammar: the compiler's cache key
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +38,27 @@ class SamplingParams:
     watermark_gamma: float = 0.5  # fraction of the vocabulary that is green
     watermark_delta: float = 2.0  # logit bias added to green tokens
     top_n_tokens: int = 0  # also return this many most likely tokens per step
-    grammar: CompiledGrammar | None = None  # constrain the output (JSON schema or regex)
+    grammar: GrammarSpec | None = None  # constrain the output (JSON schema or regex)
 
     @property
     def needs_history(self) -> bool:
         """Whether sampling this row reads its token history (prompt + generated)."""
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.watermark
+
+    def non_default_fields(self) -> tuple[str, ...]:
+        """Names of the fields that differ from their neutral value (what a backend that
+        samples on its device must honour for this request)."""
+        neutral = _NEUTRAL
+        names = [
+            name
+            for name in _FIELDS
+            if name not in ("seed", "watermark_gamma", "watermark_delta")
+            and getattr(self, name) != getattr(neutral, name)
+        ]
+        if self.do_sample and "seed" not in names:
+            names.append("seed")
+        return tuple(names)
+
+
+_NEUTRAL = SamplingParams()
+_FIELDS = tuple(SamplingParams.__dataclass_fields__)

@@ -24,7 +24,7 @@ from starlette.types import Send
 
 from tgi.errors import GenerationError, InvalidRequest, Overloaded
 from tgi.router.request import ErrorEvent, FinalEvent, GenerationRequest
-from tgi.router.scheduler import RequestHandle
+from tgi.router.router import RequestHandle
 from tgi.router.validation import ClientParameters
 from tgi.server.schemas import ErrorResponse
 from tgi.server.state import ServerState

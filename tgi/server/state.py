@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
-from tgi.backend.contract import Capabilities, KVCapacity
+from tgi.backend.contract import Capabilities, KVCapacity, StepConstraints
 from tgi.config import ServeConfig
 from tgi.metrics import Metrics
-from tgi.router.scheduler import Router
+from tgi.router.router import Router
 from tgi.router.validation import Validator
 
 __all__ = ["ServedModel", "ServerState", "get_state"]
@@ -28,6 +28,7 @@ class ServedModel:
     device_type: str  # what the backend runs on, e.g. "cpu", "neuron (emulated)"
     capabilities: Capabilities
     capacity: KVCapacity
+    constraints: StepConstraints = field(default_factory=StepConstraints)  # from warmup
 
 
 @dataclass(slots=True)

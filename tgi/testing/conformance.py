@@ -1,4 +1,4 @@
-"""The backend conformance suite: every backend, in-tree or third-party, runs it.
+"""The backend conformance suite (contract v2): every backend, in-tree or third-party, runs it.
 
 Use it by subclassing in the backend's tests and providing one fixture:
 
@@ -16,23 +16,24 @@ the `architecture` fixture to narrow the presets, `limits` for static shapes, an
 `reference_dtype` when the backend does not compute in float32.
 
 NOTE: the oracle is transformers' own `generate(do_sample=False)` on the same weights
-(`ReferenceModel`). `Driver` plays a minimal router for any KV layout: it assigns
-static slots, keeps paged block tables, re-prefills active slots where the backend says
-`prefill_rebuilds_cache`, and samples greedily, so the tests below read like the
-scheduler's own sequence of calls. For a PAGED backend it allocates block tables with
-the router's own allocator (`tgi.router.paging`), can share cached prefix blocks
-(`prefill(..., cached=True)`), verifies drafts (`decode(..., drafts=...)`) and re-prefills
-a released sequence under its id (`resume`), as the paged policy does.
+(`ReferenceModel`). `Driver` (`tgi.testing.driver`) plays a minimal router that sends
+exactly what the real one sends: changes-only step plans (full block tables for new
+sequences, appended blocks for running ones, ended ids in the next plan), so the tests
+below read like the scheduler's own sequence of steps.
+
+Every test that steps the backend runs twice: `direct`, and `wire`, where each plan,
+each step's result and KV usage, the limits and the warmup report cross
+`tgi.backend.wire` (msgpack) as they would between a router and an engine process. The
+`wire` variant runs on the first tiny preset only (`runs_wire`): the encoding does not
+depend on the model, and the template backend's O(n^2) steps make a second pass over
+every preset cost minutes.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -40,17 +41,17 @@ import torch
 from tgi.backend.contract import (
     Backend,
     Batching,
-    DecodeBatch,
-    DecodeRow,
     KVCapacity,
     KvLayout,
     Limits,
-    PrefillBatch,
-    PrefillRow,
+    NewSequence,
+    RunningSequence,
     StepOutput,
+    WarmupReport,
 )
-from tgi.router.paging import BlockPool, BlockTable, block_hashes
-from tgi.router.paging.prefix import ROOT
+from tgi.sampling.params import SamplingParams
+from tgi.testing.driver import Driver, round_trip
+from tgi.testing.reference import ReferenceModel, make_prompt
 from tgi.testing.tiny_models import TINY_PRESETS, build_tiny_model
 
 __all__ = ["SUITE_LIMITS", "BackendConformance", "Driver", "ReferenceModel", "make_prompt"]
@@ -65,281 +66,7 @@ SUITE_LIMITS = Limits(
 # The capacity test fills at most this many tokens; a backend reporting more under
 # SUITE_LIMITS (whose max_batch_total_tokens asks for 320) gets a failure, not a skip.
 MAX_FILL_TOKENS = 4096
-
-
-def make_prompt(seed: int, num_tokens: int, vocab_size: int) -> list[int]:
-    """Deterministic token ids in [0, vocab_size), different for each seed."""
-    rng = random.Random(seed)
-    return [rng.randrange(vocab_size) for _ in range(num_tokens)]
-
-
-class ReferenceModel:
-    """transformers `generate` on the same weights: what greedy decoding must equal."""
-
-    def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32) -> None:
-        from transformers import AutoModelForCausalLM
-
-        self.model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
-
-    def greedy(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
-        """The new tokens of `generate(do_sample=False)`; fewer when it stops at EOS."""
-        input_ids = torch.tensor([list(prompt)], dtype=torch.long)  # [1, n]
-        config = self.model.generation_config
-        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-        if isinstance(pad, list):
-            pad = pad[0]
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad if pad is not None else 0,
-            )
-        return [int(token) for token in out[0, len(prompt) :]]
-
-    def prompt_logits(self, prompt: Sequence[int]) -> torch.Tensor:
-        """Logits of every prompt position, [n, V] float32, from one full forward."""
-        with torch.inference_mode():
-            out = self.model(torch.tensor([list(prompt)], dtype=torch.long))
-        return out.logits[0].float()
-
-
-@dataclass(slots=True)
-class _Seq:
-    prompt: list[int]
-    generated: list[int] = field(default_factory=list)  # the last one is not in KV yet
-    slot: int | None = None
-    table: BlockTable = field(default_factory=BlockTable)
-
-    @property
-    def block_ids(self) -> tuple[int, ...]:
-        return tuple(self.table.blocks)
-
-    @property
-    def in_kv(self) -> int:
-        return len(self.prompt) + max(len(self.generated) - 1, 0)
-
-
-class Driver:
-    """A minimal router over one backend: builds rows for its layout, samples greedily.
-
-    Tokens come from `argmax` of each returned row, so two runs agree exactly when the
-    backend's logits pick the same tokens.
-    """
-
-    def __init__(self, backend: Backend, capacity: KVCapacity) -> None:
-        self.backend = backend
-        self.capacity = capacity
-        self.caps = backend.capabilities
-        self.seqs: dict[int, _Seq] = {}
-        self.pool: BlockPool | None = None
-        if self.caps.kv_layout is KvLayout.PAGED:
-            self.block_size = capacity.block_size or self.caps.block_size or 1
-            self.pool = BlockPool(capacity.num_blocks or 1, self.block_size)
-        self._free_slots = list(range(self.caps.static_batch_size or 0))
-
-    def prefill(
-        self,
-        prompts: Mapping[int, Sequence[int]],
-        *,
-        want_prompt_logits: bool = False,
-        cached: bool = False,
-    ) -> StepOutput:
-        """Prefill new sequences; each row's greedy token becomes its first generated one.
-
-        `cached` (paged): each row first takes the longest run of prefix blocks keyed by
-        `share_prefix` (always leaving one token to compute) and starts after it."""
-        rows = []
-        if self.caps.prefill_rebuilds_cache:
-            rows += [
-                self._row(seq_id, self._history(seq), 0, want_logits=False)
-                for seq_id, seq in self.seqs.items()
-            ]
-        for seq_id, prompt in prompts.items():
-            self.seqs[seq_id] = _Seq(list(prompt))
-            if self.caps.static_batch_size is not None:
-                self.seqs[seq_id].slot = self._free_slots.pop(0)
-            start = self._take_cached(self.seqs[seq_id]) if cached else 0
-            rows.append(
-                self._row(
-                    seq_id, list(prompt)[start:], start, want_prompt_logits=want_prompt_logits
-                )
-            )
-        out = self.backend.prefill(PrefillBatch(tuple(rows)))
-        self._take(out, tuple(row.seq_id for row in rows if row.want_logits))
-        return out
-
-    def prefill_chunk(self, seq_id: int, token_ids: Sequence[int], *, last: bool) -> StepOutput:
-        """One chunk of a chunked prefill; only the last chunk asks for logits."""
-        seq = self.seqs.setdefault(seq_id, _Seq([]))
-        start = len(seq.prompt)
-        seq.prompt.extend(token_ids)
-        out = self.backend.prefill(
-            PrefillBatch((self._row(seq_id, list(token_ids), start, want_logits=last),))
-        )
-        self._take(out, (seq_id,) if last else ())
-        return out
-
-    def decode(
-        self, seq_ids: Sequence[int], *, drafts: Mapping[int, Sequence[int]] | None = None
-    ) -> StepOutput:
-        """Advance `seq_ids` by one token each; with `drafts` (paged, speculation) each
-        row also carries its drafts, padded to one length, and takes the greedy tokens
-        while its drafts match them (the router's exact-match rule)."""
-        drafts = drafts or {}
-        width = 1 + max((len(d) for d in drafts.values()), default=0)
-        rows = []
-        for seq_id in seq_ids:
-            seq = self.seqs[seq_id]
-            position = seq.in_kv
-            mine = list(drafts.get(seq_id, ()))
-            tokens = [seq.generated[-1], *mine] + [seq.generated[-1]] * (width - 1 - len(mine))
-            self._grow_blocks(seq, position + width)
-            rows.append(DecodeRow(seq_id, tuple(tokens), position, seq.slot, seq.block_ids))
-        out = self.backend.decode(DecodeBatch(tuple(rows)))
-        if width == 1:
-            self._take(out, tuple(seq_ids))
-            return out
-        assert out.seq_ids == tuple(seq_ids), f"logits rows {out.seq_ids}, asked for {seq_ids}"
-        assert tuple(out.logits.shape[:2]) == (len(seq_ids), width), tuple(out.logits.shape)
-        picked = out.logits.argmax(dim=-1).tolist()  # [R, T]
-        for seq_id, row_tokens, row in zip(seq_ids, picked, rows, strict=True):
-            accepted = [int(row_tokens[0])]
-            for t in range(1, 1 + len(drafts.get(seq_id, ()))):
-                if row.token_ids[t] != accepted[-1]:
-                    break
-                accepted.append(int(row_tokens[t]))
-            self.seqs[seq_id].generated.extend(accepted)
-        return out
-
-    def new_row(
-        self,
-        seq_id: int,
-        prompt: Sequence[int],
-        *,
-        want_logits: bool = True,
-        want_prompt_logits: bool = False,
-    ) -> PrefillRow:
-        """A prefill row for a new sequence, with its slot or block table, for tests
-        that call the backend directly."""
-        self.seqs[seq_id] = _Seq(list(prompt))
-        if self.caps.static_batch_size is not None:
-            self.seqs[seq_id].slot = self._free_slots.pop(0)
-        return self._row(
-            seq_id,
-            list(prompt),
-            0,
-            want_logits=want_logits,
-            want_prompt_logits=want_prompt_logits,
-        )
-
-    def share_prefix(self, seq_id: int) -> int:
-        """Key the full blocks of `seq_id`'s prompt for `prefill(cached=True)` (paged);
-        returns how many blocks were keyed."""
-        assert self.pool is not None, "prefix blocks need a paged backend"
-        seq = self.seqs[seq_id]
-        keys = block_hashes(seq.prompt, self.block_size)
-        parent = ROOT
-        for index, key in enumerate(keys):
-            chunk = tuple(seq.prompt[index * self.block_size : (index + 1) * self.block_size])
-            self.pool.register(seq.table.blocks[index], key, parent, chunk)
-            parent = key
-        seq.table.num_shared = len(keys)
-        return len(keys)
-
-    def resume(self, seq_id: int) -> StepOutput:
-        """Re-prefill a released (preempted) sequence under its id: prompt + generated
-        minus the pending token, no logits; the next decode feeds the pending token."""
-        seq = self.seqs[seq_id]
-        history = self._history(seq)
-        out = self.backend.prefill(
-            PrefillBatch((self._row(seq_id, history, 0, want_logits=False),))
-        )
-        self._take(out, ())
-        return out
-
-    def preempt(self, seq_ids: Sequence[int]) -> None:
-        """Release KV and blocks but keep the tokens, for `resume`."""
-        for seq_id in seq_ids:
-            if self.pool is not None:
-                self.seqs[seq_id].table.free(self.pool)
-        self.backend.release(seq_ids)
-
-    def generate(self, targets: Mapping[int, int]) -> None:
-        """Decode the live sequences together until each has `targets[seq_id]` tokens."""
-        while True:
-            active = [s for s, n in targets.items() if len(self.seqs[s].generated) < n]
-            if not active:
-                return
-            self.decode(active)
-
-    def release(self, seq_ids: Sequence[int]) -> None:
-        for seq_id in seq_ids:
-            seq = self.seqs.pop(seq_id, None)
-            if seq is not None:
-                if self.pool is not None:
-                    seq.table.free(self.pool)
-                if seq.slot is not None:
-                    self._free_slots.append(seq.slot)
-        self.backend.release(seq_ids)
-
-    def tokens(self, seq_id: int) -> list[int]:
-        return list(self.seqs[seq_id].generated)
-
-    def _history(self, seq: _Seq) -> list[int]:
-        # What a static rebuild re-sends: prompt plus generated, minus the pending token.
-        return seq.prompt + seq.generated[:-1]
-
-    def _row(
-        self,
-        seq_id: int,
-        token_ids: list[int],
-        start: int,
-        *,
-        want_logits: bool = True,
-        want_prompt_logits: bool = False,
-    ) -> PrefillRow:
-        seq = self.seqs[seq_id]
-        self._grow_blocks(seq, start + len(token_ids))
-        return PrefillRow(
-            seq_id,
-            tuple(token_ids),
-            start,
-            seq.slot,
-            seq.block_ids,
-            want_logits,
-            want_prompt_logits,
-        )
-
-    def _grow_blocks(self, seq: _Seq, num_tokens: int) -> None:
-        if self.pool is not None:
-            seq.table.grow(self.pool, num_tokens)
-
-    def _take_cached(self, seq: _Seq) -> int:
-        """Share the longest keyed run of `seq`'s prompt blocks; return its start."""
-        assert self.pool is not None, "prefix blocks need a paged backend"
-        size, parent = self.block_size, ROOT
-        limit = (len(seq.prompt) - 1) // size
-        for index, key in enumerate(block_hashes(seq.prompt, size, limit)):
-            chunk = tuple(seq.prompt[index * size : (index + 1) * size])
-            block = self.pool.lookup(key, parent, chunk)
-            if block is None:
-                break
-            self.pool.share(block)
-            seq.table.blocks.append(block)
-            parent = key
-        seq.table.num_shared = len(seq.table.blocks)
-        return len(seq.table.blocks) * size
-
-    def _take(self, out: StepOutput, wanted: tuple[int, ...]) -> None:
-        # Checked on every step: a row missing here would make `generate` loop forever.
-        assert out.seq_ids == wanted, f"logits rows {out.seq_ids}, asked for {wanted}"
-        assert out.logits.shape[0] == len(wanted), f"logits shape {tuple(out.logits.shape)}"
-        picked = out.logits[:, -1].argmax(dim=-1).tolist()  # [R]
-        for seq_id, token in zip(out.seq_ids, picked, strict=True):
-            self.seqs[seq_id].generated.append(int(token))
+_SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
 
 
 class BackendConformance:
@@ -381,13 +108,30 @@ class BackendConformance:
         finally:
             built.close()
 
-    @pytest.fixture
-    def capacity(self, backend: Backend) -> KVCapacity:
-        return backend.warmup(self.limits)
+    def runs_wire(self, architecture: str) -> bool:
+        """Whether the `wire` variant runs on `architecture`: the first tiny preset, and
+        any architecture of a subclass's own (override to widen)."""
+        return architecture not in TINY_PRESETS or architecture == min(TINY_PRESETS)
+
+    @pytest.fixture(params=[False, True], ids=["direct", "wire"])
+    def wire(self, request: pytest.FixtureRequest, architecture: str) -> bool:
+        if request.param and not self.runs_wire(architecture):
+            pytest.skip(f"the wire round trip runs on {min(TINY_PRESETS)} only (runs_wire)")
+        return bool(request.param)
 
     @pytest.fixture
-    def driver(self, backend: Backend, capacity: KVCapacity) -> Driver:
-        return Driver(backend, capacity)
+    def report(self, backend: Backend, wire: bool) -> WarmupReport:
+        if not wire:
+            return backend.warmup(self.limits)
+        return round_trip(backend.warmup(round_trip(self.limits)))
+
+    @pytest.fixture
+    def capacity(self, report: WarmupReport) -> KVCapacity:
+        return report.kv
+
+    @pytest.fixture
+    def driver(self, backend: Backend, report: WarmupReport, wire: bool) -> Driver:
+        return Driver(backend, report, wire=wire)
 
     def _prompts(self, vocab_size: int, lengths: Sequence[int]) -> dict[int, list[int]]:
         return {100 + i: make_prompt(i, n, vocab_size) for i, n in enumerate(lengths)}
@@ -396,8 +140,13 @@ class BackendConformance:
         driver.prefill({seq_id: prompt})
         driver.generate({seq_id: num_tokens})
         tokens = driver.tokens(seq_id)
-        driver.release([seq_id])
+        driver.finish([seq_id])
+        driver.flush()
         return tokens
+
+    @staticmethod
+    def _num_rows(out: StepOutput) -> int:
+        return len(out.seq_ids)
 
     # -- capabilities and warmup ---------------------------------------------------------------
 
@@ -412,25 +161,40 @@ class BackendConformance:
             assert caps.static_max_length is not None and caps.static_max_length > 0
         if caps.prefill_rebuilds_cache:
             assert caps.batching is Batching.STATIC
-        for buckets in (caps.batch_buckets, caps.length_buckets):
-            assert list(buckets) == sorted(set(buckets)) and all(b > 0 for b in buckets)
+        if caps.samples_on_device:
+            assert caps.sampling_parameters, "a device sampler names the fields it honours"
+            assert caps.sampling_parameters <= _SAMPLING_FIELDS, caps.sampling_parameters
+            # StepOutput.token_ids is [R]: one token per row, so no drafts to verify
+            assert not caps.speculation, "samples_on_device returns one token per row"
         assert backend.capabilities == caps  # fixed for the life of the backend
 
     def test_warmup_reports_capacity_that_fits_one_full_sequence(
-        self, backend: Backend, capacity: KVCapacity
+        self, backend: Backend, report: WarmupReport
     ) -> None:
-        assert capacity.max_total_tokens >= self.limits.max_total_tokens
+        capacity, constraints = report.kv, report.constraints
+        assert capacity.total_tokens >= self.limits.max_total_tokens
         assert capacity.bytes_per_token > 0
         if backend.capabilities.kv_layout is KvLayout.PAGED:
             assert capacity.block_size == backend.capabilities.block_size
             assert capacity.num_blocks is not None and capacity.block_size is not None
-            assert capacity.num_blocks * capacity.block_size >= capacity.max_total_tokens
+            assert capacity.num_blocks * capacity.block_size >= capacity.total_tokens
         if backend.capabilities.static_batch_size is not None:
             assert capacity.max_sequences is not None
             assert capacity.max_sequences <= backend.capabilities.static_batch_size
+        for sizes in (
+            constraints.batch_buckets,
+            constraints.length_buckets,
+            constraints.graph_batch_sizes,
+        ):
+            assert list(sizes) == sorted(set(sizes)) and all(s > 0 for s in sizes), sizes
+        assert constraints.max_rows is None or constraints.max_rows >= 1
+        if not backend.capabilities.chunked_prefill and constraints.max_chunk is not None:
+            # without chunks the longest prompt must fit one length bucket
+            assert constraints.max_chunk >= self.limits.max_input_tokens
+        assert report.seconds >= 0
         usage = backend.kv_usage()
         assert usage.seq_ids == frozenset() and usage.used_tokens == 0
-        assert usage.capacity_tokens == capacity.max_total_tokens
+        assert usage.capacity_tokens == capacity.total_tokens
 
     def test_health_is_callable_between_steps_without_side_effects(
         self, driver: Driver, reference: ReferenceModel
@@ -442,7 +206,7 @@ class BackendConformance:
         driver.backend.health()
         driver.generate({1: len(expected)})
         assert driver.tokens(1) == expected
-        assert driver.backend.kv_usage().used_tokens == len(prompt) + len(expected) - 1
+        assert driver.kv_usage().used_tokens == len(prompt) + len(expected) - 1
 
     # -- correctness against transformers ------------------------------------------------------
 
@@ -454,8 +218,9 @@ class BackendConformance:
         assert len(expected) >= 2, "the reference stopped at once; pick another prompt seed"
         out = driver.prefill({1: prompt})
         assert out.seq_ids == (1,)
-        assert tuple(out.logits.shape) == (1, 1, reference.vocab_size)
-        assert out.logits.is_floating_point()
+        if out.logits is not None:
+            assert tuple(out.logits.shape) == (1, 1, reference.vocab_size)
+            assert out.logits.is_floating_point()
         driver.generate({1: len(expected)})
         assert driver.tokens(1) == expected
 
@@ -464,11 +229,11 @@ class BackendConformance:
     ) -> None:
         prompts = self._prompts(reference.vocab_size, (3, 19, 9))
         expected = {s: reference.greedy(p, self.max_new_tokens) for s, p in prompts.items()}
-        # Seq ids are never reused after release, so the solo runs take their own.
+        # Seq ids are never reused after they end, so the solo runs take their own.
         alone = {s: self._solo(driver, s + 1000, p, len(expected[s])) for s, p in prompts.items()}
         assert alone == expected
         out = driver.prefill(prompts)
-        assert set(out.seq_ids) == set(prompts) and out.logits.shape[0] == len(prompts)
+        assert set(out.seq_ids) == set(prompts) and self._num_rows(out) == len(prompts)
         driver.generate({s: len(tokens) for s, tokens in expected.items()})
         assert {s: driver.tokens(s) for s in prompts} == expected
 
@@ -494,13 +259,17 @@ class BackendConformance:
     def test_chunked_prefill_matches_one_shot_prefill(
         self, driver: Driver, reference: ReferenceModel
     ) -> None:
+        """A NewSequence's first chunk, a chunk row, then the last chunk row's logits."""
         if not driver.caps.chunked_prefill:
             pytest.skip("backend does not declare chunked_prefill")
         prompt = make_prompt(5, 23, reference.vocab_size)
         expected = reference.greedy(prompt, self.max_new_tokens)
-        first = driver.prefill_chunk(1, prompt[:10], last=False)
-        assert first.seq_ids == () and first.logits.shape[0] == 0
-        driver.prefill_chunk(1, prompt[10:], last=True)
+        first = driver.prefill_chunk(1, prompt[:7], last=False)
+        assert first.seq_ids == () and (first.logits is None or first.logits.shape[0] == 0)
+        middle = driver.prefill_chunk(1, prompt[7:15], last=False)
+        assert middle.seq_ids == ()
+        assert driver.kv_usage().used_tokens == 15
+        driver.prefill_chunk(1, prompt[15:], last=True)
         driver.generate({1: len(expected)})
         assert driver.tokens(1) == expected
 
@@ -510,36 +279,77 @@ class BackendConformance:
         if not driver.caps.prompt_logits:
             pytest.skip("backend does not declare prompt_logits")
         prompts = self._prompts(reference.vocab_size, (9, 4))
-        out = driver.backend.prefill(
-            PrefillBatch(
-                (
-                    driver.new_row(100, prompts[100], want_prompt_logits=True),
-                    driver.new_row(101, prompts[101]),
-                )
-            )
+        out = driver.send(
+            [
+                driver.new_row(100, prompts[100], want_prompt_logits=True),
+                driver.new_row(101, prompts[101]),
+            ],
+            [],
         )
         assert set(out.prompt_logits) == {100}
         got = out.prompt_logits[100].float()
         assert tuple(got.shape) == (9, reference.vocab_size)
         want = reference.prompt_logits(prompts[100])
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
-        torch.testing.assert_close(got[-1], out.logits[0, -1].float(), atol=2e-3, rtol=2e-3)
+        if out.logits is not None:
+            torch.testing.assert_close(got[-1], out.logits[0, 0].float(), atol=2e-3, rtol=2e-3)
 
     def test_rows_without_want_logits_get_no_logits_row(
         self, driver: Driver, reference: ReferenceModel
     ) -> None:
         prompts = self._prompts(reference.vocab_size, (5, 8))
-        out = driver.backend.prefill(
-            PrefillBatch(
-                (
-                    driver.new_row(100, prompts[100], want_logits=False),
-                    driver.new_row(101, prompts[101]),
-                )
-            )
+        out = driver.send(
+            [
+                driver.new_row(100, prompts[100], want_logits=False),
+                driver.new_row(101, prompts[101]),
+            ],
+            [],
         )
         assert out.seq_ids == (101,)
-        assert out.logits.shape[0] == 1
-        assert driver.backend.kv_usage().seq_ids == frozenset({100, 101})
+        if out.logits is not None:
+            assert out.logits.shape[0] == 1
+        assert driver.kv_usage().seq_ids == frozenset({100, 101})
+
+    def test_mixed_step_matches_separate_steps(
+        self, driver: Driver, reference: ReferenceModel
+    ) -> None:
+        """One plan holding a new sequence, a chunk row (when chunked prefill is
+        declared) and decode rows gives the tokens of the same work in separate steps."""
+        chunked = driver.caps.chunked_prefill
+        prompts = self._prompts(reference.vocab_size, (6, 11, 14, 5))
+        want = {s: reference.greedy(p, 8) for s, p in prompts.items()}
+        runs = {}
+        for offset, mixed in ((0, False), (10, True)):
+            a, b, c, d = (s + offset for s in prompts)
+            pa, pb, pc, pd = prompts.values()
+            driver.prefill({a: pa, b: pb})
+            driver.generate({a: 3, b: 3})
+            if chunked:
+                driver.prefill_chunk(c, pc[:5], last=False)
+            else:
+                driver.prefill({c: pc})
+            if mixed:
+                out = driver.step(
+                    prompts={d: pd},
+                    chunks={c: (pc[5:], True)} if chunked else None,
+                    decode=[a, b],
+                )
+                plan = driver.plans[-1]
+                assert [r.seq_id for r in plan.new] == [d]
+                kinds = [(r.seq_id, r.decode) for r in plan.running]
+                assert kinds == [(c, False)] * chunked + [(a, True), (b, True)]
+                assert set(out.seq_ids) == ({a, b, c, d} if chunked else {a, b, d})
+            else:
+                driver.prefill({d: pd})
+                if chunked:
+                    driver.prefill_chunk(c, pc[5:], last=True)
+                driver.decode([a, b])
+            ids = (a, b, c, d)
+            driver.generate({s: len(w) for s, w in zip(ids, want.values(), strict=True)})
+            runs[mixed] = [driver.tokens(s) for s in ids]
+            driver.finish(list(ids))
+            driver.flush()
+        assert runs[True] == runs[False] == list(want.values())
 
     # -- KV accounting ------------------------------------------------------------------------
 
@@ -549,24 +359,52 @@ class BackendConformance:
         backend = driver.backend
         prompts = self._prompts(reference.vocab_size, (7, 12))
         driver.prefill(prompts)
-        usage = backend.kv_usage()
+        usage = driver.kv_usage()
         assert usage.seq_ids == frozenset(prompts) and usage.used_tokens == 19
         driver.decode(list(prompts))
-        assert backend.kv_usage().used_tokens == 21
+        assert driver.kv_usage().used_tokens == 21
         driver.release([100])
-        usage = backend.kv_usage()
+        usage = driver.kv_usage()
         assert usage.seq_ids == frozenset({101}) and usage.used_tokens == 13
         backend.release([100, 987654])  # already released, never seen: both no-ops
         backend.release([])
-        assert backend.kv_usage() == usage
+        assert driver.kv_usage() == usage
         driver.release([101])
-        assert backend.kv_usage().seq_ids == frozenset()
-        assert backend.kv_usage().used_tokens == 0
+        assert driver.kv_usage().seq_ids == frozenset()
+        assert driver.kv_usage().used_tokens == 0
+
+    def test_finished_and_preempted_in_a_plan_drop_their_sequences(
+        self, driver: Driver, reference: ReferenceModel
+    ) -> None:
+        """Ended ids ride the next plan and go before its rows run: a sequence joining in
+        that plan may take their blocks or slot."""
+        prompts = self._prompts(reference.vocab_size, (7, 12, 9, 5))
+        want = reference.greedy(prompts[103], 6)
+        driver.prefill({100: prompts[100], 101: prompts[101]})
+        driver.decode([100, 101])
+        assert driver.kv_usage().used_tokens == 21
+        driver.finish([100])
+        driver.decode([101])  # the plan carries finished=(100,)
+        assert driver.plans[-1].finished == (100,)
+        usage = driver.kv_usage()
+        assert usage.seq_ids == frozenset({101}) and usage.used_tokens == 14
+        driver.finish([101])
+        driver.prefill({102: prompts[102]})
+        driver.preempt([102])
+        driver.flush()  # no rows: only releases
+        assert driver.plans[-1].preempted == (102,) and not driver.plans[-1].rows
+        assert driver.kv_usage().seq_ids == frozenset()
+        assert driver.kv_usage().used_tokens == 0
+        driver.prefill({103: prompts[103]})
+        driver.generate({103: len(want)})
+        assert driver.tokens(103) == want
 
     def test_capacity_reported_by_warmup_can_be_filled_and_reused(
         self, driver: Driver, capacity: KVCapacity, reference: ReferenceModel
     ) -> None:
-        total = capacity.max_total_tokens
+        """Round one ends its sequences in a plan's `finished`, round two with
+        `release`; the second round only fits if both freed everything."""
+        total = capacity.total_tokens
         assert total <= MAX_FILL_TOKENS, (
             f"warmup reported {total} tokens though Limits.max_batch_total_tokens asked for "
             f"{self.limits.max_batch_total_tokens}"
@@ -576,8 +414,8 @@ class BackendConformance:
         if capacity.max_sequences is not None:
             num_seqs = min(num_seqs, capacity.max_sequences)
             total = min(total, num_seqs * per_seq)
-        for _round in range(2):  # the second round only fits if release freed everything
-            targets = self._fill_plan(total, num_seqs, per_seq)
+        for round_index in range(2):
+            targets = self._fill_plan(total, num_seqs, per_seq, 200 + 100 * round_index)
             prompts = {
                 s: make_prompt(s, min(n, self.limits.max_input_tokens), reference.vocab_size)
                 for s, n in targets.items()
@@ -586,32 +424,63 @@ class BackendConformance:
                 driver.prefill({seq_id: prompt})
             # n tokens in KV means n - len(prompt) decodes after the prefill's token.
             driver.generate({s: n - len(prompts[s]) + 1 for s, n in targets.items()})
-            assert driver.backend.kv_usage().used_tokens == total
-            driver.release(list(targets))
-            assert driver.backend.kv_usage().used_tokens == 0
+            assert driver.kv_usage().used_tokens == total
+            if round_index == 0:
+                driver.finish(list(targets))
+                driver.flush()
+            else:
+                driver.release(list(targets))
+            assert driver.kv_usage().used_tokens == 0
 
     @staticmethod
-    def _fill_plan(total: int, num_seqs: int, per_seq: int) -> dict[int, int]:
+    def _fill_plan(total: int, num_seqs: int, per_seq: int, first_id: int) -> dict[int, int]:
         """seq_id -> tokens to hold in KV, summing to `total`, none above `per_seq`."""
         plan, left = {}, total
         for index in range(num_seqs):
             take = min(per_seq, left - (num_seqs - index - 1))
-            plan[200 + index] = take
+            plan[first_id + index] = take
             left -= take
         return plan
 
-    # -- paged layouts: shared prefix blocks, drafts, preemption ----------------------------
+    # -- changes only: block tables, drafts, preemption ---------------------------------------
 
-    def _paged(self, driver: Driver) -> None:
-        if driver.caps.kv_layout is not KvLayout.PAGED:
-            pytest.skip("backend is not paged")
+    def test_steady_state_decode_plans_carry_no_block_ids(
+        self, driver: Driver, reference: ReferenceModel
+    ) -> None:
+        """A running row names only the blocks appended this step: none, except when
+        its tokens cross into a block the backend has not heard of."""
+        prompt = make_prompt(26, 5, reference.vocab_size)
+        # enough tokens to cross at least one block boundary
+        num_tokens = max(self.max_new_tokens, driver.block_size + 4)
+        want = reference.greedy(prompt, min(num_tokens, self.limits.max_total_tokens - 5))
+        driver.prefill({1: prompt})
+        driver.generate({1: len(want)})
+        assert driver.tokens(1) == want
+        rows = [row for plan in driver.plans for row in plan.rows if row.seq_id == 1]
+        assert isinstance(rows[0], NewSequence)
+        if driver.pool is None:
+            assert rows[0].block_ids == ()
+            assert all(not r.new_block_ids for r in rows[1:] if isinstance(r, RunningSequence))
+            return
+        size, known = driver.block_size, len(rows[0].block_ids)
+        assert known == math.ceil(len(prompt) / size)
+        appended = 0
+        for row in rows[1:]:
+            assert isinstance(row, RunningSequence) and row.decode
+            needed = math.ceil((row.start_position + len(row.input_ids)) / size)
+            assert len(row.new_block_ids) == max(0, needed - known), row
+            known = max(known, needed)
+            appended += bool(row.new_block_ids)
+        assert 0 < appended < len(rows) - 1, "no decode step crossed a block boundary"
+        assert known * size >= len(prompt) + len(want) - 1
 
     def test_paged_prefix_blocks_are_shared_read_only(
         self, driver: Driver, reference: ReferenceModel
     ) -> None:
         """A second sequence reads the first one's full prompt blocks (start_position > 0)
         and neither output changes, also after the owner ended (blocks keep content)."""
-        self._paged(driver)
+        if driver.caps.kv_layout is not KvLayout.PAGED:
+            pytest.skip("backend is not paged")
         if not driver.caps.prefix_caching:
             pytest.skip("backend does not declare prefix_caching")
         size = driver.block_size
@@ -624,25 +493,24 @@ class BackendConformance:
         assert driver.share_prefix(1) == 2
         driver.generate({1: 3})
         driver.prefill({2: second}, cached=True)
-        assert driver.seqs[2].block_ids[:2] == driver.seqs[1].block_ids[:2]
-        assert driver.backend.kv_usage().seq_ids == frozenset({1, 2})
+        assert driver.plans[-1].new[0].start_position == 2 * size
+        assert driver.block_ids(2)[:2] == driver.block_ids(1)[:2]
+        assert driver.kv_usage().seq_ids == frozenset({1, 2})
         driver.generate({1: len(want[0]), 2: len(want[1])})
         assert driver.tokens(1) == want[0]
         assert driver.tokens(2) == want[1]
-        shared = driver.seqs[1].block_ids[:2]
-        driver.release([1, 2])
-        driver.prefill({3: third}, cached=True)  # the owners are gone, the blocks stay
-        assert driver.seqs[3].block_ids[:2] == shared
+        shared = driver.block_ids(1)[:2]
+        driver.finish([1, 2])
+        driver.prefill({3: third}, cached=True)  # the owners end in this plan, blocks stay
+        assert driver.block_ids(3)[:2] == shared
         driver.generate({3: len(want[2])})
         assert driver.tokens(3) == want[2]
-        driver.release([3])
 
-    def test_paged_decode_with_drafts_matches_one_token_steps(
+    def test_decode_with_drafts_matches_one_token_steps(
         self, driver: Driver, reference: ReferenceModel
     ) -> None:
-        """T > 1 decode rows: logits [R, T, V], causal among the T tokens; a rejected
-        draft's KV is junk the next step overwrites."""
-        self._paged(driver)
+        """T > 1 decode rows: logits [R, T, V] (a shorter row padded), causal among its
+        tokens; a rejected draft's KV is junk the next step starts below and overwrites."""
         if not driver.caps.speculation:
             pytest.skip("backend does not declare speculation")
         prompts = self._prompts(reference.vocab_size, (9, 14))
@@ -654,28 +522,34 @@ class BackendConformance:
         good = want[100][2:5]
         bad = [want[101][2], (want[101][3] + 1) % reference.vocab_size]
         out = driver.decode([100, 101], drafts={100: good, 101: bad})
-        assert tuple(out.logits.shape) == (2, 4, reference.vocab_size)
+        if out.logits is not None:
+            assert tuple(out.logits.shape) == (2, 4, reference.vocab_size)
         assert driver.tokens(100) == want[100][:6]
         assert driver.tokens(101) == want[101][:4]  # 1 + the matching draft + its sample
+        driver.decode([100, 101])
+        assert driver.plans[-1].running[1].start_position == len(prompts[101]) + 3
         driver.generate({s: len(w) for s, w in want.items()})
         assert {s: driver.tokens(s) for s in prompts} == want
 
-    def test_paged_preempted_sequence_is_prefilled_again_under_its_id(
+    def test_preempted_sequence_is_recomputed_under_its_id(
         self, driver: Driver, reference: ReferenceModel
     ) -> None:
-        """Release, then prefill prompt + generated[:-1] without logits under the same
-        seq_id (into other blocks): decoding goes on as if nothing happened."""
-        self._paged(driver)
+        """Preempted, then back as a NewSequence of prompt + generated[:-1] without
+        logits under the same seq_id (into other blocks or slot): decoding goes on as if
+        nothing happened, its next decode row feeding the pending token."""
         prompt = make_prompt(24, 10, reference.vocab_size)
         want = reference.greedy(prompt, self.max_new_tokens)
         assert len(want) >= 6, "reference stopped early"
         driver.prefill({1: prompt})
         driver.generate({1: 4})
         driver.preempt([1])
-        assert driver.backend.kv_usage().seq_ids == frozenset()
-        driver.prefill({9: make_prompt(25, 12, reference.vocab_size)})  # may reuse them
+        driver.prefill({9: make_prompt(25, 12, reference.vocab_size)})  # may take its KV
+        assert driver.kv_usage().seq_ids == frozenset({9})
         out = driver.resume(1)
         assert out.seq_ids == ()
-        assert driver.backend.kv_usage().seq_ids == frozenset({1, 9})
+        resumed = driver.plans[-1].new[0]
+        assert (resumed.seq_id, resumed.want_logits) == (1, False)
+        assert list(resumed.token_ids) == prompt + want[:3]
+        assert driver.kv_usage().seq_ids == frozenset({1, 9})
         driver.generate({1: len(want)})
         assert driver.tokens(1) == want

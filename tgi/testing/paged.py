@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from tgi.backend.contract import Backend
     from tgi.metrics import Metrics
     from tgi.router.request import GenerationRequest
-    from tgi.router.scheduler import Router
+    from tgi.router.router import Router
     from tgi.sampling import SamplingParams
 
 __all__ = ["check_blocks", "check_drained", "check_pool", "make_request", "paged_router"]
@@ -93,18 +93,20 @@ def paged_router(
     metrics: Metrics | None = None,
     max_batch_total_tokens: int | None = None,
     max_total_tokens: int | None = None,
+    overlap: bool = False,
 ) -> Router:
     """A `Router` with the paged policy over a warmed-up paged `backend`, with limits a
     test picks freely (a small prefill budget forces chunking, a small pool preemption).
-    Its policy is `router._paged`. `max_total_tokens` (default: one block) is what
-    warmup is told one sequence may reach; a real backend enforces it."""
+    Its policy is `router.policy`, with the `StepConstraints` warmup reported.
+    `max_total_tokens` (default: one block) is what warmup is told one sequence may
+    reach; a real backend enforces it."""
     from tgi.backend.contract import Limits
     from tgi.metrics import Metrics
-    from tgi.router.policies import PagedPolicy
-    from tgi.router.scheduler import Router, RouterLimits
+    from tgi.router.policies import PagedPolicy, PolicyLimits
+    from tgi.router.router import Router, RouterLimits
 
     block_size = backend.capabilities.block_size or 1
-    capacity = backend.warmup(
+    report = backend.warmup(
         Limits(
             max_input_tokens=(max_total_tokens or block_size + 1) - 1,
             max_total_tokens=max_total_tokens or block_size,
@@ -113,11 +115,18 @@ def paged_router(
             max_batch_size=max_batch_size,
         )
     )
-    num_blocks = capacity.num_blocks or 0
+    num_blocks = report.kv.num_blocks or 0
     if max_batch_total_tokens is not None:
         num_blocks = min(num_blocks, max_batch_total_tokens // block_size)
+    limits = PolicyLimits(
+        max_batch_prefill_tokens=max_batch_prefill_tokens,
+        max_batch_total_tokens=num_blocks * block_size,
+        max_batch_size=max_batch_size,
+        constraints=report.constraints,
+    )
     policy = PagedPolicy.from_capabilities(
         backend.capabilities,
+        limits,
         num_blocks=num_blocks,
         prefix_caching=prefix_caching,
         speculate=speculate,
@@ -125,16 +134,12 @@ def paged_router(
     return Router(
         backend,
         tokenizer,
-        limits=RouterLimits(
-            max_batch_prefill_tokens=max_batch_prefill_tokens,
-            max_batch_total_tokens=num_blocks * block_size,
-            max_batch_size=max_batch_size,
-            max_concurrent_requests=1_000_000,
-        ),
+        limits=RouterLimits(max_concurrent_requests=1_000_000),
         policy=policy,
         eos_token_ids=eos_token_ids,
         metrics=metrics or Metrics(),
         initial_kv=backend.kv_usage(),
+        overlap=overlap,
     )
 
 

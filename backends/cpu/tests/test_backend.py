@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import pluggy
 import pytest
@@ -18,11 +19,10 @@ from tgi_backend_cpu.backend import TransformersCpuBackend
 from tgi.backend import hookspecs
 from tgi.backend.contract import (
     Backend,
-    DecodeBatch,
-    DecodeRow,
     Limits,
-    PrefillBatch,
-    PrefillRow,
+    NewSequence,
+    RunningSequence,
+    StepPlan,
 )
 from tgi.config import ServeConfig, parse_bytes
 from tgi.errors import BackendError, ConfigError
@@ -79,7 +79,12 @@ def _warm(model_dir: Path, tmp_path: Path, capacity_tokens: int) -> Transformers
 
 
 def _prefill(backend: TransformersCpuBackend, seq_id: int, num_tokens: int) -> None:
-    backend.prefill(PrefillBatch((PrefillRow(seq_id, tuple(range(1, num_tokens + 1))),)))
+    backend.step(StepPlan(new=(NewSequence(seq_id, tuple(range(1, num_tokens + 1))),)))
+
+
+def _decode(seq_id: int, position: int, *tokens: int) -> StepPlan:
+    row = RunningSequence(seq_id, position, tokens[1:], decode=True, last_token=tokens[0])
+    return StepPlan(running=(row,))
 
 
 def _cpu(flags: str = "", threads: int = 4) -> _host.CpuInfo:
@@ -190,7 +195,8 @@ def test_bfloat16_backend_returns_float32_logits(model_dir: Path, tmp_path: Path
         model_dir, dtype=torch.bfloat16, meminfo=_meminfo(tmp_path, 10**6)
     )
     backend.warmup(LIMITS)
-    out = backend.prefill(PrefillBatch((PrefillRow(1, (5, 6, 7)),)))
+    out = backend.step(StepPlan(new=(NewSequence(1, (5, 6, 7)),)))
+    assert out.logits is not None
     assert out.logits.dtype == torch.float32 and tuple(out.logits.shape) == (1, 1, 259)
 
 
@@ -198,21 +204,22 @@ def test_warmup_sizes_kv_from_the_override(model_dir: Path, tmp_path: Path) -> N
     backend = _backend(
         model_dir, kv_cache_memory=parse_bytes("1MiB"), meminfo=_meminfo(tmp_path, 10**9)
     )
-    capacity = backend.warmup(LIMITS)
-    assert capacity.max_total_tokens == 2**20 // TINY_BYTES_PER_TOKEN == 2048
-    assert capacity.bytes_per_token == TINY_BYTES_PER_TOKEN
+    report = backend.warmup(LIMITS)
+    assert report.kv.total_tokens == 2**20 // TINY_BYTES_PER_TOKEN == 2048
+    assert report.kv.bytes_per_token == TINY_BYTES_PER_TOKEN
+    assert report.seconds > 0
     assert backend.kv_usage().capacity_tokens == 2048
 
 
 def test_warmup_sizes_kv_from_half_of_mem_available(model_dir: Path, tmp_path: Path) -> None:
     backend = _backend(model_dir, meminfo=_meminfo(tmp_path, 1000))
-    assert backend.warmup(LIMITS).max_total_tokens == 1000 * 1024 // 2 // TINY_BYTES_PER_TOKEN
+    assert backend.warmup(LIMITS).kv.total_tokens == 1000 * 1024 // 2 // TINY_BYTES_PER_TOKEN
 
 
 def test_warmup_takes_max_batch_total_tokens_when_given(model_dir: Path, tmp_path: Path) -> None:
     backend = _backend(model_dir, meminfo=_meminfo(tmp_path, 10**6))
     limits = Limits(16, 32, 64, max_batch_total_tokens=96, max_batch_size=None)
-    assert backend.warmup(limits).max_total_tokens == 96
+    assert backend.warmup(limits).kv.total_tokens == 96
 
 
 def test_warmup_refuses_max_batch_total_tokens_beyond_memory(
@@ -245,63 +252,58 @@ def test_steps_before_warmup_are_refused(model_dir: Path) -> None:
         _prefill(_backend(model_dir), 1, 3)
 
 
-def test_prefill_past_capacity_is_refused_and_changes_nothing(
-    model_dir: Path, tmp_path: Path
+def test_mixed_steps_match_generate(
+    model_dir: Path, tmp_path: Path, make_driver: Any, reference: Any
 ) -> None:
-    backend = _warm(model_dir, tmp_path, capacity_tokens=40)
-    _prefill(backend, 1, 16)
-    _prefill(backend, 2, 16)
-    before = backend.kv_usage()
-    rows = (PrefillRow(3, (1, 2, 3)), PrefillRow(4, tuple(range(6))))  # 32 + 9 > 40
-    with pytest.raises(BackendError, match="KV full: the step adds 9 tokens to 32 held"):
-        backend.prefill(PrefillBatch(rows))
-    assert backend.kv_usage() == before
-
-
-def test_decode_past_capacity_is_refused(model_dir: Path, tmp_path: Path) -> None:
-    backend = _warm(model_dir, tmp_path, capacity_tokens=33)
-    _prefill(backend, 1, 16)
-    _prefill(backend, 2, 16)
-    backend.decode(DecodeBatch((DecodeRow(1, (5,), 16),)))
-    with pytest.raises(BackendError, match="KV full"):
-        backend.decode(DecodeBatch((DecodeRow(1, (5,), 17), DecodeRow(2, (5,), 16))))
-    assert backend.kv_usage().used_tokens == 33
-
-
-def test_a_sequence_past_max_total_tokens_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    """New prompts, a later chunk and decode rows with drafts in the same plans: each row
+    runs alone, so every row's tokens are what generate() gives it alone."""
     backend = _warm(model_dir, tmp_path, capacity_tokens=1000)
-    backend.prefill(PrefillBatch((PrefillRow(1, tuple(range(16))),)))
-    backend.prefill(PrefillBatch((PrefillRow(1, tuple(range(16)), start_position=16),)))
-    with pytest.raises(BackendError, match="33 tokens, past --max-total-tokens 32"):
-        backend.decode(DecodeBatch((DecodeRow(1, (5,), 32),)))
+    generator = torch.Generator().manual_seed(3)
+    prompts = {
+        seq: torch.randint(0, 259, (5 + 4 * seq,), generator=generator).tolist()
+        for seq in (1, 2, 3)
+    }
+    want = {seq: reference.greedy(model_dir, prompt, 6) for seq, prompt in prompts.items()}
+    driver = make_driver(backend)
+    driver.step(driver.new(1, prompts[1]), driver.new(2, prompts[2], end=4))
+    driver.step(driver.new(3, prompts[3]), driver.chunk(2), driver.decode(1))
+    while len(driver.tokens(3)) < 6:
+        out = driver.step(
+            driver.decode(3),
+            driver.decode(1, want[1][len(driver.tokens(1)) :][:1]),
+            driver.decode(2),
+        )
+        assert out.seq_ids == (3, 1, 2)
+    assert {seq: driver.tokens(seq)[:6] for seq in prompts} == want
+    driver.step(finished=[1])
+    assert backend.kv_usage().seq_ids == {2, 3}
 
 
 @pytest.mark.parametrize(
-    ("batch", "message"),
+    ("plan", "message"),
     [
-        (DecodeBatch((DecodeRow(9, (5,), 4),)), "seq 9, which is not live"),
-        (DecodeBatch((DecodeRow(1, (5,), 3),)), "position 3 but the backend holds 4"),
-        (DecodeBatch((DecodeRow(1, (999,), 4),)), "outside the vocabulary"),
-        (PrefillBatch((PrefillRow(1, (5,)),)), "starts at position 0 but the backend holds 4"),
-        (PrefillBatch((PrefillRow(2, ()),)), "no tokens"),
-        (PrefillBatch((PrefillRow(2, (1,)), PrefillRow(2, (1,)))), "names seq 2 twice"),
+        (_decode(9, 4, 5), "seq 9 runs at position 4 but the backend holds None"),
+        (_decode(1, 3, 5), "position 3 but the backend holds 4"),
+        (StepPlan(new=(NewSequence(1, (5,)),)), "holds it already"),
+        (StepPlan(new=(NewSequence(2, (5,), start_position=3),)), "cannot share a cached"),
+        (StepPlan(running=(RunningSequence(1, 4, decode=True),)), "without a token"),
     ],
 )
-def test_contract_violations_are_refused(
-    model_dir: Path, tmp_path: Path, batch: DecodeBatch | PrefillBatch, message: str
+def test_broken_plans_are_refused_before_any_cache_changes(
+    model_dir: Path, tmp_path: Path, plan: StepPlan, message: str
 ) -> None:
     backend = _warm(model_dir, tmp_path, capacity_tokens=1000)
     _prefill(backend, 1, 4)
-    step = backend.decode if isinstance(batch, DecodeBatch) else backend.prefill
     with pytest.raises(BackendError, match=message):
-        step(batch)  # type: ignore[arg-type]
-    assert backend.kv_usage().used_tokens == 4
+        backend.step(plan)
+    assert backend.kv_usage().used_tokens == 4 and backend.kv_usage().seq_ids == {1}
 
 
 def test_kv_usage_counts_the_tokens_the_caches_really_hold(model_dir: Path, tmp_path: Path) -> None:
     backend = _warm(model_dir, tmp_path, capacity_tokens=1000)
     _prefill(backend, 1, 7)
-    backend.decode(DecodeBatch((DecodeRow(1, (3, 4), 7),)))  # two tokens at once
+    out = backend.step(_decode(1, 7, 3, 4))  # a draft: two tokens at once
+    assert out.logits is not None and tuple(out.logits.shape) == (1, 2, 259)
     assert backend.kv_usage().used_tokens == 9
     assert backend._seqs[1].cache.get_seq_length() == 9
 
@@ -317,7 +319,7 @@ def test_a_failed_forward_drops_the_row_and_raises(
 
     monkeypatch.setattr(backend._model, "forward", broken)
     with pytest.raises(BackendError, match="forward of seq 1 failed: out of memory"):
-        backend.decode(DecodeBatch((DecodeRow(1, (5,), 4),)))
+        backend.step(_decode(1, 4, 5))
     assert backend.kv_usage().seq_ids == frozenset()
 
 
@@ -393,11 +395,13 @@ def test_create_builds_the_backend_from_config(
     pm: pluggy.PluginManager, model_dir: Path, restore_threads: int
 ) -> None:
     config = ServeConfig(dtype="float32", cpu_threads=1, kv_cache_memory=parse_bytes("1MiB"))
-    backend = pm.hook.tgi_backend_create(config=config, model=FakeModelFiles("tiny", model_dir))
+    backend = pm.hook.tgi_backend_create(
+        config=config, model=FakeModelFiles("tiny", model_dir), rank=0, world_size=1
+    )
     assert isinstance(backend, Backend) and isinstance(backend, TransformersCpuBackend)
     assert backend.dtype == torch.float32
     assert torch.get_num_threads() == 1
-    assert backend.warmup(LIMITS).max_total_tokens == 2**20 // TINY_BYTES_PER_TOKEN
+    assert backend.warmup(LIMITS).kv.total_tokens == 2**20 // TINY_BYTES_PER_TOKEN
     backend.close()
 
 
@@ -409,7 +413,9 @@ def test_create_logs_the_dtype_and_thread_choice(
 ) -> None:
     config = ServeConfig(dtype="float32", cpu_threads=1)
     with caplog.at_level(logging.INFO, logger="tgi_backend_cpu.backend"):
-        pm.hook.tgi_backend_create(config=config, model=FakeModelFiles("tiny", model_dir)).close()
+        pm.hook.tgi_backend_create(
+            config=config, model=FakeModelFiles("tiny", model_dir), rank=0, world_size=1
+        ).close()
     assert "computes in torch.float32 because --dtype float32 was asked for" in caplog.text
     assert "uses 1 threads (--cpu-threads)" in caplog.text
 
@@ -418,6 +424,8 @@ def test_create_recomputes_a_dtype_the_validate_hook_filled(
     pm: pluggy.PluginManager, model_dir: Path, restore_threads: int
 ) -> None:
     config = ServeConfig(dtype="bfloat16", cpu_threads=1, sources={"dtype": "backend cpu"})
-    backend = pm.hook.tgi_backend_create(config=config, model=FakeModelFiles("tiny", model_dir))
+    backend = pm.hook.tgi_backend_create(
+        config=config, model=FakeModelFiles("tiny", model_dir), rank=0, world_size=1
+    )
     assert backend.dtype == _host.choose_dtype(None, _host.read_cpu_info()).dtype
     backend.close()

@@ -80,11 +80,11 @@ def test_create_builds_each_engine(model_dir: Path, restore_threads: None) -> No
     assert isinstance(paged, PagedCpuBackend) and paged.dtype == torch.float32
     # Both engines size KV from config.kv_cache_memory, not from a MemAvailable share.
     block_bytes = paged.bytes_per_token * BLOCK_SIZE
-    assert paged.warmup(LIMITS).max_total_tokens == KV_BYTES // block_bytes * BLOCK_SIZE
+    assert paged.warmup(LIMITS).kv.total_tokens == KV_BYTES // block_bytes * BLOCK_SIZE
     paged.close()
     generic = plugin.tgi_backend_create(config=_config("generic"), model=files)
     assert isinstance(generic, TransformersCpuBackend)
-    assert generic.warmup(LIMITS).max_total_tokens == KV_BYTES // generic.bytes_per_token
+    assert generic.warmup(LIMITS).kv.total_tokens == KV_BYTES // generic.bytes_per_token
     generic.close()
 
 

@@ -1,24 +1,26 @@
 """The paged CPU engine against transformers' greedy `generate()`, driven by hand-built
-block tables: alone, in mixed batches, chunked, with a cached prefix, and with drafts."""
+contract-v2 plans: alone, in mixed steps (new sequences, chunks and decode rows in one
+forward), chunked, with a cached prefix, with drafts, preempted and resumed."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from tgi_backend_cpu._paged_attention import CpuPagedAttention
 from tgi_backend_cpu.paged import BLOCK_SIZE, PagedCpuBackend
 
 from tgi.backend.contract import (
-    DecodeBatch,
-    DecodeRow,
     KvLayout,
     Limits,
-    PrefillBatch,
-    PrefillRow,
+    NewSequence,
+    RunningSequence,
+    StepPlan,
+    WarmupReport,
 )
 from tgi.errors import BackendError
 from tgi.testing.tiny_models import build_tiny_model
@@ -31,49 +33,6 @@ LIMITS = Limits(
     max_batch_size=None,
 )
 NUM_NEW = 10
-
-
-def greedy_reference(model_dir: Path, prompt: Sequence[int], num_new: int) -> list[int]:
-    """transformers' greedy continuation of `prompt` (new tokens only)."""
-    import transformers
-
-    model = _reference_model(model_dir)
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([list(prompt)]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=num_new,
-            min_new_tokens=num_new,
-            do_sample=False,
-            generation_config=transformers.GenerationConfig(pad_token_id=0),
-        )
-    return [int(t) for t in out[0, len(prompt) :]]
-
-
-_MODELS: dict[Path, Any] = {}
-
-
-def _reference_model(model_dir: Path) -> Any:
-    import transformers
-
-    if model_dir not in _MODELS:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        _MODELS[model_dir] = model.eval()
-    return _MODELS[model_dir]
-
-
-class Blocks:
-    """The router's half, by hand: a free list and one block table per sequence."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.free = list(range(num_blocks - 1, -1, -1))  # hand out high ids first
-        self.tables: dict[int, list[int]] = {}
-
-    def cover(self, seq_id: int, num_tokens: int, shared: Sequence[int] = ()) -> tuple[int, ...]:
-        table = self.tables.setdefault(seq_id, list(shared))
-        while len(table) * BLOCK_SIZE < num_tokens:
-            table.append(self.free.pop())
-        return tuple(table)
 
 
 def make_prompt(seed: int, length: int, vocab_size: int) -> list[int]:
@@ -106,36 +65,37 @@ def backend(request: pytest.FixtureRequest, model_dir: Path) -> PagedCpuBackend:
 def test_capacity_and_usage_follow_the_contract(backend: PagedCpuBackend) -> None:
     caps = backend.capabilities
     assert caps.kv_layout is KvLayout.PAGED and caps.block_size == BLOCK_SIZE
-    capacity = backend.warmup(LIMITS)  # warmup twice re-sizes the same
+    report = backend.warmup(LIMITS)  # warmup twice re-sizes the same
+    assert isinstance(report, WarmupReport) and report.seconds > 0
     # tiny models: 2 layers x 2 kv heads x head_dim 16 x (K, V) x 4 bytes
-    assert capacity.bytes_per_token == 512
-    assert capacity.num_blocks == 2**20 // (512 * BLOCK_SIZE) == 128
-    assert capacity.max_total_tokens == 128 * BLOCK_SIZE
+    assert report.kv.bytes_per_token == 512
+    assert report.kv.num_blocks == 2**20 // (512 * BLOCK_SIZE) == 128
+    assert report.kv.total_tokens == 128 * BLOCK_SIZE
+    assert report.kv.block_size == BLOCK_SIZE
     assert backend.kv_usage().seq_ids == frozenset()
+    assert backend.kv_usage().capacity_tokens == 128 * BLOCK_SIZE
 
 
-def test_alone_matches_generate(backend: PagedCpuBackend, model_dir: Path) -> None:
-    vocab = backend.spec.vocab_size
-    prompt = make_prompt(1, 21, vocab)
-    blocks = Blocks(128)
-    out = backend.prefill(
-        PrefillBatch((PrefillRow(1, tuple(prompt), 0, None, blocks.cover(1, 21)),))
-    )
-    tokens = [int(out.logits[0, -1].argmax())]
-    while len(tokens) < NUM_NEW:
-        position = len(prompt) + len(tokens) - 1
-        row = DecodeRow(1, (tokens[-1],), position, None, blocks.cover(1, position + 1))
-        tokens.append(int(backend.decode(DecodeBatch((row,))).logits[0, -1].argmax()))
-    assert tokens == greedy_reference(model_dir, prompt, NUM_NEW)
+def test_alone_matches_generate(
+    backend: PagedCpuBackend, model_dir: Path, make_driver: Any, reference: Any
+) -> None:
+    driver = make_driver(backend, num_blocks=128)
+    prompt = make_prompt(1, 21, backend.spec.vocab_size)
+    driver.step(driver.new(1, prompt))
+    while len(driver.tokens(1)) < NUM_NEW:
+        driver.step(driver.decode(1))
+    assert driver.tokens(1) == reference.greedy(model_dir, prompt, NUM_NEW)
     usage = backend.kv_usage()
     assert usage.seq_ids == {1} and usage.used_tokens == 21 + NUM_NEW - 1
     backend.release([1, 99])
     assert backend.kv_usage().seq_ids == frozenset()
 
 
-def test_mixed_batch_matches_generate(backend: PagedCpuBackend, model_dir: Path) -> None:
-    """Rows of different lengths join mid-way; one prefill is chunked, one starts past a
-    shared cached prefix; the last steps decode T=3 rows whose drafts are the true tokens."""
+def test_mixed_steps_match_generate(
+    backend: PagedCpuBackend, model_dir: Path, make_driver: Any, reference: Any
+) -> None:
+    """New sequences, prompt chunks and decode rows (with and without drafts) share one
+    forward; one prompt is chunked, one starts past a shared cached prefix."""
     vocab = backend.spec.vocab_size
     prompts = {
         1: make_prompt(1, 5, vocab),
@@ -144,132 +104,213 @@ def test_mixed_batch_matches_generate(backend: PagedCpuBackend, model_dir: Path)
     }
     prompts[4] = prompts[2][:32] + make_prompt(4, 6, vocab)  # shares 2 full blocks with seq 2
     want = {
-        seq: greedy_reference(model_dir, prompt, NUM_NEW + 8) for seq, prompt in prompts.items()
+        seq: reference.greedy(model_dir, prompt, NUM_NEW + 8) for seq, prompt in prompts.items()
     }
-    blocks = Blocks(128)
-    got: dict[int, list[int]] = {}
+    driver = make_driver(backend, num_blocks=128)
 
-    def prefill(*rows: PrefillRow) -> None:
-        out = backend.prefill(PrefillBatch(rows))
-        wanted = tuple(row.seq_id for row in rows if row.want_logits)
-        assert out.seq_ids == wanted and out.logits.shape == (len(wanted), 1, vocab)
-        for seq_id, logits in zip(out.seq_ids, out.logits, strict=True):
-            got[seq_id] = [int(logits[-1].argmax())]
+    def drafts(seq: int, count: int) -> list[int]:  # the true next tokens
+        done = len(driver.tokens(seq))
+        return want[seq][done : done + count]
 
-    def decode(seq_ids: Sequence[int], num_drafts: int = 0) -> None:
-        rows = []
-        for seq in seq_ids:
-            position = len(prompts[seq]) + len(got[seq]) - 1
-            drafts = want[seq][len(got[seq]) : len(got[seq]) + num_drafts]
-            token_ids = (got[seq][-1], *drafts)
-            rows.append(
-                DecodeRow(
-                    seq, token_ids, position, None, blocks.cover(seq, position + len(token_ids))
-                )
-            )
-        out = backend.decode(DecodeBatch(tuple(rows)))
-        assert out.logits.shape == (len(rows), 1 + num_drafts, vocab)
-        for row, logits in zip(rows, out.logits, strict=True):
-            picked = logits.argmax(dim=-1).tolist()  # [T]
-            assert picked[:-1] == list(row.token_ids[1:])  # every true draft is confirmed
-            got[row.seq_id].extend(picked)
-
-    prefill(PrefillRow(1, tuple(prompts[1]), 0, None, blocks.cover(1, 5)))
-    decode([1])
-    decode([1])
-    # seq 2's 37 tokens in two chunks: 20 (no logits), then 17 alongside seq 3
-    prefill(PrefillRow(2, tuple(prompts[2][:20]), 0, None, blocks.cover(2, 20), want_logits=False))
-    decode([1])
+    driver.step(driver.new(1, prompts[1]))
+    driver.step(driver.decode(1))
+    # seq 2's 37 tokens in two chunks: 20 (no logits) next to a decode row, then 17
+    # next to seq 3's whole prompt and the decode row, all in one forward
+    driver.step(driver.new(2, prompts[2], end=20), driver.decode(1))
     assert backend.kv_usage().seq_ids == {1, 2}
-    prefill(
-        PrefillRow(2, tuple(prompts[2][20:]), 20, None, blocks.cover(2, 37)),
-        PrefillRow(3, tuple(prompts[3]), 0, None, blocks.cover(3, 19)),
-    )
-    decode([1, 2, 3])
+    driver.step(driver.new(3, prompts[3]), driver.chunk(2), driver.decode(1))
+    driver.step(driver.decode(1), driver.decode(2), driver.decode(3))
     # seq 4 reuses seq 2's two full prompt blocks: only its last 6 tokens run
-    shared = blocks.tables[2][:2]
-    prefill(PrefillRow(4, tuple(prompts[4][32:]), 32, None, blocks.cover(4, 38, shared)))
-    decode([3, 1, 4, 2])
-    decode([1, 2, 3, 4], num_drafts=2)
-    decode([4, 3, 2, 1], num_drafts=2)
-    backend.release([2])  # leaves a hole among the rows that go on
-    decode([1, 3, 4])
-    decode([4, 1], num_drafts=1)
-    for seq, tokens in got.items():
+    new4 = driver.new(4, prompts[4], start=32, shared_from=2)
+    driver.step(new4, driver.decode(3), driver.decode(1), driver.decode(2))
+    driver.step(*(driver.decode(seq, drafts(seq, 2)) for seq in (1, 2, 3, 4)))
+    # rows of different widths: logits padded to the widest
+    driver.step(
+        driver.decode(4, drafts(4, 2)),
+        driver.decode(3),
+        driver.decode(2, drafts(2, 1)),
+        driver.decode(1),
+    )
+    driver.release([2])  # leaves a hole among the rows that go on
+    driver.step(driver.decode(1), driver.decode(3), driver.decode(4))
+    driver.step(driver.decode(4, drafts(4, 1)), driver.decode(1))
+    for seq in prompts:
+        tokens = driver.tokens(seq)
         assert tokens == want[seq][: len(tokens)], f"seq {seq}"
-    assert min(len(tokens) for tokens in got.values()) >= 6
+    assert min(len(driver.tokens(seq)) for seq in prompts) >= 6
     usage = backend.kv_usage()
     assert usage.seq_ids == {1, 3, 4}
-    assert usage.used_tokens == sum(len(prompts[s]) + len(got[s]) - 1 for s in (1, 3, 4))
+    held = sum(len(prompts[s]) + len(driver.tokens(s)) - 1 for s in (1, 3, 4))
+    assert usage.used_tokens == held
 
 
-def test_rejected_drafts_are_rewound(backend: PagedCpuBackend, model_dir: Path) -> None:
+def test_rejected_drafts_are_rewound(
+    backend: PagedCpuBackend, model_dir: Path, make_driver: Any, reference: Any
+) -> None:
     vocab = backend.spec.vocab_size
     prompt = make_prompt(8, 18, vocab)
-    want = greedy_reference(model_dir, prompt, 6)
-    blocks = Blocks(128)
-    out = backend.prefill(
-        PrefillBatch((PrefillRow(5, tuple(prompt), 0, None, blocks.cover(5, 18)),))
-    )
-    first = int(out.logits[0, -1].argmax())
+    want = reference.greedy(model_dir, prompt, 6)
+    driver = make_driver(backend, num_blocks=128)
+    driver.step(driver.new(5, prompt))
     wrong = (want[1] + 1) % vocab
     # drafts: one wrong token, then junk; only the first prediction counts
-    row = DecodeRow(5, (first, wrong, 3), 18, None, blocks.cover(5, 21))
-    second = int(backend.decode(DecodeBatch((row,))).logits[0, 0].argmax())
+    driver.step(driver.decode(5, (wrong, 3)))
     assert backend.kv_usage().used_tokens == 21
-    # the router restarts at the first rejected position, overwriting the junk KV
-    row = DecodeRow(5, (second,), 19, None, blocks.cover(5, 20))
-    third = int(backend.decode(DecodeBatch((row,))).logits[0, 0].argmax())
-    assert [first, second, third] == want[:3]
+    # the next step restarts at the first rejected position, overwriting the junk KV
+    assert driver.seqs[5].in_kv == 19
+    driver.step(driver.decode(5))
+    assert driver.tokens(5) == want[:3]
     assert backend.kv_usage().used_tokens == 20
 
 
-def test_prompt_logits_match_transformers(backend: PagedCpuBackend, model_dir: Path) -> None:
+def test_prompt_logits_match_transformers(
+    backend: PagedCpuBackend, model_dir: Path, make_driver: Any, reference: Any
+) -> None:
     prompt = make_prompt(9, 17, backend.spec.vocab_size)
-    blocks = Blocks(128)
-    rows = (
-        PrefillRow(1, tuple(prompt[:4]), 0, None, blocks.cover(1, 4)),
-        PrefillRow(2, tuple(prompt), 0, None, blocks.cover(2, 17), want_prompt_logits=True),
-    )
-    out = backend.prefill(PrefillBatch(rows))
-    with torch.inference_mode():
-        expected = _reference_model(model_dir)(torch.tensor([prompt])).logits[0]
-    assert out.seq_ids == (1, 2) and set(out.prompt_logits) == {2}
+    driver = make_driver(backend, num_blocks=128)
+    driver.step(driver.new(1, prompt[:4]))
+    out = driver.step(driver.new(2, prompt, want_prompt_logits=True), driver.decode(1))
+    expected = reference.logits(model_dir, prompt)
+    assert out.seq_ids == (2, 1) and set(out.prompt_logits) == {2}
+    assert out.logits is not None
     torch.testing.assert_close(out.prompt_logits[2], expected, atol=2e-4, rtol=1e-4)
-    torch.testing.assert_close(out.logits[1, 0], expected[-1], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(out.logits[0, 0], expected[-1], atol=2e-4, rtol=1e-4)
 
 
-def test_bad_rows_are_refused_before_any_kv_changes(backend: PagedCpuBackend) -> None:
-    blocks = Blocks(128)
-    good = PrefillRow(1, (1, 2, 3), 0, None, blocks.cover(1, 3))
-    for bad, message in (
-        (PrefillRow(2, (1,) * 17, 0, None, (0,)), "needs 17 positions"),
-        (PrefillRow(2, (1,), 0, None, (128,)), "outside the pool"),
-        (PrefillRow(2, (10**6,), 0, None, (0,)), "outside the vocabulary"),
-        (PrefillRow(2, (1,) * 97, 0, None, tuple(range(7))), "past --max-total-tokens"),
+def test_finished_and_preempted_leave_before_the_forward(
+    backend: PagedCpuBackend, model_dir: Path, make_driver: Any, reference: Any
+) -> None:
+    vocab = backend.spec.vocab_size
+    prompts = {1: make_prompt(11, 9, vocab), 2: make_prompt(12, 23, vocab)}
+    driver = make_driver(backend, num_blocks=128)
+    driver.step(driver.new(1, prompts[1]), driver.new(2, prompts[2]))
+    driver.step(driver.decode(1), driver.decode(2))
+    driver.step(driver.decode(2), preempted=[1])
+    assert backend.kv_usage().seq_ids == {2}
+    # seq 1 comes back under its id, recomputed from scratch, and goes on as if nothing
+    # had happened; seq 2 finishes in the same step
+    driver.step(driver.resume(1), finished=[2])
+    assert backend.kv_usage().seq_ids == {1}
+    for _ in range(3):
+        driver.step(driver.decode(1))
+    assert driver.tokens(1) == reference.greedy(model_dir, prompts[1], 5)
+    assert driver.tokens(2) == reference.greedy(model_dir, prompts[2], 3)
+    driver.step(finished=[1])  # a plan with no rows only releases
+    assert backend.kv_usage().seq_ids == frozenset()
+
+
+def test_one_step_runs_each_layer_once(
+    backend: PagedCpuBackend, make_driver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step of a new prompt, a later chunk and decode rows with and without drafts is
+    ONE forward: each layer's attention op and fused QKV projection run exactly once."""
+    vocab = backend.spec.vocab_size
+    driver = make_driver(backend, num_blocks=128)
+    driver.step(driver.new(1, make_prompt(1, 7, vocab)), driver.new(2, make_prompt(2, 30, vocab)))
+    driver.step(driver.new(3, make_prompt(3, 40, vocab), end=16))
+    calls: Counter[tuple[str, int]] = Counter()
+    attend = CpuPagedAttention.__call__
+
+    def counted(self: CpuPagedAttention, layer_index: int, *args: Any) -> torch.Tensor:
+        calls["attention", layer_index] += 1
+        return attend(self, layer_index, *args)
+
+    monkeypatch.setattr(CpuPagedAttention, "__call__", counted)
+    model = backend.runner.model
+    hooks = [
+        layer.qkv_proj.register_forward_hook(lambda *_, index=index: calls.update([("qkv", index)]))
+        for index, layer in enumerate(model.layers)
+    ]
+    try:
+        out = driver.step(
+            driver.new(4, make_prompt(4, 12, vocab)),
+            driver.chunk(3),
+            driver.decode(1, (5, 6)),
+            driver.decode(2),
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert out.seq_ids == (4, 3, 1, 2)
+    num_layers = backend.spec.num_layers
+    expected = {(kind, i): 1 for kind in ("attention", "qkv") for i in range(num_layers)}
+    assert dict(calls) == expected
+
+
+def test_running_rows_carry_only_appended_blocks(
+    backend: PagedCpuBackend, make_driver: Any
+) -> None:
+    """The runner keeps each table: a running row names only the blocks appended to it."""
+    driver = make_driver(backend, num_blocks=128)
+    driver.step(driver.new(1, make_prompt(5, 15, backend.spec.vocab_size)))
+    rows = [driver.decode(1)]
+    driver.step(rows[0])
+    rows.append(driver.decode(1))  # position 16: the first position of a second block
+    driver.step(rows[1])
+    assert [row.new_block_ids for row in rows] == [(), (driver.seqs[1].blocks[1],)]
+    tables = backend.runner._warm.tables  # type: ignore[union-attr]
+    assert tables.blocks(1) == driver.seqs[1].blocks
+    assert tables.tensor[tables.row(1), :2].tolist() == driver.seqs[1].blocks
+
+
+def test_broken_plans_raise_backend_error(backend: PagedCpuBackend, make_driver: Any) -> None:
+    driver = make_driver(backend, num_blocks=128)
+    driver.step(driver.new(1, (1, 2, 3)))
+    for plan, message in (
+        (StepPlan(running=(RunningSequence(9, 0, (1,)),)), "seq 9 runs at position 0"),
+        (StepPlan(running=(RunningSequence(1, 4, (1,)),)), "holds 3 of its tokens"),
+        (StepPlan(new=(NewSequence(1, (1,), block_ids=(5,)),)), "already live"),
+        (StepPlan(running=(RunningSequence(1, 3, decode=True),)), "no last token"),
     ):
         with pytest.raises(BackendError, match=message):
-            backend.prefill(PrefillBatch((good, bad)))
-        assert backend.kv_usage().seq_ids == frozenset()
-    with pytest.raises(BackendError, match="not live"):
-        backend.decode(DecodeBatch((DecodeRow(3, (1,), 0, None, (0,)),)))
+            backend.step(plan)
+    # a table too short for its tokens: refused before it writes into another's block
+    with pytest.raises(BackendError, match="seq 2 needs 17 positions but has 1 blocks"):
+        backend.step(StepPlan(new=(NewSequence(2, (1,) * 17, block_ids=(0,)),)))
+    assert 2 not in backend.kv_usage().seq_ids
+    with pytest.raises(BackendError, match="seq 1 needs 17 positions but has 1 blocks"):
+        backend.step(StepPlan(running=(RunningSequence(1, 3, (1,) * 14),)))
+
+
+def test_a_failed_forward_releases_the_step_rows(
+    backend: PagedCpuBackend, make_driver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver = make_driver(backend, num_blocks=128)
+    driver.step(driver.new(1, (1, 2, 3)), driver.new(2, (4, 5)))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(backend.runner, "_forward", broken)
+    with pytest.raises(BackendError, match="forward of 1 rows failed: out of memory"):
+        backend.step(StepPlan(running=(driver.decode(1),)))
+    assert backend.kv_usage().seq_ids == {2}
+
+
+def test_steps_need_warmup_and_stop_after_close(model_dir: Path) -> None:
+    backend = PagedCpuBackend(model_dir, dtype=torch.float32, kv_cache_memory=2**20)
+    with pytest.raises(BackendError, match="warmup"):
+        backend.step(StepPlan(new=(NewSequence(1, (1,), block_ids=(0,)),)))
+    backend.warmup(LIMITS)
+    backend.close()
+    with pytest.raises(BackendError, match="closed"):
+        backend.step(StepPlan())
 
 
 def test_warmup_refuses_a_pool_smaller_than_one_sequence(model_dir: Path) -> None:
     backend = PagedCpuBackend(model_dir, dtype=torch.float32, kv_cache_memory=512 * 64)
-    with pytest.raises(BackendError, match="--max-total-tokens 96"):
+    with pytest.raises(BackendError, match=r"--max-total-tokens 96.*--kv-cache-memory"):
         backend.warmup(LIMITS)
     sized = PagedCpuBackend(model_dir, dtype=torch.float32)
-    capacity = sized.warmup(Limits(8, 24, 16, max_batch_total_tokens=100, max_batch_size=None))
-    assert capacity.num_blocks == 7 and capacity.max_total_tokens == 112
+    report = sized.warmup(Limits(8, 24, 16, max_batch_total_tokens=100, max_batch_size=None))
+    assert report.kv.num_blocks == 7 and report.kv.total_tokens == 112
 
 
 def test_bf16_kv_storage_halves_bytes_per_token(model_dir: Path) -> None:
     backend = PagedCpuBackend(
         model_dir, dtype=torch.float32, kv_dtype=torch.bfloat16, kv_cache_memory=2**20
     )
-    capacity = backend.warmup(LIMITS)
-    assert capacity.bytes_per_token == 256
+    assert backend.warmup(LIMITS).kv.bytes_per_token == 256
     backend.health()
     backend.close()
     with pytest.raises(BackendError, match="closed"):

@@ -1,17 +1,18 @@
 """The paged engine on the real SmolLM2-135M-Instruct: greedy tokens equal transformers'
-`generate()`, alone and in a mixed batch (rows joining, a chunked prefill, T=3 drafts)."""
+`generate()`, alone and in mixed steps (rows joining next to decode rows, a chunked
+prompt, T=3 drafts), each step one forward."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from tgi_backend_cpu.paged import BLOCK_SIZE, PagedCpuBackend
+from tgi_backend_cpu.paged import PagedCpuBackend
 
-from tgi.backend.contract import DecodeBatch, DecodeRow, Limits, PrefillBatch, PrefillRow
+from tgi.backend.contract import Limits
 from tgi.errors import ModelNotFound
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
@@ -59,69 +60,50 @@ def expected(model_dir: Path) -> dict[int, tuple[list[int], list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def backend(model_dir: Path) -> Any:
+def backend(model_dir: Path) -> Iterator[PagedCpuBackend]:
     backend = PagedCpuBackend(model_dir, dtype=torch.float32)
     backend.warmup(LIMITS)
     yield backend
     backend.close()
 
 
-def _table(seq_id: int, num_tokens: int) -> tuple[int, ...]:
-    first = seq_id * 16  # 16 blocks = 256 positions per sequence
-    return tuple(range(first, first + -(-num_tokens // BLOCK_SIZE)))
-
-
 def test_alone_matches_generate(
-    backend: PagedCpuBackend, expected: dict[int, tuple[list[int], list[int]]]
+    backend: PagedCpuBackend,
+    expected: dict[int, tuple[list[int], list[int]]],
+    make_driver: Any,
 ) -> None:
     prompt, want = expected[1]
-    out = backend.prefill(PrefillBatch((PrefillRow(9, tuple(prompt), 0, None, _table(9, 200)),)))
-    tokens = [int(out.logits[0, -1].argmax())]
-    while len(tokens) < NUM_NEW:
-        row = DecodeRow(9, (tokens[-1],), len(prompt) + len(tokens) - 1, None, _table(9, 200))
-        tokens.append(int(backend.decode(DecodeBatch((row,))).logits[0, -1].argmax()))
-    backend.release([9])
-    assert tokens == want
+    driver = make_driver(backend, num_blocks=256)
+    driver.step(driver.new(9, prompt))
+    while len(driver.tokens(9)) < NUM_NEW:
+        driver.step(driver.decode(9))
+    driver.release([9])
+    assert driver.tokens(9) == want
 
 
-def test_mixed_batch_matches_generate(
-    backend: PagedCpuBackend, expected: dict[int, tuple[list[int], list[int]]]
+def test_mixed_steps_match_generate(
+    backend: PagedCpuBackend,
+    expected: dict[int, tuple[list[int], list[int]]],
+    make_driver: Any,
 ) -> None:
-    got: dict[int, list[int]] = {}
-
-    def prefill(*rows: PrefillRow) -> None:
-        out = backend.prefill(PrefillBatch(rows))
-        for seq_id, logits in zip(out.seq_ids, out.logits, strict=True):
-            got[seq_id] = [int(logits[-1].argmax())]
-
-    def decode(seq_ids: Sequence[int], num_drafts: int = 0) -> None:
-        rows = []
-        for seq in seq_ids:
-            prompt, want = expected[seq]
-            drafts = want[len(got[seq]) : len(got[seq]) + num_drafts]
-            position = len(prompt) + len(got[seq]) - 1
-            rows.append(DecodeRow(seq, (got[seq][-1], *drafts), position, None, _table(seq, 200)))
-        out = backend.decode(DecodeBatch(tuple(rows)))
-        for row, logits in zip(rows, out.logits, strict=True):
-            picked = logits.argmax(dim=-1).tolist()  # [T]
-            assert picked[:-1] == list(row.token_ids[1:])
-            got[row.seq_id].extend(picked)
-
+    driver = make_driver(backend, num_blocks=256)
     prompts = {seq: expected[seq][0] for seq in expected}
-    prefill(PrefillRow(0, tuple(prompts[0]), 0, None, _table(0, 200)))
-    decode([0])
+
+    def drafts(seq: int, count: int) -> list[int]:  # the true next tokens
+        done = len(driver.tokens(seq))
+        return expected[seq][1][done : done + count]
+
+    driver.step(driver.new(0, prompts[0]))
     half = len(prompts[1]) // 2
-    prefill(PrefillRow(1, tuple(prompts[1][:half]), 0, None, _table(1, 200), want_logits=False))
-    decode([0])
-    prefill(
-        PrefillRow(1, tuple(prompts[1][half:]), half, None, _table(1, 200)),
-        PrefillRow(2, tuple(prompts[2]), 0, None, _table(2, 200)),
-    )
+    driver.step(driver.new(1, prompts[1], end=half), driver.decode(0))
+    driver.step(driver.new(2, prompts[2]), driver.chunk(1), driver.decode(0))
     for _ in range(3):
-        decode([2, 0, 1])
-    decode([0, 1, 2], num_drafts=2)
-    decode([0, 1, 2], num_drafts=2)
-    backend.release([0, 1, 2])
-    for seq, tokens in got.items():
+        driver.step(driver.decode(2), driver.decode(0), driver.decode(1))
+    for _ in range(2):
+        driver.step(*(driver.decode(seq, drafts(seq, 2)) for seq in (0, 1, 2)))
+    driver.step(driver.decode(0, drafts(0, 2)), driver.decode(1), driver.decode(2, drafts(2, 1)))
+    driver.release([0, 1, 2])
+    for seq in expected:
+        tokens = driver.tokens(seq)
         assert tokens == expected[seq][1][: len(tokens)], f"seq {seq}"
-    assert min(len(tokens) for tokens in got.values()) >= 8
+    assert min(len(driver.tokens(seq)) for seq in expected) >= 8

@@ -15,9 +15,10 @@ import pytest
 import torch
 from tgi_backend_cpu.backend import TransformersCpuBackend
 
-from tgi.backend.contract import KVCapacity, Limits
+from tgi.backend.contract import Limits, WarmupReport
 from tgi.errors import ModelNotFound
-from tgi.testing.conformance import Driver, ReferenceModel
+from tgi.testing.driver import Driver
+from tgi.testing.reference import ReferenceModel
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
@@ -90,7 +91,7 @@ def expected(reference: ReferenceModel, prompts: list[list[int]]) -> list[list[i
 
 
 @pytest.fixture(scope="module")
-def warm_backend(model_dir: Path) -> Iterator[tuple[TransformersCpuBackend, KVCapacity]]:
+def warm_backend(model_dir: Path) -> Iterator[tuple[TransformersCpuBackend, WarmupReport]]:
     backend = TransformersCpuBackend(model_dir, dtype=torch.float32)
     try:
         yield backend, backend.warmup(LIMITS)
@@ -99,9 +100,9 @@ def warm_backend(model_dir: Path) -> Iterator[tuple[TransformersCpuBackend, KVCa
 
 
 @pytest.fixture
-def driver(warm_backend: tuple[TransformersCpuBackend, KVCapacity]) -> Iterator[Driver]:
-    backend, capacity = warm_backend
-    driver = Driver(backend, capacity)
+def driver(warm_backend: tuple[TransformersCpuBackend, WarmupReport]) -> Iterator[Driver]:
+    backend, report = warm_backend
+    driver = Driver(backend, report)
     try:
         yield driver
     finally:

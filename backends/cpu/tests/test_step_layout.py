@@ -1,4 +1,6 @@
-"""The one-token fast path of `build_step` against the general path it short-cuts."""
+"""The step layout: `tgi.runner`'s persistent block tables and `build_step`, and the CPU
+attention's SDPA metadata; each one-token fast path against the general path it
+short-cuts."""
 
 from __future__ import annotations
 
@@ -6,28 +8,40 @@ import random
 
 import pytest
 import torch
-from tgi_backend_cpu._paged_attention import (
-    StepMetadata,
-    StepRow,
-    _any_rows,
-    _one_token_rows,
-    build_step,
-)
+from tgi_backend_cpu import _paged_attention as cpu
+from tgi_backend_cpu._paged_attention import StepMetadata, plan_step
+
+from tgi.runner import BlockTables, StepLayout, StepRows, build_step
+from tgi.runner import _layout as layout_module
 
 BLOCK = 4
 
 
-def _random_rows(rng: random.Random, num_rows: int, equal: bool) -> list[StepRow]:
+def _random_step(
+    rng: random.Random, num_rows: int, equal: bool, tokens: int = 1
+) -> tuple[StepRows, BlockTables]:
+    """`num_rows` rows of `tokens` tokens each, tables of random blocks covering them."""
+    tables = BlockTables(max_blocks=4, num_rows=2)  # small: rows and columns must grow
+    rows = StepRows()
     start = rng.randrange(0, 40)
-    rows = []
-    for _ in range(num_rows):
+    for seq_id in range(num_rows):
         position = start if equal else rng.randrange(0, 40)
-        blocks = rng.sample(range(200), position // BLOCK + 1)
-        rows.append(StepRow([rng.randrange(1000)], position, blocks))
-    return rows
+        blocks = rng.sample(range(200), (position + tokens - 1) // BLOCK + 1)
+        tables.add(100 + seq_id, blocks[:2])
+        tables.extend(100 + seq_id, blocks[2:])
+        rows.append(100 + seq_id, position, [rng.randrange(1000) for _ in range(tokens)])
+    return rows, tables
 
 
-def _same(a: StepMetadata, b: StepMetadata) -> None:
+def _same_layout(a: StepLayout, b: StepLayout) -> None:
+    assert (a.max_queries, a.max_keys, a.num_rows) == (b.max_queries, b.max_keys, b.num_rows)
+    for name in ("input_ids", "positions", "slots"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for x, y in zip(a.token_rows(), b.token_rows(), strict=True):
+        assert torch.equal(x, y)
+
+
+def _same_metadata(a: StepMetadata, b: StepMetadata) -> None:
     assert (a.num_rows, a.max_queries, a.max_keys) == (b.num_rows, b.max_queries, b.max_keys)
     assert torch.equal(a.slots, b.slots)
     assert a.query_index is None and b.query_index is None
@@ -43,32 +57,110 @@ def _same(a: StepMetadata, b: StepMetadata) -> None:
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_one_token_rows_match_the_general_layout(seed: int) -> None:
+def test_one_token_layout_matches_the_general_layout(seed: int) -> None:
     rng = random.Random(seed)
-    rows = _random_rows(rng, rng.randrange(1, 6), equal=seed % 3 == 0)
+    rows, tables = _random_step(rng, rng.randrange(1, 6), equal=seed % 3 == 0)
+    fast = layout_module._one_token_rows(rows, tables, BLOCK)
+    general = layout_module._any_rows(rows, tables, BLOCK)
+    _same_layout(fast, general)
+    for i, (seq_id, position) in enumerate(zip(rows.seq_ids, rows.starts, strict=True)):
+        table = tables.blocks(seq_id)
+        assert int(fast.slots[i]) == table[position // BLOCK] * BLOCK + position % BLOCK
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_one_token_metadata_matches_the_general_metadata(seed: int) -> None:
+    rng = random.Random(seed)
+    rows, tables = _random_step(rng, rng.randrange(1, 6), equal=seed % 3 == 0)
     windows = rng.choice([(None,), (None, 8), (3, None, 50)])
-    dense = (list(range(len(rows))), 64)
-    fast = _one_token_rows(rows, BLOCK, windows, dense[1])
-    general = _any_rows(rows, BLOCK, windows, dense)
-    assert torch.equal(fast[0], general[0]) and torch.equal(fast[1], general[1])
-    _same(fast[2], general[2])
+    layout = build_step(rows, tables, BLOCK)
+    dense = (list(range(layout.num_rows)), 64)
+    fast = cpu._one_token_rows(layout, windows, dense[1])
+    general = cpu._any_rows(layout, windows, dense)
+    _same_metadata(fast, general)
 
 
-def test_build_step_takes_the_fast_path_only_where_it_applies(
+def test_general_layout_of_mixed_rows() -> None:
+    tables = BlockTables(max_blocks=2)
+    tables.add(7, [5, 1])
+    tables.add(8, [3])
+    tables.extend(8, [9])
+    rows = StepRows()
+    rows.append(7, 3, [11, 12, 13])  # positions 3, 4, 5: blocks 5, 1, 1
+    rows.append(8, 4, [14])  # position 4: block 9
+    layout = build_step(rows, tables, BLOCK)
+    assert not layout.one_token and (layout.max_queries, layout.max_keys) == (3, 6)
+    assert layout.input_ids.tolist() == [11, 12, 13, 14]
+    assert layout.positions.tolist() == [3, 4, 5, 4]
+    assert layout.slots.tolist() == [5 * 4 + 3, 1 * 4 + 0, 1 * 4 + 1, 9 * 4 + 0]
+    assert layout.block_table().tolist() == [[5, 1], [3, 9]]
+
+
+def test_plan_step_takes_the_fast_path_only_where_it_applies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import tgi_backend_cpu._paged_attention as layout
-
     taken: list[int] = []
-    fast = layout._one_token_rows
+    fast = cpu._one_token_rows
     monkeypatch.setattr(
-        layout, "_one_token_rows", lambda rows, *args: taken.append(len(rows)) or fast(rows, *args)
+        cpu,
+        "_one_token_rows",
+        lambda layout, *args: taken.append(layout.num_rows) or fast(layout, *args),
     )
-    rows = [StepRow([1], 5, [0, 1]), StepRow([2], 7, [2, 3])]
-    assert build_step(rows, BLOCK, (None,), ([0, 1], 16))[2].key_slots is None
+    tables = BlockTables(max_blocks=4)
+    tables.add(1, [0, 1])
+    tables.add(2, [2, 3])
+    rows = StepRows()
+    rows.append(1, 5, [1])
+    rows.append(2, 7, [2])
+    layout = build_step(rows, tables, BLOCK)
+    assert layout.one_token
+    assert plan_step(layout, (None,), ([0, 1], 16)).key_slots is None
     # rows out of dense order, or no dense rows at all: the general path decides
-    assert build_step(rows, BLOCK, (None,), ([1, 0], 16))[2].query_index is not None
-    assert build_step(rows, BLOCK, (None,), None)[2].key_slots is not None
+    assert plan_step(layout, (None,), ([1, 0], 16)).query_index is not None
+    assert plan_step(layout, (None,), None).key_slots is not None
     assert taken == [2]  # only the in-order dense step; a two-token row never takes it
-    build_step([StepRow([1, 2], 5, [0, 1])], BLOCK, (None,), ([0], 16))
+    two = StepRows()
+    two.append(1, 5, [1, 2])
+    plan_step(build_step(two, tables, BLOCK), (None,), ([0], 16))
     assert taken == [2]
+
+
+def test_block_tables_grow_by_appends_and_reuse_rows() -> None:
+    tables = BlockTables(max_blocks=2, num_rows=1)
+    tables.add(1, [4])
+    tables.extend(1, [6, 8])  # past max_blocks: columns double
+    tables.add(2, [9])  # past num_rows: rows double
+    assert tables.blocks(1) == [4, 6, 8] and tables.blocks(2) == [9]
+    tensor = tables.tensor
+    assert tensor[tables.row(1), :3].tolist() == [4, 6, 8]
+    assert tensor[tables.row(2), :1].tolist() == [9]
+    row = tables.row(1)
+    tables.remove(1)
+    tables.remove(1)  # unknown ids are ignored
+    assert 1 not in tables and len(tables) == 1
+    tables.add(3, [2])
+    assert tables.row(3) == row  # a freed row is reused
+    assert tables.tensor[row, :1].tolist() == [2]
+    with pytest.raises(KeyError):
+        tables.extend(1, [5])
+
+
+def test_a_one_token_step_never_reads_the_table_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steady-state decode: slots come from the per-sequence lists; no table is turned
+    into a tensor, so the step's cost does not grow with the tables' length."""
+    tables = BlockTables(max_blocks=128)
+    rows = StepRows()
+    for seq_id in range(8):
+        tables.add(seq_id, list(range(seq_id * 128, (seq_id + 1) * 128)))
+        rows.append(seq_id, 2000 + seq_id, [seq_id])
+    read: list[int] = []
+    real = BlockTables.tensor
+    monkeypatch.setattr(
+        BlockTables, "tensor", property(lambda self: read.append(1) or real.fget(self))
+    )
+    layout = build_step(rows, tables, 16)
+    plan_step(layout, (None,), (list(range(8)), 2048))
+    assert read == []
+    assert layout.slots.tolist() == [
+        (s * 128 + (2000 + s) // 16) * 16 + (2000 + s) % 16 for s in range(8)
+    ]

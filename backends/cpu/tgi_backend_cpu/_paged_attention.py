@@ -1,19 +1,11 @@
-"""Paged KV storage and the attention op the CPU engine hands to `tgi.models`.
+"""The CPU's attention backend for `tgi.runner`: SDPA over a `KvPool`, with dense rows.
 
-NOTE: addressing. The router owns the block tables; this module only turns them into
-flat slot indices once per step. The pool of a layer is `[num_blocks * block_size,
-kv_heads, head_dim]`, so a token at position p of a row with block table `bt` lives at
-slot `bt[p // block_size] * block_size + p % block_size`:
-
-    block table [7, 2, 9]          block_size 4, position 9 -> block 2 (id 9), offset 1
-    pool slots  ... | 8  9 10 11 | ... | 28 29 30 31 | ... | 36 37 38 39 |
-                      block 2            block 7             block 9 -> slot 37
-
-A step writes its N new tokens into the pool with one `index_copy_` per layer. SDPA then
-needs each row's keys as one padded `[R, KVH, L_max, D]` batch; on a CPU, copying them out
-of the scattered blocks every layer of every step costs as much as the attention itself.
-So live sequences also keep a dense copy (`DenseRows`: row r of `[R_cap, L_cap, KVH, D]`
-per layer), written alongside the pool and read by SDPA in place:
+NOTE: a step writes its N new tokens into the pool with one `index_copy_` per layer (at
+the slots `tgi.runner.build_step` computed). SDPA then needs each row's keys as one
+padded `[R, KVH, L_max, D]` batch; on a CPU, copying them out of the scattered blocks
+every layer of every step costs as much as the attention itself. So live sequences also
+keep a dense copy (`DenseRows`: row r of `[R_cap, L_cap, KVH, D]` per layer), written
+alongside the pool and read by SDPA in place:
 
 - a decode step whose rows are dense rows 0..R-1 in order reads a strided view (no copy);
 - rows in another order, or with holes, read all dense rows up to the highest one, with
@@ -32,21 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DenseRows", "KvPool", "PagedAttention", "StepMetadata", "StepRow", "build_step"]
+from tgi.runner import KvPool, StepLayout
 
-
-@dataclass(frozen=True, slots=True)
-class StepRow:
-    """One row of a step as the attention layout needs it."""
-
-    token_ids: Sequence[int]  # tokens to run, at positions start, start + 1, ...
-    start: int  # tokens of the row already in KV
-    block_ids: Sequence[int]  # the row's block table, covering start + len(token_ids)
+__all__ = ["CpuPagedAttention", "DenseRows", "StepMetadata", "plan_step"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,62 +49,58 @@ class StepMetadata:
     dense_rows: torch.Tensor | None = None  # dense path: [R] rows to select; None: 0..R-1
 
 
-def build_step(
-    rows: Sequence[StepRow],
-    block_size: int,
+def plan_step(
+    layout: StepLayout,
     windows: Sequence[int | None],
-    dense: tuple[Sequence[int], int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
-    """(input_ids [N], positions [N], metadata) for `rows`; Python loops per row, not token.
+    dense: tuple[list[int], int] | None = None,
+) -> StepMetadata:
+    """The SDPA metadata of `layout`. `dense`: (dense row of each step row, L_cap) to
+    read keys from `DenseRows`; None gathers them from the pool."""
+    if dense is not None and layout.one_token and dense[0] == list(range(layout.num_rows)):
+        return _one_token_rows(layout, windows, dense[1])
+    return _any_rows(layout, windows, dense)
 
-    `dense`: (dense row of each step row, L_cap) to read keys from `DenseRows`; None
-    gathers them from the pool.
-    """
-    one_token = all(len(row.token_ids) == 1 for row in rows)
-    if dense is not None and one_token and list(dense[0]) == list(range(len(rows))):
-        return _one_token_rows(rows, block_size, windows, dense[1])
-    return _any_rows(rows, block_size, windows, dense)
+
+def _one_token_rows(layout: StepLayout, windows: Sequence[int | None], cap: int) -> StepMetadata:
+    """`plan_step` for the commonest step: one token per row, the rows in dense rows
+    0..R-1 in order; a handful of small ops instead of the general path's two dozen."""
+    starts = layout.rows.starts
+    max_keys = layout.max_keys
+    positions = layout.positions  # [R]
+    full = min(starts) + 1 == max_keys
+    return StepMetadata(
+        num_rows=layout.num_rows,
+        max_queries=1,
+        max_keys=max_keys,
+        slots=layout.slots,
+        query_index=None,
+        masks=_masks(positions[:, None], max_keys, windows, full=full),
+        dense_slots=torch.arange(layout.num_rows) * cap + positions,
+    )
 
 
 def _any_rows(
-    rows: Sequence[StepRow],
-    block_size: int,
+    layout: StepLayout,
     windows: Sequence[int | None],
-    dense: tuple[Sequence[int], int] | None,
-) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
-    """`build_step` for any mix of rows: chunks, drafts, holes, the gather path."""
-    counts = [len(row.token_ids) for row in rows]
-    ends = [row.start + n for row, n in zip(rows, counts, strict=True)]
-    num_steps, max_queries, max_keys = len(rows), max(counts), max(ends)
-    num_blocks = -(-max_keys // block_size)
-    table = torch.tensor(
-        [
-            list(row.block_ids[:num_blocks]) + [0] * (num_blocks - len(row.block_ids))
-            for row in rows
-        ],
-        dtype=torch.long,
-    )  # [R_step, num_blocks]
-    ids = list(chain.from_iterable(row.token_ids for row in rows))
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    counts_t = torch.tensor(counts, dtype=torch.long)
-    row_of = torch.arange(num_steps).repeat_interleave(counts_t)  # [N] step row of each token
-    first = torch.cumsum(counts_t, 0) - counts_t  # [R_step]
-    t_of = torch.arange(len(ids)) - first[row_of]  # [N] offset within its row
-    positions = torch.tensor([row.start for row in rows], dtype=torch.long)[row_of] + t_of
-    slots = table[row_of, positions // block_size] * block_size + positions % block_size
-
+    dense: tuple[list[int], int] | None,
+) -> StepMetadata:
+    """`plan_step` for any mix of rows: chunks, drafts, holes, the gather path."""
+    counts = layout.rows.counts
+    row_of, t_of = layout.token_rows()
+    positions = layout.positions
+    num_steps, max_queries, max_keys = layout.num_rows, layout.max_queries, layout.max_keys
     # Which SDPA batch row each step row uses (see the module NOTE).
     batch_row = list(range(num_steps))
     num_rows, dense_rows, dense_slots = num_steps, None, None
     if dense is not None:
         rows_in_dense, cap = dense
-        dense_t = torch.tensor(list(rows_in_dense), dtype=torch.long)
+        dense_t = torch.tensor(rows_in_dense, dtype=torch.long)
         dense_slots = dense_t[row_of] * cap + positions
         high = max(rows_in_dense) + 1
-        if list(rows_in_dense) == batch_row:
+        if rows_in_dense == batch_row:
             pass
         elif 2 * num_steps >= high and min(counts) == max_queries:
-            batch_row, num_rows = list(rows_in_dense), high
+            batch_row, num_rows = rows_in_dense, high
         else:
             dense_rows = dense_t
     batch_t = torch.tensor(batch_row, dtype=torch.long)
@@ -129,53 +109,26 @@ def _any_rows(
     query_pos[query_index] = positions
     query_pos = query_pos.view(num_rows, max_queries)  # padding and holes: position 0
     # One token per row, every row ending at L_max: every key is visible, no mask needed.
+    ends = [start + n for start, n in zip(layout.rows.starts, counts, strict=True)]
     full = max_queries == 1 and min(ends) == max_keys and num_rows == num_steps
-    masks = _masks(query_pos, max_keys, windows, full)
-    key_pos = torch.arange(max_keys)  # [L_max]
     identity = batch_row == list(range(num_steps)) and min(counts) == max_queries
     key_slots = None
     if dense is None:
-        key_slots = table[:, key_pos // block_size] * block_size + key_pos % block_size
-        key_slots = key_slots.reshape(-1)  # [R * L_max]
-    metadata = StepMetadata(
+        size = layout.block_size
+        key_pos = torch.arange(max_keys)  # [L_max]
+        table = layout.block_table()  # [R, blocks]
+        key_slots = (table[:, key_pos // size] * size + key_pos % size).reshape(-1)
+    return StepMetadata(
         num_rows=num_rows,
         max_queries=max_queries,
         max_keys=max_keys,
-        slots=slots,
+        slots=layout.slots,
         query_index=None if identity else query_index,
-        masks=masks,
+        masks=_masks(query_pos, max_keys, windows, full),
         key_slots=key_slots,
         dense_slots=dense_slots,
         dense_rows=dense_rows,
     )
-    return input_ids, positions, metadata
-
-
-def _one_token_rows(
-    rows: Sequence[StepRow], block_size: int, windows: Sequence[int | None], cap: int
-) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
-    """`build_step` for the commonest step: one token per row, the rows in dense rows
-    0..R-1 in order. Plain lists and five small tensors instead of the general path's
-    two dozen ops (175 -> ~25 us for one row), which a one-stream decode pays per token."""
-    positions = [row.start for row in rows]
-    slots = [
-        row.block_ids[p // block_size] * block_size + p % block_size
-        for row, p in zip(rows, positions, strict=True)
-    ]
-    max_keys = max(positions) + 1
-    query_pos = torch.tensor(positions, dtype=torch.long)
-    masks = _masks(query_pos[:, None], max_keys, windows, full=min(positions) + 1 == max_keys)
-    metadata = StepMetadata(
-        num_rows=len(rows),
-        max_queries=1,
-        max_keys=max_keys,
-        slots=torch.tensor(slots, dtype=torch.long),
-        query_index=None,
-        masks=masks,
-        dense_slots=torch.tensor([r * cap + p for r, p in enumerate(positions)], dtype=torch.long),
-    )
-    input_ids = torch.tensor([row.token_ids[0] for row in rows], dtype=torch.long)
-    return input_ids, query_pos, metadata
 
 
 def _masks(
@@ -196,38 +149,10 @@ def _masks(
     return masks
 
 
-class KvPool:
-    """Keys and values of every layer: `[num_blocks * block_size, kv_heads, head_dim]` each.
-
-    Zero-filled once, so slots never written (padding reads) hold finite values; the
-    backend never clears a block afterwards (shared prefix blocks must survive).
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        num_blocks: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-    ) -> None:
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-
-    def slots(self, block_ids: Sequence[int], num_tokens: int) -> torch.Tensor:
-        """[num_tokens] pool slots of positions 0..num_tokens-1 of a block table."""
-        pos = torch.arange(num_tokens)
-        table = torch.tensor(list(block_ids), dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
-
-
 class DenseRows:
     """A dense copy of live sequences' KV, one row per sequence, for SDPA to read in place.
 
-    Row r of layer l holds positions 0..n-1 of its sequence, where n is what the backend
+    Row r of layer l holds positions 0..n-1 of its sequence, where n is what the runner
     says the sequence holds; `assign` makes a step's rows present (filling a cached prefix
     from the pool) or answers None when they would not fit the byte budget.
     """
@@ -245,24 +170,25 @@ class DenseRows:
         for seq_id in seq_ids:
             self.rows.pop(seq_id, None)
 
-    def assign(
-        self, seq_ids: Sequence[int], rows: Sequence[StepRow]
-    ) -> tuple[list[int], int] | None:
+    def assign(self, layout: StepLayout) -> tuple[list[int], int] | None:
         """Dense rows of the step's sequences and L_cap, or None (then they leave)."""
-        fresh = [i for i, seq_id in enumerate(seq_ids) if seq_id not in self.rows]
-        used = set(self.rows.values())
+        seq_ids, starts = layout.rows.seq_ids, layout.rows.starts
+        rows = self.rows
+        fresh = [i for i, seq_id in enumerate(seq_ids) if seq_id not in rows]
+        if not fresh and layout.max_keys <= self.capacity_length:  # steady-state decode
+            return [rows[seq_id] for seq_id in seq_ids], self.capacity_length
+        used = set(rows.values())
         free = (r for r in range(len(used) + len(fresh)) if r not in used)
         new_rows = {seq_ids[i]: next(free) for i in fresh}
-        num_rows = max([*self.rows.values(), *new_rows.values()], default=-1) + 1
-        length = max(row.start + len(row.token_ids) for row in rows)
-        if not self._fit(num_rows, length):
+        num_rows = max([*rows.values(), *new_rows.values()], default=-1) + 1
+        if not self._fit(num_rows, layout.max_keys):
             self.release(seq_ids)
             return None
-        self.rows.update(new_rows)
+        rows.update(new_rows)
         for i in fresh:
-            if rows[i].start > 0:  # a cached prefix or an earlier chunk: copy it once
-                self._fill(new_rows[seq_ids[i]], rows[i])
-        return [self.rows[seq_id] for seq_id in seq_ids], self.capacity_length
+            if starts[i] > 0:  # a cached prefix or an earlier chunk: copy it once
+                self._fill(new_rows[seq_ids[i]], layout.tables.blocks(seq_ids[i]), starts[i])
+        return [rows[seq_id] for seq_id in seq_ids], self.capacity_length
 
     def _fit(self, num_rows: int, length: int) -> bool:
         if num_rows <= self.capacity_rows and length <= self.capacity_length:
@@ -294,16 +220,16 @@ class DenseRows:
                     tensors.append(grown.view(num_rows * length, *pool_tensor.shape[1:]))
         self.capacity_rows, self.capacity_length = num_rows, length
 
-    def _fill(self, dense_row: int, row: StepRow) -> None:
-        source = self.pool.slots(row.block_ids, row.start)  # [start]
+    def _fill(self, dense_row: int, block_ids: Sequence[int], num_tokens: int) -> None:
+        source = self.pool.slots(block_ids, num_tokens)  # [num_tokens]
         first = dense_row * self.capacity_length
         for dense, pooled in ((self.keys, self.pool.keys), (self.values, self.pool.values)):
             for layer, pool_tensor in enumerate(pooled):
-                dense[layer][first : first + row.start] = pool_tensor.index_select(0, source)
+                dense[layer][first : first + num_tokens] = pool_tensor.index_select(0, source)
 
 
-class PagedAttention:
-    """The `tgi.models.attention.AttentionOp` over a `KvPool`, one SDPA call per layer."""
+class CpuPagedAttention:
+    """`tgi.runner.AttentionBackend` on the CPU: one SDPA call per layer over a `KvPool`."""
 
     def __init__(
         self, pool: KvPool, layer_windows: Sequence[int | None], dense: DenseRows | None = None
@@ -313,6 +239,15 @@ class PagedAttention:
         self.layer_windows = tuple(layer_windows)
         self._capacity = 0  # slots the gather buffers hold
         self._buf_k = self._buf_v = torch.empty(0)
+
+    def plan(self, layout: StepLayout) -> StepMetadata:
+        """Dense rows for the step's sequences (where they fit), then the SDPA metadata."""
+        dense = self.dense.assign(layout) if self.dense is not None else None
+        return plan_step(layout, self.layer_windows, dense)
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        if self.dense is not None:
+            self.dense.release(seq_ids)
 
     def __call__(
         self,
@@ -377,7 +312,7 @@ class PagedAttention:
         self, pool_k: torch.Tensor, pool_v: torch.Tensor, metadata: StepMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """[R, L_max, KVH, D] keys and values gathered from the pool's blocks."""
-        assert metadata.key_slots is not None  # build_step sets it whenever dense is off
+        assert metadata.key_slots is not None  # plan_step sets it whenever dense is off
         shape = (metadata.num_rows, metadata.max_keys, *pool_k.shape[1:])
         needed = shape[0] * shape[1]
         if self._capacity < needed:

@@ -11,12 +11,13 @@ batch of one in transformers 5.x (`generation/utils.py`: `_prepare_cache_for_gen
   `use_cache=True`, `logits_to_keep=1` unless more positions are wanted.
 
 So greedy decoding through this backend is token-for-token what `generate` gives on the
-same weights, whatever else shares the batch: rows never pad against each other. The
-per-row Python loop is the price; device backends batch rows into one forward instead.
+same weights, whatever else shares the step: rows never pad against each other. The
+price: a step of R rows (new chunks and decode rows mixed) runs R forwards, one per row,
+not the one forward per step of the paged engine (`tgi_backend_cpu.paged`).
 
-KV accounting: the backend counts the tokens it wrote per sequence and refuses (with
-`BackendError`, before touching any cache) a step that would take the total past the
-capacity `warmup` reported, or a sequence past `Limits.max_total_tokens`.
+KV accounting: the core's policy keeps the total within the capacity `warmup` reported
+and each sequence within `Limits.max_total_tokens` (the contract's promise, not
+re-checked here); the backend counts the tokens it wrote per sequence for `kv_usage`.
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ import torch
 from tgi.backend.contract import (
     Batching,
     Capabilities,
-    DecodeBatch,
-    DecodeRow,
     KVCapacity,
     KvLayout,
     KVUsage,
     Limits,
-    PrefillBatch,
-    PrefillRow,
+    NewSequence,
+    StepConstraints,
     StepOutput,
+    StepPlan,
+    WarmupReport,
 )
 from tgi.errors import BackendError
 from tgi_backend_cpu._host import (
@@ -171,8 +172,8 @@ class TransformersCpuBackend:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return 2 * int(cfg.num_hidden_layers) * kv_heads * head_dim * itemsize
 
-    def warmup(self, limits: Limits) -> KVCapacity:
-        """Size KV from the memory budget, run one real prefill, return the capacity."""
+    def warmup(self, limits: Limits) -> WarmupReport:
+        """Size KV from the memory budget, run one real prefill, report the capacity."""
         model = self._require_model()
         capacity_tokens = self._kv_capacity_tokens(limits)
         if capacity_tokens < limits.max_total_tokens:
@@ -199,7 +200,7 @@ class TransformersCpuBackend:
         elapsed_s = time.perf_counter() - started
         self._limits = limits
         self._capacity = KVCapacity(
-            max_total_tokens=capacity_tokens, bytes_per_token=self.bytes_per_token
+            total_tokens=capacity_tokens, bytes_per_token=self.bytes_per_token
         )
         logger.info(
             "cpu backend warmup: %d-token prefill took %.3f s; KV holds %d tokens at %d "
@@ -210,7 +211,7 @@ class TransformersCpuBackend:
             self.bytes_per_token,
             type(model).__name__,
         )
-        return self._capacity
+        return WarmupReport(self._capacity, StepConstraints(), seconds=elapsed_s)
 
     def _kv_capacity_tokens(self, limits: Limits) -> int:
         """Tokens of KV the budget allows: the router's number, else a memory budget."""
@@ -225,111 +226,63 @@ class TransformersCpuBackend:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def prefill(self, batch: PrefillBatch) -> StepOutput:
-        """Write each row's tokens into its cache; logits of each row that wants them."""
-        limits, capacity = self._require_warm()
-        self._check_prefill(batch.rows, limits, capacity)
+    def step(self, plan: StepPlan) -> StepOutput:
+        """Drop `finished` and `preempted`, start caches for `new`, then run each row as a
+        batch of one (see the module NOTE); logits [R, T, V] for `plan.logits_rows`.
+
+        Raises BackendError for a row of a sequence it does not hold, at another
+        position than the tokens it holds, and when a forward fails.
+        """
+        self._require_warm()
+        if plan.finished:
+            self.release(plan.finished)
+        if plan.preempted:
+            self.release(plan.preempted)
+        self._check(plan)
+        for new in plan.new:
+            self._seqs[new.seq_id] = _Sequence(self._new_cache(), 0)
         seq_ids: list[int] = []
-        rows_logits: list[torch.Tensor] = []  # each [1, 1, V]
+        rows_logits: list[torch.Tensor] = []  # each [1, num_logits, V]
         prompt_logits: dict[int, torch.Tensor] = {}
-        for row in batch.rows:
-            seq = self._seqs.get(row.seq_id)
-            if seq is None:
-                seq = self._seqs[row.seq_id] = _Sequence(self._new_cache(), 0)
-            keep = len(row.token_ids) if row.want_prompt_logits else 1
-            logits = self._run(row.seq_id, seq, row.token_ids, keep)  # [1, keep, V]
-            if row.want_logits:
+        for row in plan.rows:
+            token_ids = row.input_ids  # decode rows have their last token (`_check`)
+            prompt = isinstance(row, NewSequence) and row.want_prompt_logits
+            keep = len(token_ids) if prompt else max(row.num_logits, 1)
+            logits = self._run(row.seq_id, self._seqs[row.seq_id], token_ids, keep)
+            if row.num_logits:  # logits: [1, keep, V]
                 seq_ids.append(row.seq_id)
-                rows_logits.append(logits[:, -1:])
-            if row.want_prompt_logits:
+                rows_logits.append(logits[:, keep - row.num_logits :])
+            if prompt:
                 prompt_logits[row.seq_id] = logits[0].float()  # [n, V]
-        return StepOutput(tuple(seq_ids), self._stack(rows_logits, 1), prompt_logits)
+        return StepOutput(tuple(seq_ids), self._stack(rows_logits), prompt_logits)
 
-    def decode(self, batch: DecodeBatch) -> StepOutput:
-        """Feed each row's tokens at its position; logits [R, T, V] for every row."""
-        limits, capacity = self._require_warm()
-        self._check_decode(batch.rows, limits, capacity)
-        rows_logits = [
-            self._run(row.seq_id, self._seqs[row.seq_id], row.token_ids, len(row.token_ids))
-            for row in batch.rows
-        ]  # each [1, T, V]
-        width = len(batch.rows[0].token_ids) if batch.rows else 1
-        return StepOutput(tuple(row.seq_id for row in batch.rows), self._stack(rows_logits, width))
-
-    def _check_prefill(
-        self, rows: Sequence[PrefillRow], limits: Limits, capacity: KVCapacity
-    ) -> None:
-        """Refuse the whole step before any cache changes; BackendError names the row."""
-        seen: set[int] = set()
-        for row in rows:
-            if row.seq_id in seen:
-                raise BackendError(f"prefill names seq {row.seq_id} twice")
-            seen.add(row.seq_id)
-            self._check_tokens(row.seq_id, row.token_ids)
-            seq = self._seqs.get(row.seq_id)
-            held = seq.num_tokens if seq is not None else 0
-            if row.start_position != held:
+    def _check(self, plan: StepPlan) -> None:
+        """Refuse a broken plan before any cache changes: O(1) per row."""
+        for new in plan.new:
+            if new.seq_id in self._seqs or new.start_position != 0:
                 raise BackendError(
-                    f"prefill of seq {row.seq_id} starts at position {row.start_position} "
-                    f"but the backend holds {held} of its tokens"
+                    f"seq {new.seq_id} is new at position {new.start_position}; the backend "
+                    "holds it already or cannot share a cached prefix"
                 )
-            self._check_length(row.seq_id, held + len(row.token_ids), limits)
-        self._check_capacity(sum(len(row.token_ids) for row in rows), capacity)
-
-    def _check_decode(
-        self, rows: Sequence[DecodeRow], limits: Limits, capacity: KVCapacity
-    ) -> None:
-        seen: set[int] = set()
-        for row in rows:
-            seq = self._seqs.get(row.seq_id)
-            if seq is None or row.seq_id in seen:
+        for run in plan.running:
+            if run.decode and run.last_token is None:
                 raise BackendError(
-                    f"decode of seq {row.seq_id}, which is not live or is named twice"
+                    f"decode row of seq {run.seq_id} reached a backend without a token"
                 )
-            seen.add(row.seq_id)
-            self._check_tokens(row.seq_id, row.token_ids)
-            if len(row.token_ids) != len(rows[0].token_ids):
-                raise BackendError("decode rows must all carry the same number of tokens")
-            if row.position != seq.num_tokens:
+            seq = self._seqs.get(run.seq_id)
+            if seq is None or run.start_position != seq.num_tokens:
+                held = seq.num_tokens if seq is not None else None
                 raise BackendError(
-                    f"decode of seq {row.seq_id} at position {row.position} but the backend "
-                    f"holds {seq.num_tokens} of its tokens"
+                    f"seq {run.seq_id} runs at position {run.start_position} but the backend "
+                    f"holds {held} of its tokens"
                 )
-            self._check_length(row.seq_id, row.position + len(row.token_ids), limits)
-        self._check_capacity(sum(len(row.token_ids) for row in rows), capacity)
-
-    def _check_tokens(self, seq_id: int, token_ids: Sequence[int]) -> None:
-        # An id past the embedding table would fail deep inside the forward, after other
-        # rows of the step already advanced; refuse it up front instead.
-        if not token_ids:
-            raise BackendError(f"seq {seq_id} has no tokens to run")
-        if min(token_ids) < 0 or max(token_ids) >= self._vocab_size:
-            raise BackendError(
-                f"seq {seq_id} has a token id outside the vocabulary [0, {self._vocab_size})"
-            )
-
-    @staticmethod
-    def _check_length(seq_id: int, end: int, limits: Limits) -> None:
-        if end > limits.max_total_tokens:
-            raise BackendError(
-                f"seq {seq_id} would hold {end} tokens, past --max-total-tokens "
-                f"{limits.max_total_tokens}"
-            )
-
-    def _check_capacity(self, new_tokens: int, capacity: KVCapacity) -> None:
-        used = sum(seq.num_tokens for seq in self._seqs.values())
-        if used + new_tokens > capacity.max_total_tokens:
-            raise BackendError(
-                f"KV full: the step adds {new_tokens} tokens to {used} held, past the "
-                f"capacity of {capacity.max_total_tokens}; release sequences first"
-            )
 
     def _run(
         self, seq_id: int, seq: _Sequence, token_ids: Sequence[int], keep: int
     ) -> torch.Tensor:
         """Forward one row; on failure drop its half-written cache and raise BackendError.
 
-        Rows earlier in the same step have advanced by then; the router fails and
+        Rows earlier in the same step have advanced by then; the core fails and
         releases every sequence of a step that raised.
         """
         try:
@@ -358,10 +311,19 @@ class TransformersCpuBackend:
             )
         return out.logits[:, -keep:]
 
-    def _stack(self, rows_logits: list[torch.Tensor], width: int) -> torch.Tensor:
+    def _stack(self, rows_logits: list[torch.Tensor]) -> torch.Tensor:
+        """[R, T, V] float32 from rows of [1, t, V]: T the widest, the narrower padded
+        with their last position."""
         if not rows_logits:
-            return torch.empty((0, width, self._vocab_size), dtype=torch.float32)
-        return torch.cat(rows_logits, dim=0).float()  # [R, T, V]
+            return torch.empty((0, 1, self._vocab_size), dtype=torch.float32)
+        width = max(logits.shape[1] for logits in rows_logits)
+        padded = [
+            torch.cat([logits, logits[:, -1:].expand(1, width - logits.shape[1], -1)], dim=1)
+            if logits.shape[1] < width
+            else logits
+            for logits in rows_logits
+        ]
+        return torch.cat(padded, dim=0).float()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -372,7 +334,7 @@ class TransformersCpuBackend:
 
     def kv_usage(self) -> KVUsage:
         used = sum(seq.num_tokens for seq in self._seqs.values())
-        capacity = self._capacity.max_total_tokens if self._capacity is not None else 0
+        capacity = self._capacity.total_tokens if self._capacity is not None else 0
         return KVUsage(seq_ids=frozenset(self._seqs), used_tokens=used, capacity_tokens=capacity)
 
     def health(self) -> None:
@@ -402,11 +364,10 @@ class TransformersCpuBackend:
             raise BackendError("the cpu backend was closed")
         return self._model
 
-    def _require_warm(self) -> tuple[Limits, KVCapacity]:
+    def _require_warm(self) -> None:
         self._require_model()
         if self._limits is None or self._capacity is None:
-            raise BackendError("warmup() must run before prefill or decode")
-        return self._limits, self._capacity
+            raise BackendError("warmup() must run before step()")
 
 
 def _forward_parameters(model: Any) -> frozenset[str]:

@@ -15,7 +15,7 @@ import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from tgi.backend.hookspecs import BackendProbe, hookimpl
+from tgi.backend.hookspecs import BackendOptions, BackendProbe, hookimpl
 from tgi.errors import ConfigError
 from tgi_backend_cpu._host import choose_dtype, choose_threads, read_cpu_info
 
@@ -30,12 +30,15 @@ __all__ = [
     "ENGINE_ENV",
     "NAME",
     "PRIORITY",
+    "TGI_CONTRACT_VERSION",
     "choose_engine",
     "tgi_backend_create",
+    "tgi_backend_options",
     "tgi_backend_probe",
     "tgi_validate_config",
 ]
 
+TGI_CONTRACT_VERSION = 2  # the backend contract this module implements
 NAME = "cpu"
 PRIORITY = 10  # accelerators use higher numbers, so they win wherever they are present
 DISTRIBUTION = "tgi-backend-cpu"
@@ -90,6 +93,15 @@ def tgi_backend_probe() -> BackendProbe:
         reason=read_cpu_info().describe(),
         priority=PRIORITY,
         batching="continuous",
+    )
+
+
+@hookimpl
+def tgi_backend_options() -> BackendOptions:
+    """int8/int4 weight-only kernels (paged engine); compute and KV in any float dtype."""
+    floats = frozenset({"float32", "bfloat16", "float16"})  # _host._DTYPES, paged._DTYPES
+    return BackendOptions(
+        quantize=frozenset({"int8", "int4"}), dtypes=floats, kv_cache_dtypes=floats
     )
 
 

@@ -1,6 +1,7 @@
 """The shared backend conformance suite on the emulated Neuron backend, in both modes:
-rebuild (compiled without continuous batching: every prefill re-sends each live slot's
-history) and insert (continuous batching: only new rows are written)."""
+rebuild (compiled without continuous batching: when new sequences arrive the backend
+re-prefills every live slot itself) and insert (continuous batching: only new rows are
+written)."""
 
 from __future__ import annotations
 

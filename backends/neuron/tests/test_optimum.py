@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +26,23 @@ from tgi_backend_neuron._plan import NeuronPlan
 from tgi_backend_neuron.backend import NeuronBackend
 from tgi_backend_neuron.plugin import create_backend
 
-from tgi.backend.contract import DecodeBatch, DecodeRow, Limits, PrefillBatch, PrefillRow
+from tgi.backend.contract import Limits
 from tgi.config import resolve_config
 from tgi.errors import BackendError
 from tgi.models.source import ModelFiles, ModelKind
-from tgi.testing.fake_backend import expected_tokens
+
+from .conftest import Steps
 
 VOCAB = 64
 PAD = 0
+
+
+def expected_tokens(prompt: Sequence[int], num_tokens: int) -> list[int]:
+    """What `FakeNeuronModel` generates greedily: each token from all the slot holds."""
+    tokens = list(prompt)
+    for _ in range(num_tokens):
+        tokens.append((sum(tokens) + len(tokens)) % VOCAB)
+    return tokens[len(prompt) :]
 
 
 @dataclass
@@ -136,6 +145,9 @@ def plan(export: bool, **shape: Any) -> NeuronPlan:
 
 
 LIMITS = Limits(16, 32, 64, None, 4)
+# Without continuous batching a rebuild row holds up to max_total_tokens - 1 tokens,
+# and max_context_length is 16.
+REBUILD_LIMITS = Limits(16, 17, 64, None, 4)
 
 
 def test_export_parameters_are_optimum_neurons() -> None:
@@ -180,17 +192,9 @@ def test_a_loaded_model_of_other_shapes_stops_start_up(fake_sdk: type[FakeNeuron
 def run(
     backend: NeuronBackend, prompts: dict[int, tuple[int, ...]], steps: int
 ) -> dict[int, list[int]]:
-    """Prefill `prompts` together, then decode them together `steps` times."""
-    out = backend.prefill(PrefillBatch(tuple(PrefillRow(s, p) for s, p in prompts.items())))
-    tokens = {s: [int(t)] for s, t in zip(out.seq_ids, out.logits[:, -1].argmax(-1), strict=True)}
-    for _ in range(steps):
-        rows = tuple(
-            DecodeRow(s, (tokens[s][-1],), len(p) + len(tokens[s]) - 1) for s, p in prompts.items()
-        )
-        out = backend.decode(DecodeBatch(rows))
-        for s, t in zip(out.seq_ids, out.logits[:, -1].argmax(-1), strict=True):
-            tokens[s].append(int(t))
-    return tokens
+    """Start `prompts` together in slots 0, 1, ..., then decode them together `steps` times."""
+    slotted = {seq_id: (slot, prompt) for slot, (seq_id, prompt) in enumerate(prompts.items())}
+    return Steps(backend).run(slotted, steps + 1)
 
 
 PROMPTS = {1: (5, 6, 7), 2: (9,) * 7, 3: (1, 2)}
@@ -203,7 +207,7 @@ def test_rows_are_left_padded_with_masks_and_address_their_slots(
     backend = NeuronBackend(executor, device_type="neuron")
     backend.warmup(LIMITS)
     tokens = run(backend, PROMPTS, steps=4)
-    assert tokens == {s: expected_tokens(p, 5, VOCAB) for s, p in PROMPTS.items()}
+    assert tokens == {s: expected_tokens(p, 5) for s, p in PROMPTS.items()}
     model = executor._model
     prefill = model.calls[1]  # calls[0] is warmup
     assert prefill["seq_ids"].tolist() == [0, 1, 2]
@@ -221,13 +225,44 @@ def test_without_continuous_batching_every_call_runs_the_whole_batch(
     executor = OptimumNeuronModel(fake_sdk(config), pad_token_id=PAD)
     backend = NeuronBackend(executor, device_type="neuron")
     assert backend.capabilities.prefill_rebuilds_cache
-    backend.warmup(LIMITS)
+    backend.warmup(REBUILD_LIMITS)
     prompts = {1: (5, 6, 7), 2: (1, 2)}
     tokens = run(backend, prompts, steps=3)
-    assert tokens == {s: expected_tokens(p, 4, VOCAB) for s, p in prompts.items()}
+    assert tokens == {s: expected_tokens(p, 4) for s, p in prompts.items()}
     model = executor._model
     assert [call["seq_ids"].tolist() for call in model.calls[1:3]] == [[0, 1, 2, 3]] * 2
     assert backend.kv_usage().seq_ids == frozenset({1, 2})
+
+
+@pytest.mark.parametrize("continuous_batching", [True, False])
+def test_a_row_joining_mid_stream_leaves_the_running_slots_intact(
+    fake_sdk: type[FakeNeuronModel], continuous_batching: bool
+) -> None:
+    config = FakeNeuronConfig(continuous_batching=continuous_batching)
+    executor = OptimumNeuronModel(fake_sdk(config), pad_token_id=PAD)
+    backend = NeuronBackend(executor, device_type="neuron")
+    backend.warmup(LIMITS if continuous_batching else REBUILD_LIMITS)
+    model = executor._model
+    steps = Steps(backend)
+    steps.step({1: (2, (5, 6, 7))})
+    steps.step()
+    joined = len(model.calls)
+    steps.step({2: (0, (1, 2))})  # one prefill call, then one decode call
+    for _ in range(3):
+        steps.step()
+    assert steps.generated == {1: expected_tokens((5, 6, 7), 6), 2: expected_tokens((1, 2), 4)}
+    prefill, decode = model.calls[joined : joined + 2]
+    if continuous_batching:
+        assert prefill["seq_ids"].tolist() == [0] and decode["seq_ids"].tolist() == [2]
+        return
+    # Rebuild: seq 1's slot is re-prefilled with the 4 tokens its KV held; its pending
+    # token is decoded next, while slot 0 (just written) gets a dummy past its tokens.
+    assert prefill["seq_ids"].tolist() == [0, 2, 1, 3]
+    assert prefill["input_ids"].tolist()[1] == [5, 6, 7, expected_tokens((5, 6, 7), 1)[0]]
+    assert prefill["input_ids"].tolist()[0] == [PAD, PAD, 1, 2]
+    assert decode["seq_ids"].tolist() == [2, 0, 1, 3]
+    assert decode["position_ids"].tolist()[:2] == [[4], [2]]  # slot 0: past its 2 tokens
+    assert backend.rebuilt_rows == 1
 
 
 def test_the_plugin_builds_the_real_backend_where_the_sdk_is(

@@ -2,13 +2,17 @@
 
 NOTE: what is emulated is the memory layout and the slot semantics a compiled Neuron
 model has: per layer, one preallocated key and one value tensor of shape
-`[B, kv_heads, L, head_dim]`; a prefill rewrites a slot from position 0, a decode
-writes one position, a cleared slot holds nothing. What is *not* emulated is the padded
-compute: each slot's attention runs over its own valid prefix only, in float32, as one
-batch-of-one forward called exactly as `generate()` calls the model (`input_ids` of the
-new tokens, `position_ids`, no attention mask; see backends/cpu/backend.py). So greedy
+`[B, kv_heads, L, head_dim]`; a prefill rewrites a slot from position 0 and takes rows
+of at most `max_context_length` tokens (the context graph's size), a decode writes one
+position, a cleared slot holds nothing. Without continuous batching the compiled
+prefill runs the whole batch, so every slot a prefill does not name holds nothing
+afterwards: a caller that forgets to rebuild a live slot fails at its next decode, as
+it would on the device. What is *not* emulated is the padded compute: each slot's
+attention runs over its own valid prefix only, in float32, as one batch-of-one forward
+called exactly as `generate()` calls the model (`input_ids` of the new tokens,
+`position_ids`, no attention mask; see backends/cpu/backend.py). So greedy
 output is token-for-token that of transformers, the property the conformance suite and
-the router's rebuild tests check.
+the backend's rebuild tests check.
 
 Per forward, a slot's prefix is copied from the static tensors into a transformers
 `DynamicCache`, whose `update` also writes the new positions back into the slot:
@@ -98,7 +102,17 @@ class EmulatedNeuronModel:
     # -- steps ----------------------------------------------------------------------------
 
     def prefill(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Rewrite each slot from position 0; logits [n, V] of each row's last token."""
+        """Rewrite each slot from position 0; logits [n, V] of each row's last token.
+        Without continuous batching, the slots not named are wiped."""
+        for slot, tokens in zip(slots, token_ids, strict=True):
+            if len(tokens) > self.max_context_length:
+                raise ValueError(
+                    f"a prefill row of {len(tokens)} tokens for slot {slot} is longer than "
+                    f"the compiled context length {self.max_context_length}"
+                )
+        if not self.continuous_batching:
+            named = set(slots)
+            self.clear([slot for slot in range(self.batch_size) if slot not in named])
         rows = []
         for slot, tokens in zip(slots, token_ids, strict=True):
             self._lengths[slot] = 0

@@ -9,7 +9,11 @@ the model (text-generation-inference, backends/neuron, generator.py):
 - decode: the pending token of each slot, the slot's mask grown by one (so the model
   derives position = tokens in the slot), through `prepare_inputs_for_decode`;
 - a model compiled without continuous batching runs the whole batch [B, ...] every
-  time: absent slots are filled with a one-token dummy row that nobody reads.
+  time: absent slots are filled with a one-token dummy row that nobody reads. A
+  prefill's dummy rows overwrite the absent slots (the backend re-prefills every live
+  one in the same call). A decode's dummy row for a live slot (one its step's prefill
+  just wrote) carries that slot's mask grown by one, so it writes one position past
+  the slot's tokens, which its next decode writes again: its KV stays as it was.
 """
 
 from __future__ import annotations
@@ -121,6 +125,8 @@ class OptimumNeuronModel:
             input_ids, attention_mask=mask, seq_ids=seq_ids
         )
         logits = _last_logits(self._model(**inputs))  # [n, V]
+        for slot in run_slots[len(slots) :]:  # now hold a dummy row
+            self._masks.pop(slot, None)
         for i, slot in enumerate(slots):
             self._masks[slot] = mask[i].clone()
         return logits[: len(slots)]
@@ -131,7 +137,9 @@ class OptimumNeuronModel:
         run_slots, tokens = list(slots), list(token_ids)
         masks = []
         for slot, position in zip(slots, positions, strict=True):
-            grown = torch.cat([self._masks[slot], torch.ones(1, dtype=torch.long)])
+            if slot not in self._masks:
+                raise ValueError(f"slot {slot} holds no tokens; cannot decode at {position}")
+            grown = self._grown(slot)
             if int(grown.sum()) != position + 1:
                 raise ValueError(f"slot {slot} holds {int(grown.sum()) - 1} tokens, not {position}")
             masks.append(grown)
@@ -139,7 +147,7 @@ class OptimumNeuronModel:
             absent = [slot for slot in range(self.batch_size) if slot not in set(slots)]
             run_slots += absent
             tokens += [self._pad] * len(absent)
-            masks += [torch.ones(1, dtype=torch.long)] * len(absent)
+            masks += [self._grown(slot) for slot in absent]  # live: past its tokens
         width = max(len(mask) for mask in masks)
         mask = torch.zeros((len(masks), width), dtype=torch.long)  # [n, W]
         for i, row in enumerate(masks):
@@ -153,6 +161,11 @@ class OptimumNeuronModel:
         for slot, grown in zip(slots, masks, strict=False):
             self._masks[slot] = grown
         return logits[: len(slots)]
+
+    def _grown(self, slot: int) -> torch.Tensor:
+        """The slot's mask with one more position (one position for an empty slot)."""
+        held = self._masks.get(slot, torch.zeros(0, dtype=torch.long))
+        return torch.cat([held, torch.ones(1, dtype=torch.long)])
 
     def clear(self, slots: Sequence[int]) -> None:
         for slot in slots:

@@ -1,7 +1,7 @@
 """Before any weight loads: which compiled shape to serve, and do the flags fit it?
 
-NOTE: a Neuron model runs only the shapes it was compiled for, so the router must never
-send more than B rows or let a sequence outgrow L tokens. `check_config` makes that
+NOTE: a Neuron model runs only the shapes it was compiled for, so the scheduler must
+never send more than B rows or let a sequence outgrow L tokens. `check_config` makes that
 impossible by construction; every mismatch stops start-up with the flag, the compiled
 value and the fix:
 
@@ -242,7 +242,7 @@ def _total_tokens(config: ServeConfig, shape: CompiledShape, updates: Updates) -
         total = length
         why = f"compiled sequence_length {length}, {shape.origin('sequence_length')}"
         updates["max_total_tokens"] = (total, why)
-    # A rebuild re-sends up to max_total_tokens - 1 tokens in one prefill row.
+    # A rebuild re-prefills a live slot's KV: up to max_total_tokens - 1 tokens in one row.
     rebuild_limit = shape.max_context_length + 1
     if shape.continuous_batching or shape.batch_size == 1 or total <= rebuild_limit:
         return total
@@ -252,8 +252,8 @@ def _total_tokens(config: ServeConfig, shape: CompiledShape, updates: Updates) -
             total,
             config.source_of("max_total_tokens"),
             f"is more than max_context_length + 1 = {rebuild_limit} ({shape.where}): "
-            "without continuous batching every prefill re-sends each running "
-            "sequence, up to max_total_tokens - 1 tokens in one row",
+            "without continuous batching a new sequence makes the backend re-prefill "
+            "each running one, up to max_total_tokens - 1 tokens in one row",
             f"set --max-total-tokens to at most {rebuild_limit}, or export the model "
             "with continuous batching",
         )

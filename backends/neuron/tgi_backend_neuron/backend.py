@@ -1,23 +1,37 @@
-"""The neuron backend: tgi's contract over a static-shape executor of B slots x L tokens.
+"""The neuron backend: tgi's contract (v2) over a static-shape executor of B slots x L tokens.
 
 NOTE: the executor (`SlotExecutor`) is the compiled model: optimum-neuron's
 `NeuronModelForCausalLM` on Inferentia2/Trainium (`_optimum.py`), or the CPU emulator
-(`_emulator.py`). This class owns the bookkeeping both share, and refuses a step that
-breaks static shapes before the executor sees it:
+(`_emulator.py`). It has two graphs, a context graph (prefill: rows written from
+position 0) and a decode graph (one token per row), so this class splits each step:
 
-    slot:      0        1        2        3          B = 4 compiled slots
-    seq_id:    17       -        9        23         one live sequence per slot
-    tokens:    [.....   ]        [..      ]          each <= L (compiled sequence_length)
+    step(plan):  drop plan.finished + plan.preempted         (their slots are free again)
+                 prefill call: plan.new rows, in their slots
+                               + in rebuild mode, every live slot, re-written (no logits)
+                 decode call:  plan.running, one token (last_token) per row
+                 StepOutput:   new rows with want_logits, then decode rows   [R, 1, V]
 
-- prefill rows always start at position 0 (no chunked prefill) and (re)write their
-  slot from scratch; a row without `slot` takes the lowest free one;
-- where the model was compiled without continuous batching, a prefill rewrites the KV
-  of the whole batch, so it must re-send every live sequence (`prefill_rebuilds_cache`);
-  the router does, with `want_logits=False` for the rebuilt rows;
-- decode feeds one token per row at the position equal to the tokens its slot holds.
+The policy owns the slots: a NewSequence names its slot, and the policy never sends
+more than B rows or lets a sequence outgrow L (`warmup` checks the limits it promises
+against the compiled shape once). Per step this class only refuses a plan it cannot
+run at all (a new row without a slot, a chunk or draft row, a decode at a position its
+slot does not hold), before the executor sees it.
 
-A failed executor call leaves the KV of the rows it touched undefined: they are dropped
-here and reported through `BackendError`, so `kv_usage()` never lists a broken slot.
+Rebuild mode (`prefill_rebuilds_cache`: compiled without continuous batching, so the
+context graph rewrites every slot's KV): this class has seen every token each live
+sequence was fed (its prompt, then each decode row's `last_token`), so when new
+sequences arrive it re-prefills each live slot with exactly its KV tokens together with
+them, and the running rows then decode as usual:
+
+    slot 0  seq 17  KV [p0 .. p8 g0 g1]   rebuild row [p0 .. p8 g0 g1], no logits
+    slot 1  seq 23  new                   new row     its prompt, logits
+    decode          seq 17 feeds g2 at position 11, as it would have alone
+
+so a sequence's tokens do not depend on who joined mid-stream.
+
+A failed executor call leaves the KV of the slots it touched undefined (every slot,
+where the compiled graph runs the whole batch): those sequences are dropped here and
+the step raises `BackendError`, so `kv_usage()` never lists a broken slot.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -33,14 +47,16 @@ import torch
 from tgi.backend.contract import (
     Batching,
     Capabilities,
-    DecodeBatch,
     KVCapacity,
     KvLayout,
     KVUsage,
     Limits,
-    PrefillBatch,
-    PrefillRow,
+    NewSequence,
+    RunningSequence,
+    StepConstraints,
     StepOutput,
+    StepPlan,
+    WarmupReport,
 )
 from tgi.errors import BackendError
 
@@ -48,35 +64,41 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["NeuronBackend", "SlotExecutor"]
 
+# What an executor call raises when the device or the emulator fails.
+_EXECUTOR_ERRORS = (RuntimeError, ValueError, IndexError)
+
 
 class SlotExecutor(Protocol):
     """A model compiled for `batch_size` slots of `sequence_length` tokens each.
 
-    Called from one thread. Slots are indices in [0, batch_size); the caller has
-    checked every slot, position and length against the compiled shape.
+    Called from one thread. Slots are indices in [0, batch_size); the caller keeps every
+    prefill row within `max_context_length` tokens and every slot within
+    `sequence_length`.
     """
 
     batch_size: int  # B
     sequence_length: int  # L
-    max_context_length: int  # longest row one prefill may carry
-    continuous_batching: bool  # False: a prefill rewrites the whole batch's KV
+    max_context_length: int  # longest row the context graph (prefill) takes
+    continuous_batching: bool  # False: the context graph rewrites every slot's KV
     vocab_size: int
     dtype: torch.dtype
     bytes_per_token: int  # KV bytes one token costs, all layers, keys and values
 
     def warmup(self, num_tokens: int) -> None:
-        """Allocate the KV and run the largest prefill once; leaves every slot empty."""
+        """Allocate the KV and run a `num_tokens` prefill once; leaves every slot empty."""
         ...
 
     def prefill(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Write each slot's KV from position 0 with its tokens; logits [n, V] of the
-        last position of each row."""
+        last position of each row. Without continuous batching every slot not named
+        holds nothing afterwards (the compiled graph rewrites the whole batch)."""
         ...
 
     def decode(
         self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]
     ) -> torch.Tensor:
-        """Feed one token per slot at `positions`; logits [n, V]."""
+        """Feed one token per slot at `positions`; logits [n, V]. Slots not named keep
+        their KV, whatever the compiled graph computes for them."""
         ...
 
     def clear(self, slots: Sequence[int]) -> None:
@@ -92,10 +114,10 @@ class SlotExecutor(Protocol):
 
 @dataclass(slots=True)
 class _Live:
-    """One live sequence: the slot it owns and the tokens its KV holds."""
+    """One live sequence: the slot it owns and every token its KV holds, in order."""
 
     slot: int
-    num_tokens: int
+    token_ids: list[int] = field(default_factory=list)  # what a rebuild re-prefills
 
 
 class NeuronBackend:
@@ -105,17 +127,18 @@ class NeuronBackend:
         self._executor = executor
         self.device_type = device_type  # what /info reports: "neuron" or "neuron (emulated)"
         self.dtype = executor.dtype
+        self._rebuild = not executor.continuous_batching
         self._capabilities = Capabilities(
             batching=Batching.STATIC,
             kv_layout=KvLayout.SLOTS,
             static_batch_size=executor.batch_size,
             static_max_length=executor.sequence_length,
-            prefill_rebuilds_cache=not executor.continuous_batching,
+            prefill_rebuilds_cache=self._rebuild,
         )
-        self._live: dict[int, _Live] = {}  # seq_id -> its slot and length
+        self._live: dict[int, _Live] = {}  # seq_id -> its slot and KV tokens
         self._capacity: KVCapacity | None = None
         self._closed = False
-        self.rebuilt_rows = 0  # rows re-prefilled to rebuild a slot (want_logits=False)
+        self.rebuilt_rows = 0  # live slots re-prefilled because new sequences arrived
 
     @property
     def capabilities(self) -> Capabilities:
@@ -127,10 +150,48 @@ class NeuronBackend:
 
     # -- warmup ---------------------------------------------------------------------------
 
-    def warmup(self, limits: Limits) -> KVCapacity:
-        """Check `limits` against the compiled shape, run one prefill, report B x L tokens."""
+    def warmup(self, limits: Limits) -> WarmupReport:
+        """Check `limits` against the compiled shape, run the longest prefill once, report
+        B x L tokens and the step shapes the graphs take."""
         self._require_open()
+        longest = self._check_limits(limits)
+        started = time.perf_counter()
+        try:
+            self._executor.warmup(longest)
+        except _EXECUTOR_ERRORS as exc:
+            raise BackendError(f"neuron warmup failed: {exc}") from exc
         size, length = self._executor.batch_size, self._executor.sequence_length
+        self._capacity = KVCapacity(
+            total_tokens=size * length,
+            bytes_per_token=self._executor.bytes_per_token,
+            max_sequences=size,
+        )
+        # Both graphs are compiled for B rows. Without continuous batching the executor
+        # runs all B of them every call (absent slots get dummy rows), so B is also every
+        # step's padded row count. The context graph pads a prefill to its longest row,
+        # not to a bucket, so there are no length buckets: its cap, max_context_length
+        # tokens a row, holds through the limits checked above.
+        constraints = StepConstraints(
+            batch_buckets=(size,) if self._rebuild else (),
+            max_rows_per_step=size,
+        )
+        seconds = time.perf_counter() - started
+        logger.info(
+            "neuron warmup (%s): %d slots x %d tokens, %s; %d-token prefill took %.3f s",
+            self.device_type,
+            size,
+            length,
+            "prefill rebuilds KV" if self._rebuild else "continuous batching",
+            longest,
+            seconds,
+        )
+        return WarmupReport(kv=self._capacity, constraints=constraints, seconds=seconds)
+
+    def _check_limits(self, limits: Limits) -> int:
+        """BackendError naming the setting when `limits` outgrow the compiled shape; else
+        the longest prefill row they allow."""
+        size, length = self._executor.batch_size, self._executor.sequence_length
+        context = self._executor.max_context_length
         if limits.max_batch_size is not None and limits.max_batch_size > size:
             raise BackendError(
                 f"--max-batch-size {limits.max_batch_size} is more than the compiled batch "
@@ -141,156 +202,113 @@ class NeuronBackend:
                 f"--max-total-tokens {limits.max_total_tokens} is more than the compiled "
                 f"sequence length {length}; lower it to at most {length}"
             )
-        if limits.max_input_tokens > self._executor.max_context_length:
+        if limits.max_input_tokens > context:
             raise BackendError(
                 f"--max-input-tokens {limits.max_input_tokens} is more than the compiled "
-                f"context length {self._executor.max_context_length}; lower it"
+                f"context length {context}; lower it"
             )
-        started = time.perf_counter()
-        try:
-            self._executor.warmup(limits.max_input_tokens)
-        except (RuntimeError, ValueError) as exc:
-            raise BackendError(f"neuron warmup failed: {exc}") from exc
-        self._capacity = KVCapacity(
-            max_total_tokens=size * length,
-            bytes_per_token=self._executor.bytes_per_token,
-            max_sequences=size,
-        )
-        logger.info(
-            "neuron warmup (%s): %d slots x %d tokens, %s; %d-token prefill took %.3f s",
-            self.device_type,
-            size,
-            length,
-            "continuous batching" if self._executor.continuous_batching else "prefill rebuilds KV",
-            limits.max_input_tokens,
-            time.perf_counter() - started,
-        )
-        return self._capacity
+        if not self._rebuild or size == 1:  # one slot: nobody else to rebuild
+            return limits.max_input_tokens
+        # A rebuild re-prefills a live slot's KV: up to max_total_tokens - 1 tokens a row.
+        if limits.max_total_tokens - 1 > context:
+            raise BackendError(
+                f"--max-total-tokens {limits.max_total_tokens} is more than the compiled "
+                f"context length {context} + 1: without continuous batching a new sequence "
+                "re-prefills each live one, up to max_total_tokens - 1 tokens a row; lower "
+                f"it to at most {context + 1}"
+            )
+        return max(limits.max_input_tokens, limits.max_total_tokens - 1)
 
     # -- steps ----------------------------------------------------------------------------
 
-    def prefill(self, batch: PrefillBatch) -> StepOutput:
-        """(Re)write each row's slot; logits [R, 1, V] for the rows that want them."""
+    def step(self, plan: StepPlan) -> StepOutput:
+        """Drop `finished` and `preempted`, write the new rows (and, in rebuild mode,
+        every live slot), decode the running rows; logits [R, 1, V] of
+        `plan.logits_rows`, in order."""
         self._require_warm()
-        slots = self._plan_prefill(batch.rows)
-        self.rebuilt_rows += sum(1 for row in batch.rows if not row.want_logits)
-        try:
-            logits = self._executor.prefill(slots, [row.token_ids for row in batch.rows])
-        except (RuntimeError, ValueError, IndexError) as exc:
-            self._drop([row.seq_id for row in batch.rows])
-            self._executor.clear(slots)  # new rows' slots may be half written too
-            raise BackendError(f"neuron prefill failed: {exc}") from exc
-        for row, slot in zip(batch.rows, slots, strict=True):
-            self._live[row.seq_id] = _Live(slot, len(row.token_ids))
-        wanted = [i for i, row in enumerate(batch.rows) if row.want_logits]
-        seq_ids = tuple(batch.rows[i].seq_id for i in wanted)
-        return StepOutput(seq_ids, logits[wanted].unsqueeze(1).float())
+        self._drop([*plan.finished, *plan.preempted])
+        new_slots = self._check_plan(plan)
+        parts: list[torch.Tensor] = []  # [n, V] each
+        if plan.new:
+            parts.append(self._prefill(plan.new, new_slots))
+        if plan.running:
+            parts.append(self._decode(plan.running))
+        if parts:
+            logits = torch.cat(parts, dim=0).float()  # [R, V]
+        else:
+            logits = torch.empty((0, self._executor.vocab_size), dtype=torch.float32)
+        seq_ids = tuple(row.seq_id for row in plan.logits_rows)
+        return StepOutput(seq_ids, logits.unsqueeze(1))  # [R, 1, V]
 
-    def decode(self, batch: DecodeBatch) -> StepOutput:
-        """Feed each row's token at its position; logits [R, 1, V]."""
-        self._require_warm()
-        length = self._executor.sequence_length
-        seen: set[int] = set()
-        for row in batch.rows:
+    def _check_plan(self, plan: StepPlan) -> list[int]:
+        """BackendError, before anything runs, for a row these graphs cannot compute;
+        else the slots of the new rows."""
+        size = self._executor.batch_size
+        slots: list[int] = []
+        for new in plan.new:
+            if new.slot is None or not 0 <= new.slot < size:
+                raise BackendError(
+                    f"new seq {new.seq_id} names slot {new.slot}: static slots need one in "
+                    f"[0, {size}), assigned by the policy"
+                )
+            if new.start_position != 0 or not new.token_ids:
+                raise BackendError(
+                    f"new seq {new.seq_id} starts at position {new.start_position} with "
+                    f"{len(new.token_ids)} tokens; static slots are written whole from "
+                    "position 0 (no chunked prefill, no prefix caching)"
+                )
+            slots.append(new.slot)
+        for row in plan.running:
             live = self._live.get(row.seq_id)
-            if live is None or row.seq_id in seen:
+            if live is None:
+                raise BackendError(f"running seq {row.seq_id} holds no slot here")
+            if not row.decode or row.token_ids or row.last_token is None:
                 raise BackendError(
-                    f"decode of seq {row.seq_id}, which is not live or is named twice"
+                    f"running seq {row.seq_id} is not a one-token decode row; the neuron "
+                    "backend has no chunked prefill and no speculation"
                 )
-            seen.add(row.seq_id)
-            if len(row.token_ids) != 1:
-                raise BackendError("the neuron backend decodes one token per row (no speculation)")
-            self._check_token_ids(row.seq_id, row.token_ids)
-            if row.slot is not None and row.slot != live.slot:
+            if row.start_position != len(live.token_ids):
                 raise BackendError(
-                    f"decode of seq {row.seq_id} names slot {row.slot}; it owns {live.slot}"
+                    f"decode of seq {row.seq_id} at position {row.start_position} but its "
+                    f"slot holds {len(live.token_ids)} tokens"
                 )
-            if row.position != live.num_tokens:
-                raise BackendError(
-                    f"decode of seq {row.seq_id} at position {row.position} but its slot holds "
-                    f"{live.num_tokens} tokens"
-                )
-            if row.position >= length:
-                raise BackendError(
-                    f"seq {row.seq_id} would hold {row.position + 1} tokens, past the compiled "
-                    f"sequence length {length}"
-                )
-        slots = [self._live[row.seq_id].slot for row in batch.rows]
+        return slots
+
+    def _prefill(self, new: Sequence[NewSequence], new_slots: list[int]) -> torch.Tensor:
+        """One context-graph call: the new rows, then (rebuild mode) every live slot with
+        its KV tokens; logits [n, V] of the new rows that want them."""
+        rebuilt = list(self._live.items()) if self._rebuild else []
+        slots = new_slots + [live.slot for _, live in rebuilt]
+        token_ids: list[Sequence[int]] = [row.token_ids for row in new]
+        token_ids += [live.token_ids for _, live in rebuilt]
+        try:
+            logits = self._executor.prefill(slots, token_ids)  # [n, V]
+        except _EXECUTOR_ERRORS as exc:
+            self._drop([seq_id for seq_id, _ in rebuilt])
+            self._executor.clear(new_slots)  # possibly half written
+            raise BackendError(f"neuron prefill failed: {exc}") from exc
+        self.rebuilt_rows += len(rebuilt)
+        for row, slot in zip(new, new_slots, strict=True):
+            self._live[row.seq_id] = _Live(slot, list(row.token_ids))
+        wanted = [i for i, row in enumerate(new) if row.want_logits]
+        index = torch.tensor(wanted, dtype=torch.long, device=logits.device)
+        return logits.index_select(0, index)  # [n_wanted, V]
+
+    def _decode(self, running: Sequence[RunningSequence]) -> torch.Tensor:
+        """One decode-graph call: each row's `last_token` at its position; logits [n, V]."""
+        lives = [self._live[row.seq_id] for row in running]
+        tokens = [row.input_ids[0] for row in running]  # the last token; no drafts
         try:
             logits = self._executor.decode(
-                slots,
-                [row.token_ids[0] for row in batch.rows],
-                [row.position for row in batch.rows],
+                [live.slot for live in lives], tokens, [row.start_position for row in running]
             )
-        except (RuntimeError, ValueError, IndexError) as exc:
-            self._drop([row.seq_id for row in batch.rows])
+        except _EXECUTOR_ERRORS as exc:
+            # The compiled decode of a model without continuous batching runs every slot.
+            self._drop(list(self._live) if self._rebuild else [row.seq_id for row in running])
             raise BackendError(f"neuron decode failed: {exc}") from exc
-        for row in batch.rows:
-            self._live[row.seq_id].num_tokens += 1
-        return StepOutput(tuple(row.seq_id for row in batch.rows), logits.unsqueeze(1).float())
-
-    def _plan_prefill(self, rows: Sequence[PrefillRow]) -> list[int]:
-        """The slot of each row; BackendError before anything changes if a row cannot run."""
-        size = self._executor.batch_size
-        seen: set[int] = set()
-        claimed: dict[int, int] = {}  # slot -> seq_id, this batch
-        for row in rows:
-            if row.seq_id in seen:
-                raise BackendError(f"prefill names seq {row.seq_id} twice")
-            seen.add(row.seq_id)
-            self._check_token_ids(row.seq_id, row.token_ids)
-            self._check_row_length(row)
-        if not self._executor.continuous_batching:
-            missing = sorted(set(self._live) - seen)
-            if missing:
-                raise BackendError(
-                    "this model was compiled without continuous batching, so a prefill "
-                    f"rewrites every slot: it must re-send the live sequences {missing} too"
-                )
-        owner = {live.slot: seq_id for seq_id, live in self._live.items()}
-        slots: list[int | None] = []
-        for row in rows:
-            live = self._live.get(row.seq_id)
-            slot = row.slot if row.slot is not None else (live.slot if live else None)
-            if slot is not None:
-                if not 0 <= slot < size:
-                    raise BackendError(f"seq {row.seq_id} names slot {slot}, outside [0, {size})")
-                holder = claimed.get(slot, owner.get(slot, row.seq_id))
-                if holder != row.seq_id:
-                    raise BackendError(f"seq {row.seq_id} names slot {slot}, held by seq {holder}")
-                if live is not None and live.slot != slot:
-                    raise BackendError(f"seq {row.seq_id} owns slot {live.slot}, not {slot}")
-                claimed[slot] = row.seq_id
-            slots.append(slot)
-        free = [s for s in range(size) if s not in claimed and s not in owner]
-        for index, slot in enumerate(slots):
-            if slot is None:
-                if not free:
-                    raise BackendError(
-                        f"no free slot for seq {rows[index].seq_id}: all {size} are live"
-                    )
-                slots[index] = free.pop(0)
-        return [slot for slot in slots if slot is not None]  # every row has one by now
-
-    def _check_row_length(self, row: PrefillRow) -> None:
-        if row.start_position != 0:
-            raise BackendError(
-                f"prefill of seq {row.seq_id} starts at position {row.start_position}; static "
-                "slots are written from position 0 (no chunked prefill)"
-            )
-        longest = self._executor.max_context_length
-        if len(row.token_ids) > longest:
-            raise BackendError(
-                f"prefill of seq {row.seq_id} has {len(row.token_ids)} tokens, past the "
-                f"compiled context length {longest}"
-            )
-
-    def _check_token_ids(self, seq_id: int, token_ids: Sequence[int]) -> None:
-        vocab = self._executor.vocab_size
-        if not token_ids:
-            raise BackendError(f"seq {seq_id} has no tokens to run")
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            raise BackendError(f"seq {seq_id} has a token id outside the vocabulary [0, {vocab})")
+        for live, token in zip(lives, tokens, strict=True):
+            live.token_ids.append(token)
+        return logits
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -304,8 +322,8 @@ class NeuronBackend:
             self._executor.clear(slots)
 
     def kv_usage(self) -> KVUsage:
-        capacity = self._capacity.max_total_tokens if self._capacity is not None else 0
-        used = sum(live.num_tokens for live in self._live.values())
+        capacity = self._capacity.total_tokens if self._capacity is not None else 0
+        used = sum(len(live.token_ids) for live in self._live.values())
         return KVUsage(frozenset(self._live), used, capacity)
 
     def slot_of(self, seq_id: int) -> int | None:
@@ -317,7 +335,7 @@ class NeuronBackend:
         self._require_open()
         try:
             self._executor.health()
-        except (RuntimeError, ValueError) as exc:
+        except _EXECUTOR_ERRORS as exc:
             raise BackendError(f"neuron health forward failed: {exc}") from exc
 
     def close(self) -> None:
@@ -334,4 +352,4 @@ class NeuronBackend:
     def _require_warm(self) -> None:
         self._require_open()
         if self._capacity is None:
-            raise BackendError("warmup() must run before prefill or decode")
+            raise BackendError("warmup() must run before step()")

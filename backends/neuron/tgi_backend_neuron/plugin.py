@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tgi.backend.hookspecs import BackendProbe, hookimpl
+from tgi.backend.hookspecs import BackendOptions, BackendProbe, hookimpl
 from tgi.errors import BackendUnavailable, ConfigError
-from tgi_backend_neuron._options import NeuronOptions
+from tgi_backend_neuron._options import AUTO_CAST_TYPES, NeuronOptions
 from tgi_backend_neuron._plan import NeuronPlan, check_config, resolve_plan
 from tgi_backend_neuron._probe import HardwareCheck, check_hardware
 
@@ -34,13 +34,16 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "NAME",
     "PRIORITY",
+    "TGI_CONTRACT_VERSION",
     "create_backend",
     "probe",
     "tgi_backend_create",
+    "tgi_backend_options",
     "tgi_backend_probe",
     "tgi_validate_config",
 ]
 
+TGI_CONTRACT_VERSION = 2  # the backend contract this module implements
 NAME = "neuron"
 PRIORITY = 100  # an accelerator: wins over the CPU (10) wherever its devices are present
 DISTRIBUTION = "tgi-backend-neuron"
@@ -82,6 +85,16 @@ def _answer(available: bool, reason: str, *, emulated: bool = False) -> BackendP
 def tgi_backend_probe(environ: Mapping[str, str]) -> BackendProbe:
     """Devices and SDK here? Emulation asked for? Never loads weights."""
     return probe(environ)
+
+
+@hookimpl
+def tgi_backend_options() -> BackendOptions:
+    """No quantization; --dtype is a compiled auto_cast_type; KV is stored in that dtype."""
+    return BackendOptions(
+        quantize=frozenset(),
+        dtypes=frozenset(AUTO_CAST_TYPES.values()),
+        kv_cache_dtypes=frozenset(),
+    )
 
 
 def _model_dir(config: ServeConfig) -> tuple[Path | None, int | None]:

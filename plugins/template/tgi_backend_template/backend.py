@@ -1,14 +1,20 @@
 """The simplest honest backend: a transformers causal LM that recomputes every step.
 
 NOTE: there is no KV cache. The backend keeps each live sequence's token ids and, at
-every prefill and decode, runs the model over the whole sequence so far, one row at a
-time. That is O(n^2) work per sequence, but it cannot get positions, masks or cache
+every step, runs the model over each row's whole sequence so far, one row at a time.
+That is O(n^2) work per sequence, but it cannot get positions, masks or cache
 bookkeeping wrong, so it is the right first step on new hardware: make this pass the
 conformance suite on your device, then add a KV cache (change `kv_layout`), then batch
 rows into one forward.
 
-    prefill(rows)  history[seq] += row.token_ids      forward(history) -> logits of last
-    decode(rows)   history[seq] += row.token_ids      forward(history) -> logits of last T
+One `step(plan)` (contract v2) carries only what changed since the previous step:
+
+    finished, preempted   del history[seq]                      (their KV goes first)
+    new                   history[seq]  = row.token_ids         (a sequence starts)
+    running               del history[seq][row.start_position:] (rejected drafts)
+                          history[seq] += row.input_ids         (a chunk, or the fed
+                                                                 token + its drafts)
+    then, per logits row  forward(history) -> logits of its last `num_logits` positions
 
 Where your device goes is marked `# DEVICE:`.
 """
@@ -16,6 +22,7 @@ Where your device goes is marked `# DEVICE:`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,13 +32,13 @@ import torch
 from tgi.backend.contract import (
     Batching,
     Capabilities,
-    DecodeBatch,
     KVCapacity,
     KvLayout,
     KVUsage,
     Limits,
-    PrefillBatch,
     StepOutput,
+    StepPlan,
+    WarmupReport,
 )
 from tgi.errors import BackendError
 
@@ -45,9 +52,10 @@ __all__ = ["CAPABILITIES", "TemplateBackend"]
 
 CAPABILITIES = Capabilities(
     batching=Batching.CONTINUOUS,  # rows may join and leave between any two steps
-    kv_layout=KvLayout.PER_ROW,  # the router sends no slots or block tables
+    kv_layout=KvLayout.PER_ROW,  # plans carry no slots or block tables: key state by seq_id
     chunked_prefill=True,  # free here: a chunk only appends to the history
     prompt_logits=True,  # free here: every forward computes every position
+    speculation=True,  # free here: drafts are appended, rejected ones cut off next step
 )
 # Without --max-batch-total-tokens, hold this many full-length sequences. Nothing is
 # cached, so the budget bounds the work of one step, not memory.
@@ -98,8 +106,10 @@ class TemplateBackend:
     def capabilities(self) -> Capabilities:
         return CAPABILITIES
 
-    def warmup(self, limits: Limits) -> KVCapacity:
-        """Run the costliest step once (one full-length sequence); return the token budget."""
+    def warmup(self, limits: Limits) -> WarmupReport:
+        """Run the costliest step once (one full-length sequence); report the token
+        budget. No step shapes to declare: any number of rows and tokens runs."""
+        started = time.monotonic()
         capacity = limits.max_batch_total_tokens or limits.max_total_tokens * (
             limits.max_batch_size or DEFAULT_MAX_SEQUENCES
         )
@@ -114,56 +124,43 @@ class TemplateBackend:
             self._forward([0] * num_tokens, keep=1)
         except RuntimeError as exc:  # DEVICE: out-of-memory errors land here
             raise BackendError(f"warmup forward of {num_tokens} tokens failed: {exc}") from exc
-        self._capacity = KVCapacity(max_total_tokens=capacity, bytes_per_token=BYTES_PER_TOKEN)
-        return self._capacity
+        self._capacity = KVCapacity(total_tokens=capacity, bytes_per_token=BYTES_PER_TOKEN)
+        # DEVICE: a compiled backend declares its shapes here, in `constraints`
+        # (StepConstraints: batch_buckets, length_buckets, max_rows_per_step, ...).
+        return WarmupReport(kv=self._capacity, seconds=time.monotonic() - started)
 
-    def prefill(self, batch: PrefillBatch) -> StepOutput:
-        """Append each row's tokens; logits of the last position of rows that want them."""
-        self._check_room(sum(len(row.token_ids) for row in batch.rows))
-        seq_ids: list[int] = []
-        rows_logits: list[torch.Tensor] = []  # each [1, 1, V]
+    def step(self, plan: StepPlan) -> StepOutput:
+        """Drop ended sequences, take in new ones, append every row's tokens, then the
+        logits of each row that returns some (its last `num_logits` positions)."""
+        self._check(plan)
+        for seq_id in (*plan.finished, *plan.preempted):
+            self._history.pop(seq_id, None)
+        for new in plan.new:
+            self._history[new.seq_id] = list(new.token_ids)
+        for row in plan.running:
+            history = self._history[row.seq_id]
+            del history[row.start_position :]  # drafts the core rejected last step
+            history.extend(row.input_ids)
+        rows_logits: list[torch.Tensor] = []  # each [num_logits, V]
         prompt_logits: dict[int, torch.Tensor] = {}
-        for row in batch.rows:
-            history = self._history.setdefault(row.seq_id, [])
-            if row.start_position != len(history):
-                raise BackendError(
-                    f"prefill of seq {row.seq_id} starts at {row.start_position} but "
-                    f"{len(history)} of its tokens are held"
-                )
-            history.extend(row.token_ids)
-            if not (row.want_logits or row.want_prompt_logits):
-                continue  # nothing to compute: the next step recomputes from the history
-            keep = len(row.token_ids) if row.want_prompt_logits else 1
-            logits = self._forward(history, keep)  # [1, keep, V]
-            if row.want_logits:
-                seq_ids.append(row.seq_id)
-                rows_logits.append(logits[:, -1:])
-            if row.want_prompt_logits:
-                prompt_logits[row.seq_id] = logits[0]  # [n, V]
-        return StepOutput(tuple(seq_ids), self._stack(rows_logits, 1), prompt_logits)
-
-    def decode(self, batch: DecodeBatch) -> StepOutput:
-        """Append each row's tokens; logits [R, T, V] for each of them."""
-        self._check_room(sum(len(row.token_ids) for row in batch.rows))
-        rows_logits = []  # each [1, T, V]
-        for row in batch.rows:
-            history = self._history.get(row.seq_id)
-            if history is None or row.position != len(history):
-                raise BackendError(
-                    f"decode of seq {row.seq_id} at {row.position} does not "
-                    "continue a live sequence"
-                )
-            history.extend(row.token_ids)
-            rows_logits.append(self._forward(history, keep=len(row.token_ids)))
-        width = len(batch.rows[0].token_ids) if batch.rows else 1
-        return StepOutput(tuple(row.seq_id for row in batch.rows), self._stack(rows_logits, width))
+        for new in plan.new:
+            if new.want_prompt_logits:  # one forward serves both
+                prompt_logits[new.seq_id] = self._forward(new.token_ids, len(new.token_ids))[0]
+        for wanted in plan.logits_rows:
+            seq_id, keep = wanted.seq_id, wanted.num_logits
+            if seq_id in prompt_logits:
+                rows_logits.append(prompt_logits[seq_id][-1:])
+            else:
+                rows_logits.append(self._forward(self._history[seq_id], keep)[0])
+        seq_ids = tuple(wanted.seq_id for wanted in plan.logits_rows)
+        return StepOutput(seq_ids, self._pad(rows_logits), prompt_logits)
 
     def release(self, seq_ids: Sequence[int]) -> None:
         for seq_id in seq_ids:
             self._history.pop(seq_id, None)
 
     def kv_usage(self) -> KVUsage:
-        capacity = self._capacity.max_total_tokens if self._capacity is not None else 0
+        capacity = self._capacity.total_tokens if self._capacity is not None else 0
         used = sum(len(history) for history in self._history.values())
         return KVUsage(frozenset(self._history), used_tokens=used, capacity_tokens=capacity)
 
@@ -188,18 +185,37 @@ class TemplateBackend:
             logits = self._model(input_ids=input_ids, use_cache=False).logits  # [1, n, V]
         return logits[:, -keep:].float()  # [1, keep, V]
 
-    def _check_room(self, new_tokens: int) -> None:
-        """Refuse a step past the warmup budget before any history changes."""
+    def _check(self, plan: StepPlan) -> None:
+        """Refuse a plan this backend cannot run before any history changes."""
         if self._capacity is None:
-            raise BackendError("warmup() must run before prefill or decode")
-        used = sum(len(history) for history in self._history.values())
-        if used + new_tokens > self._capacity.max_total_tokens:
+            raise BackendError("warmup() must run before step()")
+        ended = {*plan.finished, *plan.preempted}
+        held = {s: len(h) for s, h in self._history.items() if s not in ended}
+        for new in plan.new:
+            if new.start_position != 0:  # no KV, so no cached prefix to start after
+                raise BackendError(f"seq {new.seq_id} starts at {new.start_position}")
+        for row in plan.running:
+            if row.seq_id not in held or row.start_position > held[row.seq_id]:
+                raise BackendError(
+                    f"seq {row.seq_id} continues at {row.start_position} but "
+                    f"{held.get(row.seq_id, 0)} of its tokens are held"
+                )
+        grown = sum(len(row.input_ids) for row in plan.rows) - sum(
+            held[row.seq_id] - row.start_position for row in plan.running
+        )
+        used = sum(held.values())
+        if used + grown > self._capacity.total_tokens:
             raise BackendError(
-                f"token budget full: {used} held + {new_tokens} new > "
-                f"{self._capacity.max_total_tokens}; release sequences first"
+                f"token budget full: {used} held + {grown} new > "
+                f"{self._capacity.total_tokens}; end sequences first"
             )
 
-    def _stack(self, rows_logits: list[torch.Tensor], width: int) -> torch.Tensor:
-        if not rows_logits:
-            return torch.empty((0, width, self._vocab_size), device=self.device)
-        return torch.cat(rows_logits, dim=0)  # [R, T, V]
+    def _pad(self, rows_logits: list[torch.Tensor]) -> torch.Tensor:
+        """[R, T, V] from each row's [num_logits, V]; T = the most positions, zero padded."""
+        width = max((row.shape[0] for row in rows_logits), default=1)
+        out = torch.zeros(  # [R, T, V]
+            (len(rows_logits), width, self._vocab_size), device=self.device
+        )
+        for index, row in enumerate(rows_logits):
+            out[index, : row.shape[0]] = row
+        return out

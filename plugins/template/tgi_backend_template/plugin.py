@@ -17,7 +17,7 @@ import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from tgi.backend.hookspecs import BackendProbe, hookimpl
+from tgi.backend.hookspecs import BackendOptions, BackendProbe, hookimpl
 
 if TYPE_CHECKING:
     from tgi.backend.contract import Backend
@@ -26,7 +26,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NAME", "PRIORITY", "tgi_backend_create", "tgi_backend_probe", "tgi_validate_config"]
+__all__ = [
+    "NAME",
+    "PRIORITY",
+    "TGI_CONTRACT_VERSION",
+    "tgi_backend_create",
+    "tgi_backend_options",
+    "tgi_backend_probe",
+    "tgi_validate_config",
+]
+
+# The backend contract this module implements; tgi refuses (lists as broken) a plugin
+# that declares another version, so bump it only when you port to a new contract.
+TGI_CONTRACT_VERSION = 2
 
 NAME = "template"  # must equal the entry-point name in pyproject.toml
 DISTRIBUTION = "tgi-backend-template"
@@ -66,6 +78,24 @@ def _probe(available: bool, reason: str) -> BackendProbe:
         reason=reason,
         priority=PRIORITY,
         batching="continuous",  # what `tgi backends` shows; match your Capabilities
+    )
+
+
+@hookimpl
+def tgi_backend_options() -> BackendOptions:
+    """Say which --quantize, --dtype and --kv-cache-dtype values you run, and your flags.
+
+    tgi rejects any other value before a weight loads, naming the installed backends
+    that do offer it. Declare a flag of your own like this; users then set it with
+    `--backend-option max_slots=8` or `TGI_TEMPLATE_MAX_SLOTS=8`, and you read the typed
+    value from `config.backend_options["max_slots"]`:
+
+        flags=(BackendFlag("max_slots", "rows the device runs at once", type=int, default=4),)
+    """
+    return BackendOptions(
+        quantize=frozenset(),  # no quantization
+        dtypes=frozenset({"float32", "bfloat16", "float16"}),
+        kv_cache_dtypes=frozenset(),  # no KV cache to store
     )
 
 

@@ -4,8 +4,11 @@ preemption by recompute and n-gram speculation, for backends with `KvLayout.PAGE
 NOTE: the router owns the blocks (`tgi.router.paging`); this policy decides, once per
 step, what every sequence does and which blocks it holds:
 
-1. Running sequences, in admission order (FCFS), each get their work for the step: a
+1. Running sequences, in admission order (FCFS), each get their row for the step: a
    decode row (the pending token plus any drafts), or the next chunk of their prefill.
+   A row names only the blocks its sequence gained this step (`new_block_ids`); the
+   backend keeps each table and appends them, so a steady-state decode row carries no
+   block id at all.
    Blocks are taken lazily, only for the positions this step writes. When none is free
    or evictable, the most recently admitted running sequence is preempted (its blocks
    are freed, the backend releases it; its sampler state and generated tokens are kept)
@@ -26,7 +29,9 @@ step indexes are those of the never-preempted run, so its output is identical.
 Prefix cache: the full blocks of a prefill are keyed by chained hashes once written; a
 newcomer takes the longest cached run (at most up to its last prefill token, so one
 token is always computed and a sequence never writes into a shared block) and starts
-its prefill after it. Rows asking for prompt logits bypass the lookup.
+its prefill after it. Rows asking for prompt logits, or whose sampling reads the prompt as a history
+(penalties, watermark: the engine starts that history from the tokens the plan sends),
+bypass the lookup.
 
 TGI's `waiting_served_ratio` / `max_waiting_tokens` do not apply: a paged prefill runs
 next to the decode rows without re-shaping them (TGI v3 skips them for chunking
@@ -35,16 +40,24 @@ backends too), so a newcomer joins at the very next step.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
-from tgi.backend.contract import Capabilities, KvLayout
+from tgi.backend.contract import (
+    Capabilities,
+    KvLayout,
+    NewSequence,
+    RunningSequence,
+    StepPlan,
+)
+from tgi.engine.results import StepResult
 from tgi.router.paging import BlockPool, BlockTable, block_hashes
 from tgi.router.paging.prefix import ROOT
-from tgi.router.sequence import Sequence
+from tgi.router.policies.base import PolicyLimits, Schedule, decode_row, new_row
+from tgi.router.sequence import SequenceState
 from tgi.sampling.speculation import NgramIndex, SpeculationGate, speculable
 
-__all__ = ["PagedPolicy", "PagedStep", "PrefillWork"]
+__all__ = ["PagedPolicy"]
 
 
 @dataclass(slots=True)
@@ -58,41 +71,29 @@ class _State:
     whole: bool  # prompt logits asked: prefilled in one piece, never chunked
     keys: list[int]  # prefix-cache keys of the full blocks of `tokens`
     registered: int  # blocks of `tokens` already keyed (or shared from the cache)
+    sent_blocks: int = 0  # blocks of `table` the backend was told about
     ngrams: NgramIndex | None = None  # speculation: prompt + generated, indexed as they come
 
     @property
     def prefilling(self) -> bool:
         return self.computed < len(self.tokens)
 
-
-@dataclass(frozen=True, slots=True)
-class PrefillWork:
-    sequence: Sequence
-    start: int
-    token_ids: tuple[int, ...]
-    want_logits: bool
-    block_ids: tuple[int, ...]
-
-
-@dataclass(slots=True)
-class PagedStep:
-    """What one step runs, as decided by `PagedPolicy.schedule`."""
-
-    prefill: list[PrefillWork] = field(default_factory=list)
-    decode: list[tuple[Sequence, tuple[int, ...], tuple[int, ...]]] = field(
-        default_factory=list
-    )  # (sequence, drafts, block_ids)
-    admitted: list[Sequence] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)  # most recently admitted first
-    hit_tokens: int = 0
-    queried_tokens: int = 0
+    def unsent_blocks(self) -> tuple[int, ...]:
+        """Blocks appended since the backend last heard of this table; marks them sent."""
+        blocks = self.table.blocks
+        if self.sent_blocks == len(blocks):
+            return ()
+        new = tuple(blocks[self.sent_blocks :])
+        self.sent_blocks = len(blocks)
+        return new
 
 
 class PagedPolicy:
-    """Owns the block pool and every sequence's block table; plans one step at a time."""
+    """`SchedulingPolicy` that owns the block pool and every sequence's block table."""
 
     def __init__(
         self,
+        limits: PolicyLimits,
         *,
         num_blocks: int,
         block_size: int,
@@ -102,6 +103,7 @@ class PagedPolicy:
         watermark_blocks: int | None = None,
         gate: SpeculationGate | None = None,
     ) -> None:
+        self.limits = limits
         self.pool = BlockPool(num_blocks, block_size)
         self.block_size = block_size
         self.chunked_prefill = chunked_prefill
@@ -119,6 +121,7 @@ class PagedPolicy:
     def from_capabilities(
         cls,
         capabilities: Capabilities,
+        limits: PolicyLimits,
         *,
         num_blocks: int,
         prefix_caching: bool,
@@ -127,6 +130,7 @@ class PagedPolicy:
         if capabilities.kv_layout is not KvLayout.PAGED or not capabilities.block_size:
             raise ValueError(f"a paged policy needs a PAGED backend, got {capabilities}")
         return cls(
+            limits,
             num_blocks=num_blocks,
             block_size=capabilities.block_size,
             chunked_prefill=capabilities.chunked_prefill,
@@ -155,76 +159,81 @@ class PagedPolicy:
         state = self._state.get(seq_id)
         return state is not None and not state.prefilling
 
+    def reserved_tokens(self, running: Sequence[SequenceState]) -> int:
+        return self.pool.num_used * self.block_size
+
+    def block_usage(self) -> tuple[int, int] | None:
+        return self.pool.num_used, self.pool.num_available
+
+    def may_plan_ahead(self, running: Sequence[SequenceState]) -> bool:
+        """No drafts (they are proposed from the newest tokens), and room for every row
+        to grow by one token plus a full prefill budget, so nobody is preempted."""
+        if self.speculate:
+            return False
+        budget_blocks = -(-self.limits.max_batch_prefill_tokens // self.block_size)
+        return self.pool.num_available >= len(running) + budget_blocks + self.watermark
+
     # ---- one step --------------------------------------------------------------------
 
     def schedule(
-        self,
-        running: list[Sequence],
-        waiting: Iterable[Sequence],
-        *,
-        max_batch_prefill_tokens: int,
-        max_batch_size: int | None,
-    ) -> PagedStep:
+        self, running: Sequence[SequenceState], waiting: Sequence[SequenceState]
+    ) -> Schedule:
         """Plan a step. `running` is in admission order; `waiting` in queue order (with
         preempted sequences already at its front). Mutates block tables."""
-        step = PagedStep()
-        budget = max_batch_prefill_tokens
+        step = Schedule()
+        budget = self.limits.max_batch_prefill_tokens
         active = list(running)
         drafts = self._drafts(active)
-        num_drafts = max((len(d) for d in drafts.values()), default=0)
-        if num_drafts:  # padded positions must stay inside every row's max_total_tokens
-            num_drafts = min(
-                num_drafts,
-                *(
-                    s.max_total_tokens - s.next_position - 1
-                    for s in active
-                    if not self._state[s.seq_id].prefilling
-                ),
-            )
-            drafts = {k: d[:num_drafts] for k, d in drafts.items() if num_drafts}
-        if num_drafts and not self._fits_drafts(active, num_drafts):
-            drafts, num_drafts = {}, 0
+        if drafts and not self._fits_drafts(active, drafts):
+            drafts = {}
         index = 0
         while index < len(active):
             sequence = active[index]
             state = self._state[sequence.seq_id]
             if state.prefilling:
-                chunk = self._chunk_size(state, budget, first=not step.prefill)
+                chunk = self._chunk_size(state, budget, first=not self._has_chunks(step))
                 if chunk <= 0:
                     index += 1
                     continue
                 need = state.computed + chunk
             else:
-                need = sequence.next_position + 1 + num_drafts
+                mine = drafts.get(sequence.seq_id, ())
+                need = sequence.next_position + 1 + len(mine)
             if not self._reserve(state, need, active, index, step):
                 continue  # it was preempted itself: `active` shrank, same index is next
             if state.prefilling:
-                step.prefill.append(self._work(sequence, state, chunk))
+                step.running.append(self._chunk_row(sequence, state, chunk))
                 budget -= chunk
             else:
-                mine = drafts.get(sequence.seq_id, ())
-                step.decode.append((sequence, mine, tuple(state.table.blocks)))
+                row = decode_row(sequence, drafts=mine, new_block_ids=state.unsent_blocks())
+                step.running.append(row)
             index += 1
         if step.preempted:
             return step
-        self._admit(waiting, step, budget, len(active), max_batch_size)
+        self._admit(waiting, step, budget, len(active))
         return step
 
-    def after_step(self, failed: Iterable[int] = ()) -> None:
-        """The step ran: key the full blocks its chunks filled, for the prefix cache."""
+    def after_step(self, plan: StepPlan, result: StepResult) -> None:
+        """The step ran: key the full prompt blocks its rows wrote, for the prefix cache.
+
+        Only what this plan computed is keyed (not what a later plan already in flight
+        will), and nothing of a row that failed."""
+        if result.drafts_proposed:
+            self.gate.record(result.drafts_proposed, result.drafts_accepted)
         if not self.prefix_caching:
             return
-        failed_ids = set(failed)
         size = self.block_size
-        for seq_id, state in self._state.items():
-            full = min(state.computed // size, len(state.keys))
-            if seq_id in failed_ids or state.registered >= full:
+        for row in plan.rows:
+            state = self._state.get(row.seq_id)
+            if state is None or row.seq_id in result.errors:
                 continue
+            end = row.start_position + len(row.token_ids) + int(getattr(row, "decode", False))
+            full = min(end // size, len(state.keys))
             for index in range(state.registered, full):
                 parent = state.keys[index - 1] if index else ROOT
                 tokens = state.tokens[index * size : (index + 1) * size]
                 self.pool.register(state.table.blocks[index], state.keys[index], parent, tokens)
-            state.registered = full
+            state.registered = max(state.registered, full)
 
     def free(self, seq_ids: Iterable[int]) -> None:
         """The sequences ended (or were preempted): give their blocks back."""
@@ -233,9 +242,25 @@ class PagedPolicy:
             if state is not None:
                 state.table.free(self.pool)
 
+    def retain(self, seq_ids: Iterable[int]) -> list[int]:
+        keep = set(seq_ids)
+        strays = sorted(seq_id for seq_id in self._state if seq_id not in keep)
+        self.free(strays)
+        return strays
+
+    def reset(self) -> None:
+        """Forget every table and every cached prefix: the backend's KV is gone."""
+        self._state.clear()
+        self.pool = BlockPool(self.pool.num_blocks, self.block_size)
+
     # ---- internals -------------------------------------------------------------------
 
-    def _drafts(self, running: list[Sequence]) -> dict[int, tuple[int, ...]]:
+    @staticmethod
+    def _has_chunks(step: Schedule) -> bool:
+        return bool(step.new) or any(not row.decode for row in step.running)
+
+    def _drafts(self, running: list[SequenceState]) -> dict[int, tuple[int, ...]]:
+        """Each decoding row's n-gram drafts, none past its own token limits."""
         if not self.speculate:
             return {}
         decoding = [s for s in running if not self._state[s.seq_id].prefilling]
@@ -245,7 +270,10 @@ class PagedPolicy:
         for sequence in decoding:
             if not speculable(sequence.request.sampling):
                 continue
-            room = sequence.request.stopping.max_new_tokens - len(sequence.tokens) - 1
+            room = min(
+                sequence.request.stopping.max_new_tokens - len(sequence.tokens) - 1,
+                sequence.max_total_tokens - sequence.next_position - 1,
+            )
             if room <= 0:
                 continue
             proposal = self._ngrams(sequence).propose(min(self.speculate, room))
@@ -253,7 +281,7 @@ class PagedPolicy:
                 out[sequence.seq_id] = proposal
         return out
 
-    def _ngrams(self, sequence: Sequence) -> NgramIndex:
+    def _ngrams(self, sequence: SequenceState) -> NgramIndex:
         """The sequence's n-gram index, brought up to date with its newest tokens."""
         state = self._state[sequence.seq_id]
         prompt = sequence.request.input_ids
@@ -264,21 +292,24 @@ class PagedPolicy:
         state.ngrams.extend(token.id for token in sequence.tokens[known:])
         return state.ngrams
 
-    def _fits_drafts(self, running: list[Sequence], num_drafts: int) -> bool:
-        """Whether every decode row can take `num_drafts` extra positions without
-        preempting anyone: drafts are an optimisation, never worth a recompute."""
+    def _fits_drafts(
+        self, running: list[SequenceState], drafts: dict[int, tuple[int, ...]]
+    ) -> bool:
+        """Whether every decode row can take its drafts without preempting anyone:
+        drafts are an optimisation, never worth a recompute."""
         extra = 0
         for sequence in running:
             state = self._state[sequence.seq_id]
             if state.prefilling:
                 continue
             position = sequence.next_position
-            with_drafts = state.table.blocks_needed(position + 1 + num_drafts, self.block_size)
+            count = len(drafts.get(sequence.seq_id, ()))
+            with_drafts = state.table.blocks_needed(position + 1 + count, self.block_size)
             without = state.table.blocks_needed(position + 1, self.block_size)
             extra += with_drafts - without
         return extra == 0 or extra + self._decode_blocks(running) <= self.pool.num_available
 
-    def _decode_blocks(self, running: list[Sequence]) -> int:
+    def _decode_blocks(self, running: list[SequenceState]) -> int:
         return sum(
             self._state[s.seq_id].table.blocks_needed(s.next_position + 1, self.block_size)
             for s in running
@@ -287,6 +318,9 @@ class PagedPolicy:
 
     def _chunk_size(self, state: _State, budget: int, *, first: bool) -> int:
         remaining = len(state.tokens) - state.computed
+        limit = self.limits.constraints.max_chunk
+        if limit is not None and remaining > limit and self.chunked_prefill and not state.whole:
+            remaining = limit  # the backend's largest compiled length
         if remaining <= budget:
             return remaining
         if self.chunked_prefill and not state.whole:
@@ -294,53 +328,70 @@ class PagedPolicy:
         return remaining if first else 0  # the first prefill of a step always runs
 
     def _reserve(
-        self, state: _State, need: int, active: list[Sequence], index: int, step: PagedStep
+        self,
+        state: _State,
+        need: int,
+        active: list[SequenceState],
+        index: int,
+        step: Schedule,
     ) -> bool:
         """Blocks for `need` positions, preempting the latest-admitted rows if needed.
         False when the row at `index` had to preempt itself."""
         missing = state.table.blocks_needed(need, self.block_size)
         while missing > self.pool.num_available:
             victim = active.pop()
-            self._preempt(victim, step)
+            step.preempted.append(victim)
+            self.free([victim.seq_id])
+            step.running = [row for row in step.running if row.seq_id != victim.seq_id]
             if len(active) == index:  # the victim was this row
                 return False
         state.table.grow(self.pool, need)
         return True
 
-    def _preempt(self, sequence: Sequence, step: PagedStep) -> None:
-        step.preempted.append(sequence)
-        self.free([sequence.seq_id])
-
-    def _work(self, sequence: Sequence, state: _State, chunk: int) -> PrefillWork:
+    def _chunk_row(self, sequence: SequenceState, state: _State, chunk: int) -> RunningSequence:
+        """The next prefill chunk of a sequence the backend already holds."""
         start = state.computed
         end = start + chunk
-        last = end == len(state.tokens)
         state.computed = end  # in KV once the step runs; a failed step frees the row
-        return PrefillWork(
-            sequence=sequence,
-            start=start,
+        return RunningSequence(
+            seq_id=sequence.seq_id,
+            start_position=start,
             token_ids=state.tokens[start:end],
-            want_logits=last and state.wants_first_token,
+            new_block_ids=state.unsent_blocks(),
+            want_logits=end == len(state.tokens) and state.wants_first_token,
+        )
+
+    def _new_row(self, sequence: SequenceState, state: _State, chunk: int) -> NewSequence:
+        """The first chunk of a sequence the backend does not hold (new or resumed)."""
+        start = state.computed  # past a cached prefix, if any
+        end = start + chunk
+        state.computed = end
+        state.sent_blocks = len(state.table.blocks)
+        return new_row(
+            sequence,
+            token_ids=state.tokens[start:end],
+            start_position=start,
             block_ids=tuple(state.table.blocks),
+            want_logits=end == len(state.tokens) and state.wants_first_token,
         )
 
     def _admit(
         self,
-        waiting: Iterable[Sequence],
-        step: PagedStep,
+        waiting: Sequence[SequenceState],
+        step: Schedule,
         budget: int,
         num_running: int,
-        max_batch_size: int | None,
     ) -> None:
+        max_rows = self.limits.max_rows
         for sequence in waiting:
-            if max_batch_size is not None and num_running >= max_batch_size:
+            if max_rows is not None and num_running >= max_rows:
                 return
-            if budget <= 0 and (step.prefill or not self.chunked_prefill):
+            if budget <= 0 and (self._has_chunks(step) or not self.chunked_prefill):
                 return
             state = self._new_state(sequence)
             hits, hit_blocks = self._lookup(sequence, state)
             state.computed = hits * self.block_size
-            chunk = self._chunk_size(state, budget, first=not step.prefill)
+            chunk = self._chunk_size(state, budget, first=not self._has_chunks(step))
             if chunk <= 0:
                 return
             end = state.computed + chunk
@@ -356,15 +407,15 @@ class PagedPolicy:
             state.registered = hits
             state.table.grow(self.pool, end)
             self._state[sequence.seq_id] = state
-            if self.prefix_caching and not sequence.request.decoder_input_details:
+            if self._may_use_cache(sequence):
                 step.queried_tokens += len(state.tokens)
                 step.hit_tokens += state.computed
             step.admitted.append(sequence)
-            step.prefill.append(self._work(sequence, state, chunk))
+            step.new.append(self._new_row(sequence, state, chunk))
             budget -= chunk
             num_running += 1
 
-    def _new_state(self, sequence: Sequence) -> _State:
+    def _new_state(self, sequence: SequenceState) -> _State:
         generated = tuple(t.id for t in sequence.tokens[:-1])
         tokens = sequence.request.input_ids + generated
         keys = block_hashes(tokens, self.block_size) if self.prefix_caching else []
@@ -378,9 +429,18 @@ class PagedPolicy:
             registered=0,
         )
 
-    def _lookup(self, sequence: Sequence, state: _State) -> tuple[int, list[int]]:
+    def _may_use_cache(self, sequence: SequenceState) -> bool:
+        """Prompt logits need every position computed; a history starts from the tokens
+        the plan sends, so penalised rows compute theirs too (a resumed one keeps its
+        history in the engine and may use the cache)."""
+        request = sequence.request
+        if not self.prefix_caching or request.decoder_input_details:
+            return False
+        return bool(sequence.tokens) or not request.sampling.needs_history
+
+    def _lookup(self, sequence: SequenceState, state: _State) -> tuple[int, list[int]]:
         """The longest cached run of full blocks; one prefill token is always left."""
-        if not self.prefix_caching or sequence.request.decoder_input_details:
+        if not self._may_use_cache(sequence):
             return 0, []
         limit = (len(state.tokens) - 1) // self.block_size
         blocks: list[int] = []

@@ -1,35 +1,29 @@
-"""Static slots: a backend compiled for B sequences of at most L tokens each.
+"""Static slots: a backend compiled for B sequences of at most L tokens each (Neuron).
 
-NOTE: the invariants this policy and the scheduler keep together:
+NOTE: the invariants this policy keeps:
 
-- a running sequence owns exactly one slot in [0, B) from its prefill until its
-  release is handed to the engine; no slot is ever owned twice;
+- a running sequence owns exactly one slot in [0, B) from its admission until it is
+  freed; no slot is ever owned twice, and the backend never chooses one;
 - admission never takes more rows than free slots, so the backend never sees more than
   B rows, and validation (max_total_tokens <= L) means no row outgrows its slot;
 - where the backend says `prefill_rebuilds_cache` (compiled without continuous
-  batching), every prefill rewrites the KV of the whole batch: the scheduler re-sends
-  each running sequence's history as a rebuild row, and its pending token (sampled but
-  not yet in KV) is fed by the next decode as usual:
+  batching), each new sequence makes the backend rewrite the KV of every live slot
+  (it does so itself, from the tokens it was fed), so newcomers wait for TGI's
+  `waiting_served_ratio` / `max_waiting_tokens` rule; in insert mode only the new
+  rows are written, and they join at the next step.
 
-      prompt           generated         rebuild row = prompt + generated[:-1]
-      [p0 p1 ... pn-1] [g0 g1 ... gk-1]  decode row  = (gk-1,) at position n + k - 1
-                                 ^ pending
-
-  so a sequence's tokens do not depend on who joined the batch mid-stream.
-
-Admission is first come, first served, as in the continuous policy. A rebuild costs a
-prefill of every running slot, so in rebuild mode newcomers wait for TGI's
-`waiting_served_ratio` / `max_waiting_tokens` rule; in insert mode (continuous
-batching) only the new rows are written, and they join at the next step.
+Admission is first come, first served, as in the continuous policy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from tgi.backend.contract import Batching, Capabilities
-from tgi.router.policies.base import Admission, Budget, Candidate
+from tgi.backend.contract import Batching, Capabilities, NewSequence
+from tgi.router.policies.base import Budget, PolicyLimits, new_row
+from tgi.router.policies.whole_prompt import WholePromptPolicy
+from tgi.router.sequence import SequenceState
 
 __all__ = ["SlotTable", "StaticSlotsPolicy"]
 
@@ -74,25 +68,28 @@ class SlotTable:
         return strays
 
 
-@dataclass(slots=True)
-class StaticSlotsPolicy:
-    """Admit waiting requests into the free slots of a static-shape backend."""
+class StaticSlotsPolicy(WholePromptPolicy):
+    """`SchedulingPolicy` for a static-shape backend: admit into free slots."""
 
-    num_slots: int  # B: compiled batch size
-    max_length: int  # L: compiled sequence length; no sequence may outgrow it
-    rebuild: bool  # every prefill re-sends each running sequence's history
-    waiting_served_ratio: float
-    max_waiting_tokens: int
-    slots: SlotTable = field(init=False)
-
-    def __post_init__(self) -> None:
-        if self.num_slots <= 0 or self.max_length <= 0:
+    def __init__(
+        self,
+        limits: PolicyLimits,
+        *,
+        num_slots: int,
+        max_length: int,
+        rebuild: bool,
+    ) -> None:
+        if num_slots <= 0 or max_length <= 0:
             raise ValueError("a static policy needs a positive slot count and length")
-        self.slots = SlotTable(self.num_slots)
+        super().__init__(limits)
+        self.num_slots = num_slots  # B: compiled batch size
+        self.max_length = max_length  # L: compiled sequence length
+        self.rebuild = rebuild  # each admission rewrites every live slot's KV
+        self.slots = SlotTable(num_slots)
 
     @classmethod
     def from_capabilities(
-        cls, capabilities: Capabilities, *, waiting_served_ratio: float, max_waiting_tokens: int
+        cls, capabilities: Capabilities, limits: PolicyLimits
     ) -> StaticSlotsPolicy:
         """The policy for a backend whose `batching` is STATIC; ValueError otherwise."""
         size, length = capabilities.static_batch_size, capabilities.static_max_length
@@ -102,40 +99,30 @@ class StaticSlotsPolicy:
                 f"static_max_length; the backend says {capabilities}"
             )
         return cls(
+            limits,
             num_slots=size,
             max_length=length,
             rebuild=capabilities.prefill_rebuilds_cache,
-            waiting_served_ratio=waiting_served_ratio,
-            max_waiting_tokens=max_waiting_tokens,
         )
 
-    def admit(self, waiting: Sequence[Candidate], budget: Budget) -> Admission:
-        """First come, first served into free slots, within the token budgets."""
-        room_rows = self.slots.num_free
+    def _room_rows(self, budget: Budget) -> int | None:
+        room = self.slots.num_free
         if budget.max_batch_size is not None:
-            room_rows = min(room_rows, budget.max_batch_size - budget.running)
-        if not waiting or room_rows <= 0:
-            return Admission(())
-        token_room = budget.max_batch_total_tokens - budget.reserved_tokens
-        prefill_room = budget.max_batch_prefill_tokens
-        admitted: list[int] = []
-        for candidate in waiting:
-            if len(admitted) >= room_rows:
-                break
-            if candidate.max_total_tokens > token_room:
-                break
-            # The first prompt always runs (validation bounded it by max_input_tokens).
-            if admitted and candidate.input_tokens > prefill_room:
-                break
-            admitted.append(candidate.seq_id)
-            token_room -= candidate.max_total_tokens
-            prefill_room -= candidate.input_tokens
-        if admitted and budget.running and not self._may_pause(len(admitted), budget):
-            return Admission(())
-        return Admission(tuple(admitted))
+            room = min(room, budget.max_batch_size - budget.running)
+        return room
 
-    def _may_pause(self, num_admitted: int, budget: Budget) -> bool:
-        """Insert mode never pauses anyone; rebuild mode follows TGI's rule."""
-        if not self.rebuild or budget.steps_since_prefill >= self.max_waiting_tokens:
-            return True
-        return num_admitted >= int(budget.running * self.waiting_served_ratio)
+    def _pauses_running(self) -> bool:
+        return self.rebuild  # insert mode writes only the new rows
+
+    def _new_row(self, sequence: SequenceState) -> NewSequence:
+        return new_row(sequence, slot=self.slots.take(sequence.seq_id))
+
+    def free(self, seq_ids: Iterable[int]) -> None:
+        self.slots.free(seq_ids)
+
+    def retain(self, seq_ids: Iterable[int]) -> list[int]:
+        return self.slots.retain(seq_ids)
+
+    def reset(self) -> None:
+        super().reset()
+        self.slots = SlotTable(self.num_slots)

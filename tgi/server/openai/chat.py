@@ -16,7 +16,7 @@ from typing import Any
 
 from tgi.errors import InvalidRequest, TgiError
 from tgi.router.request import ErrorEvent, FinalEvent, GeneratedToken, TokenEvent
-from tgi.router.scheduler import RequestHandle
+from tgi.router.router import RequestHandle
 from tgi.router.validation import ClientParameters
 from tgi.server.openai.chat_template import render_chat
 from tgi.server.openai.common import (

@@ -22,7 +22,7 @@ from tgi.router.request import (
     FinishReason,
     TokenEvent,
 )
-from tgi.router.scheduler import RequestHandle
+from tgi.router.router import RequestHandle
 from tgi.router.validation import ClientParameters
 from tgi.server.openai.errors import describe, openai_error
 from tgi.server.serving import check_capacity, validate

@@ -13,7 +13,7 @@ from typing import Any
 
 from tgi.errors import InvalidRequest
 from tgi.router.request import ErrorEvent, FinalEvent, GeneratedToken, TokenEvent
-from tgi.router.scheduler import RequestHandle
+from tgi.router.router import RequestHandle
 from tgi.router.validation import ClientParameters
 from tgi.server.openai.common import (
     DONE,

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from tgi.errors import InvalidRequest, Overloaded, TgiError
 from tgi.router.request import ErrorEvent, FinalEvent
-from tgi.router.scheduler import RequestHandle
+from tgi.router.router import RequestHandle
 from tgi.router.validation import ClientParameters, Validator
 from tgi.server.errors import error_body
 from tgi.server.schemas import (

@@ -39,7 +39,7 @@ async def info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
         "validation_workers": config.validation_workers,
         "max_client_batch_size": config.max_client_batch_size,
         "waiting_served_ratio": config.waiting_served_ratio,
-        "max_batch_total_tokens": model.capacity.max_total_tokens,
+        "max_batch_total_tokens": model.capacity.total_tokens,
         "max_batch_prefill_tokens": config.max_batch_prefill_tokens,
         "max_waiting_tokens": config.max_waiting_tokens,
         "max_batch_size": config.max_batch_size,
@@ -50,6 +50,7 @@ async def info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
         "backend": model.backend,
         "backend_version": model.backend_version,
         "backend_capabilities": _jsonable(asdict(model.capabilities)),
+        "backend_step_constraints": _jsonable(asdict(model.constraints)),
         "batch": {
             "queue_size": stats.queue_size,
             "current_size": stats.batch_size,
@@ -61,7 +62,7 @@ async def info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
         },
         "memory": {
             "kv_bytes_per_token": model.capacity.bytes_per_token,
-            "kv_capacity_bytes": model.capacity.bytes_per_token * model.capacity.max_total_tokens,
+            "kv_capacity_bytes": model.capacity.bytes_per_token * model.capacity.total_tokens,
             "kv_block_size": model.capacity.block_size,
             "kv_num_blocks": model.capacity.num_blocks,
             "process_resident_bytes": resident_memory_bytes(),
@@ -70,7 +71,13 @@ async def info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
-    return {key: getattr(value, "value", value) for key, value in values.items()}
+    """Enums as their values, sets as sorted lists."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, (set, frozenset)):
+            value = sorted(value)
+        out[key] = getattr(value, "value", value)
+    return out
 
 
 @router.get("/health", responses={503: {"model": ErrorResponse}})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from tgi.backend.contract import DecodeBatch, KVCapacity, Limits, PrefillBatch, StepOutput
-from tgi.router.engine_thread import EngineThread
+from tgi.backend.contract import Limits, StepOutput, StepPlan, WarmupReport
+from tgi.engine.thread import EngineThread
 from tgi.testing.fake_backend import FakeBackend
 
 
@@ -20,17 +20,13 @@ class ThreadRecordingBackend(FakeBackend):
     def _note(self, method: str) -> None:
         self.threads.setdefault(method, set()).add(threading.get_ident())
 
-    def warmup(self, limits: Limits) -> KVCapacity:
+    def warmup(self, limits: Limits) -> WarmupReport:
         self._note("warmup")
         return super().warmup(limits)
 
-    def prefill(self, batch: PrefillBatch) -> StepOutput:
-        self._note("prefill")
-        return super().prefill(batch)
-
-    def decode(self, batch: DecodeBatch) -> StepOutput:
-        self._note("decode")
-        return super().decode(batch)
+    def step(self, plan: StepPlan) -> StepOutput:
+        self._note("step")
+        return super().step(plan)
 
 
 async def test_call_and_run_share_one_thread_that_is_not_the_callers() -> None:
@@ -52,6 +48,6 @@ async def test_warmup_and_steps_run_on_the_engine_thread(
         "/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 3}}
     )
     assert response.status_code == 200
-    assert set(backend.threads) == {"warmup", "prefill", "decode"}
+    assert set(backend.threads) == {"warmup", "step"}
     (thread,) = set().union(*backend.threads.values())
     assert thread != threading.get_ident()

@@ -1,24 +1,26 @@
-"""The router's scheduler: one loop that admits, prefills, decodes, samples and streams.
+"""The router: one loop that plans each step, hands it to the engine, and streams results.
 
 NOTE: all router state (waiting queue, running rows, cancellations) lives on the event
-loop thread. Only backend calls and sampling run on the single engine thread, one
-step at a time, so the backend never sees two calls at once (the contract's promise)
-and HTTP handlers stay responsive while a forward runs. A step is:
+loop thread. The engine (backend + sampler, `tgi.engine.EngineCore`) runs on its own
+thread, one step at a time, so the backend never sees two calls at once (the contract's
+promise) and HTTP handlers stay responsive while a forward runs. A step is:
 
-    loop thread                         engine thread
-    -----------                         -------------
-    drop cancelled rows  ──plan──►      release(ended) ─ prefill(new) ─ sample
-    admit waiting rows                  decode(running) ─ sample ─ kv_usage()
-    apply tokens, stream  ◄─result──    (one device-to-host copy per forward)
+    loop thread                               engine thread
+    -----------                               -------------
+    drop cancelled rows, hand their ids ─┐
+    policy.schedule(running, waiting)    ├─ StepPlan ─►  drop finished/preempted,
+      (rows, admitted, preempted)        ┘               ONE forward, sample,
+    apply tokens, stop, stream  ◄──────── StepResult ──  one host copy, kv_usage()
 
-Every sequence that reached the backend is released exactly once: when it finishes,
-fails, or its client goes away. After each step the backend's live set (`KVUsage`) is
-reconciled with the router's, so a backend's stray or lost sequence cannot leak KV or
-static slots (`_reconcile`).
+Every sequence that reached the backend is released exactly once: named in a plan's
+`finished` (it ended, failed, or its client went away) or `preempted` (it comes back
+later as a new sequence under the same id). A sequence that ends is handed to the next
+plan; when nothing else runs, that plan holds only releases and goes at once. After
+each step the backend's live set (`KVUsage`) is reconciled with the router's
+(`_reconcile`), so a backend's stray or lost sequence cannot leak KV, slots or blocks.
 
-A paged backend's steps are planned by `PagedPolicy` (`_plan_paged`): chunks and decode
-rows with block tables, preemptions (KV released, sampler state kept, back to the front
-of the queue) and speculative drafts; see `tgi/router/policies/paged.py`.
+What each step runs is the `SchedulingPolicy`'s decision alone (continuous, static
+slots, paged: `tgi/router/policies/`); the router never asks which kind it has.
 """
 
 from __future__ import annotations
@@ -30,40 +32,38 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from tgi.backend.contract import Backend, Capabilities, KvLayout, KVUsage
+from tgi.backend.contract import Backend, Capabilities, KvLayout, KVUsage, StepPlan
+from tgi.engine.core import EngineCore
+from tgi.engine.results import StepResult
+from tgi.engine.thread import EngineThread
 from tgi.errors import BackendUnavailable, Overloaded
 from tgi.metrics import Metrics
-from tgi.router.engine import EngineStep, StepPlan, StepResult
-from tgi.router.engine_thread import EngineThread
-from tgi.router.policies import (
-    Budget,
-    Candidate,
-    ContinuousPolicy,
-    PagedPolicy,
-    StaticSlotsPolicy,
-)
+from tgi.router.policies.base import Schedule, SchedulingPolicy
 from tgi.router.request import (
     ErrorEvent,
+    Event,
     FinalEvent,
     GeneratedToken,
     GenerationRequest,
     PrefillToken,
     TokenEvent,
 )
-from tgi.router.sequence import Sequence, TokenizerLike, top_tokens_of
+from tgi.router.sequence import SequenceState, TokenizerLike, top_tokens_of
 
-__all__ = ["Event", "RequestHandle", "Router", "RouterLimits", "RouterStats"]
+if TYPE_CHECKING:
+    from tgi.sampling.grammar import GrammarCompiler
+
+__all__ = ["RequestHandle", "Router", "RouterLimits", "RouterStats", "joins_immediately"]
 
 logger = logging.getLogger(__name__)
-
-Event = TokenEvent | FinalEvent | ErrorEvent
 
 
 class RequestHandle:
     """The client side of one request: iterate its events, or cancel it."""
 
-    def __init__(self, sequence: Sequence, router: Router) -> None:
+    def __init__(self, sequence: SequenceState, router: Router) -> None:
         self._sequence = sequence
         self._router = router
 
@@ -92,11 +92,8 @@ class RequestHandle:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RouterLimits:
-    """The router's share of the configuration."""
+    """The router's own share of the configuration (the policy has the budgets)."""
 
-    max_batch_prefill_tokens: int
-    max_batch_total_tokens: int
-    max_batch_size: int | None
     max_concurrent_requests: int
 
 
@@ -106,12 +103,12 @@ class RouterStats:
 
     queue_size: int
     batch_size: int
-    reserved_tokens: int
+    reserved_tokens: int  # KV tokens the running batch holds or is promised
     kv: KVUsage
 
 
 class Router:
-    """Owns the queue and the running batch; drives the backend one step at a time."""
+    """Owns the queue and the running batch; drives the engine one step at a time."""
 
     def __init__(
         self,
@@ -119,39 +116,48 @@ class Router:
         tokenizer: TokenizerLike,
         *,
         limits: RouterLimits,
-        policy: ContinuousPolicy | StaticSlotsPolicy | PagedPolicy,
+        policy: SchedulingPolicy,
         eos_token_ids: frozenset[int],
         metrics: Metrics,
         initial_kv: KVUsage,
         clock: Callable[[], float] = time.monotonic,
         engine_thread: EngineThread | None = None,  # the thread start-up loaded the backend on
+        grammars: GrammarCompiler | None = None,  # compiles grammar specs on the engine side
+        overlap: bool = False,  # plan step N+1 while step N runs (see `_run`)
     ) -> None:
         self._backend = backend
         self._tokenizer = tokenizer
         self._limits = limits
         self._policy = policy
-        # Static-shape backends: the slot each running sequence owns (see policies/static.py).
-        self._static = policy if isinstance(policy, StaticSlotsPolicy) else None
-        # Paged backends: the router owns block tables (see policies/paged.py).
-        self._paged = policy if isinstance(policy, PagedPolicy) else None
-        self._to_forget: list[int] = []  # preempted, then cancelled: sampler state only
         self._eos_token_ids = eos_token_ids
         self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
         self._metrics = metrics
         self._clock = clock
         self._seq_ids = itertools.count(1)
-        self._waiting: deque[Sequence] = deque()
-        self._running: dict[int, Sequence] = {}
-        self._to_release: list[int] = []
-        self._steps_since_prefill = 0
+        self._step_index = itertools.count(1)
+        self._waiting: deque[SequenceState] = deque()
+        self._running: dict[int, SequenceState] = {}
+        self._to_release: list[int] = []  # ended: named in the next plan's `finished`
+        self._to_forget: list[int] = []  # preempted, then ended: sampler state only
+        self._releasing: set[int] = set()  # named in plans still in flight
+        self._overlap = overlap
+        self.overlapped_steps = 0  # steps planned while the previous one ran
         self._wake = asyncio.Event()
         self._thread = engine_thread or EngineThread()
-        self._engine = EngineStep(backend)
+        self._engine = EngineCore(backend, grammars)
         self._kv = initial_kv
         self._task: asyncio.Task[None] | None = None
         self._healthy = True
         self._closing = False
         metrics.kv_capacity_tokens.set(initial_kv.capacity_tokens)
+
+    @property
+    def policy(self) -> SchedulingPolicy:
+        return self._policy
+
+    @property
+    def engine(self) -> EngineCore:
+        return self._engine
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -173,8 +179,7 @@ class Router:
         self._waiting.clear()
         ids = [*self._running, *self._take_release(), *self._to_forget]
         self._running.clear()
-        if self._paged is not None:
-            self._paged.free(ids)
+        self._policy.free(ids)
         self._kv = await self._in_engine(self._engine.release, ids)
         self._thread.shutdown()
 
@@ -185,7 +190,7 @@ class Router:
         if len(self._waiting) + len(self._running) >= self._limits.max_concurrent_requests:
             self._metrics.request_failure.labels(err="overloaded").inc()
             raise Overloaded("Model is overloaded")
-        sequence = Sequence.create(
+        sequence = SequenceState.create(
             seq_id=next(self._seq_ids),
             request=request,
             tokenizer=self._tokenizer,
@@ -204,7 +209,7 @@ class Router:
         )
         return RequestHandle(sequence, self)
 
-    def cancel(self, sequence: Sequence) -> None:
+    def cancel(self, sequence: SequenceState) -> None:
         """Stop a request whose client went away; its KV is freed at the next step."""
         if sequence.done or sequence.cancelled:
             return
@@ -218,10 +223,7 @@ class Router:
         self._wake.set()
 
     def stats(self) -> RouterStats:
-        if self._paged is not None:
-            reserved = self._paged.pool.num_used * self._paged.block_size
-        else:
-            reserved = sum(seq.max_total_tokens for seq in self._running.values())
+        reserved = self._policy.reserved_tokens(list(self._running.values()))
         return RouterStats(len(self._waiting), len(self._running), reserved, self._kv)
 
     @property
@@ -239,29 +241,62 @@ class Router:
 
     # ---- the loop ---------------------------------------------------------------
 
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._to_release or self._to_forget)
+
     async def _run(self) -> None:
-        while not self._closing:
-            if not (self._waiting or self._running or self._to_release or self._to_forget):
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await self._step()
+        in_flight: deque[tuple[StepPlan, asyncio.Future[StepResult]]] = deque()
+        while in_flight or not self._closing:
+            if not in_flight:
+                if not self._has_work():
+                    if self._closing:
+                        break
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                in_flight.append(self._launch(self._plan()))
+            if self._overlap and len(in_flight) == 1 and not self._closing:
+                # Plan step N+1 while step N runs, where the policy says it is safe.
+                running = [seq for seq in self._running.values() if seq.needs_rows]
+                if self._has_work() and self._policy.may_plan_ahead(running):
+                    plan = self._plan()
+                    if plan.rows or plan.finished or plan.preempted or plan.forgotten:
+                        in_flight.append(self._launch(plan))
+                        self.overlapped_steps += 1
+            plan, future = in_flight.popleft()
+            self._finish(plan, await future)
 
     async def _step(self) -> None:
-        plan = self._plan()
-        result: StepResult = await self._in_engine(self._engine.run, plan)
+        """One step, planned and applied in turn (what `_run` does without overlap)."""
+        plan, future = self._launch(self._plan())
+        self._finish(plan, await future)
+
+    def _launch(self, plan: StepPlan) -> tuple[StepPlan, asyncio.Future[StepResult]]:
+        """Hand `plan` to the engine thread; its token-bringing rows are now in flight."""
+        for row in plan.logits_rows:
+            sequence = self._running.get(row.seq_id)
+            if sequence is not None:
+                sequence.in_flight += 1
+        self._releasing.update(plan.finished)
+        self._releasing.update(plan.preempted)
+        future = asyncio.ensure_future(self._in_engine(self._engine.run, plan))
+        return plan, future
+
+    def _finish(self, plan: StepPlan, result: StepResult) -> None:
+        """Apply one step's result: tokens, stops, errors, reconciliation, gauges."""
         self._kv = result.kv
-        if self._paged is not None:
-            self._paged.after_step(result.errors)
-            if result.drafts_proposed:
-                self._paged.gate.record(result.drafts_proposed, result.drafts_accepted)
-                self._metrics.speculative_draft_tokens.inc(result.drafts_proposed)
-                self._metrics.speculative_accepted_tokens.inc(result.drafts_accepted)
-        self._apply(plan, result)
-        self._reconcile(result.kv)
-        if self._to_release:  # finished this step: free their KV now, not next step
-            ids = self._take_release()
-            self._kv = await self._in_engine(self._engine.release, ids)
+        self._releasing.difference_update(plan.finished)
+        self._releasing.difference_update(plan.preempted)
+        for row in plan.logits_rows:
+            sequence = self._running.get(row.seq_id)
+            if sequence is not None and sequence.in_flight:
+                sequence.in_flight -= 1
+        self._policy.after_step(plan, result)
+        if result.drafts_proposed:
+            self._metrics.speculative_draft_tokens.inc(result.drafts_proposed)
+            self._metrics.speculative_accepted_tokens.inc(result.drafts_accepted)
+        self._apply(result)
+        self._reconcile(result.kv, plan.step_index)
         self._publish_gauges()
 
     def _plan(self) -> StepPlan:
@@ -270,82 +305,77 @@ class Router:
                 del self._running[seq_id]
                 self._to_release.append(seq_id)
                 self._metrics.request_failure.labels(err="cancelled").inc()
-        release = self._take_release()  # before admission: newcomers may take their slots
-        if self._paged is not None:
-            return self._plan_paged(self._paged, tuple(release))
-        admitted = self._admit()
-        now = self._clock()
-        for sequence in admitted:
-            sequence.scheduled_s = now
-        decoding = [seq for seq in self._running.values()]
-        for sequence in admitted:
-            self._running[sequence.seq_id] = sequence
-        self._steps_since_prefill = 0 if admitted else self._steps_since_prefill + 1
-        if self._static is None:
-            return StepPlan.build(release=tuple(release), prefill=admitted, decode=decoding)
-        for sequence in admitted:
-            self._static.slots.take(sequence.seq_id)
-        return StepPlan.build(
-            release=tuple(release),
-            prefill=admitted,
-            decode=decoding,
-            # A prefill rewrites every slot's KV here: re-send each running history.
-            rebuild=decoding if admitted and self._static.rebuild else (),
-            slots=self._static.slots.assignment,
+        finished = self._take_release()  # before scheduling: newcomers may take their room
+        # A sequence whose last token is already in flight needs no further row.
+        running = [seq for seq in self._running.values() if seq.needs_rows]
+        schedule = self._policy.schedule(running, self._waiting)
+        step_index = next(self._step_index)
+        self._move(schedule, step_index)
+        forgotten, self._to_forget = tuple(self._to_forget), []
+        return StepPlan(
+            new=tuple(schedule.new),
+            running=tuple(schedule.running),
+            finished=tuple(finished),
+            preempted=tuple(sequence.seq_id for sequence in schedule.preempted),
+            forgotten=forgotten,
+            step_index=step_index,
         )
 
-    def _plan_paged(self, paged: PagedPolicy, release: tuple[int, ...]) -> StepPlan:
-        """A paged step: work for every running row, preemptions, then admissions."""
-        step = paged.schedule(
-            list(self._running.values()),
-            self._waiting,
-            max_batch_prefill_tokens=self._limits.max_batch_prefill_tokens,
-            max_batch_size=self._limits.max_batch_size,
-        )
-        for sequence in step.preempted:  # latest first, so the earliest ends up in front
+    def _move(self, schedule: Schedule, step_index: int) -> None:
+        """Preempted sequences go back to the front of the queue, admitted ones run."""
+        for sequence in schedule.preempted:  # latest first, so the earliest ends up in front
             del self._running[sequence.seq_id]
             self._waiting.appendleft(sequence)
             logger.debug("request %d preempted: its KV will be recomputed", sequence.seq_id)
-        if step.preempted:
-            self._metrics.preemptions.inc(len(step.preempted))
+        if schedule.preempted:
+            self._metrics.preemptions.inc(len(schedule.preempted))
         now = self._clock()
-        for sequence in step.admitted:  # admission is FCFS: a prefix of the queue
+        for sequence in schedule.admitted:  # admission is FCFS: a prefix of the queue
             taken = self._waiting.popleft()
-            assert taken is sequence, "paged admission must take the queue's head"
+            if taken is not sequence:
+                raise RuntimeError("a policy admitted a request that is not the queue's head")
             if sequence.scheduled_s is None:
                 sequence.scheduled_s = now
+            sequence.admitted_step = step_index
             self._running[sequence.seq_id] = sequence
-        if step.queried_tokens:
-            self._metrics.prefix_cache_queried_tokens.inc(step.queried_tokens)
-            self._metrics.prefix_cache_hit_tokens.inc(step.hit_tokens)
-        forget, self._to_forget = tuple(self._to_forget), []
-        return StepPlan.paged(
-            release=release,
-            preempt=tuple(seq.seq_id for seq in step.preempted),
-            forget=forget,
-            prefill=step.prefill,
-            decode=step.decode,
+        if schedule.queried_tokens:
+            self._metrics.prefix_cache_queried_tokens.inc(schedule.queried_tokens)
+            self._metrics.prefix_cache_hit_tokens.inc(schedule.hit_tokens)
+
+    def _requeue(self, sequences: list[SequenceState]) -> None:
+        """Sequences whose KV a failed step dropped go back to the front of the queue,
+        in admission order, to be recomputed as after a preemption."""
+        if not sequences:
+            return
+        self._policy.free([sequence.seq_id for sequence in sequences])
+        for sequence in reversed(sequences):
+            sequence.in_flight = 0
+            self._waiting.appendleft(sequence)
+        self._metrics.preemptions.inc(len(sequences))
+        logger.warning(
+            "a failed step dropped the KV of %d running requests; they will be recomputed",
+            len(sequences),
         )
 
     def _take_release(self) -> list[int]:
-        """Hand over the ids whose KV is to be released; their slots become free."""
+        """Hand over the ids whose KV is to be released; what they owned becomes free."""
         ids, self._to_release = self._to_release, []
-        if self._static is not None:
-            self._static.slots.free(ids)
-        if self._paged is not None:
-            self._paged.free(ids)
+        self._policy.free(ids)
         return ids
 
-    def _reconcile(self, kv: KVUsage) -> None:
+    def _reconcile(self, kv: KVUsage, step_index: int) -> None:
         """Make the backend's live set and the router's agree after every step.
 
         A sequence the backend holds but the router neither runs nor is releasing is a
         stray: it is released. A running sequence the backend no longer holds lost its
-        KV: it fails with an error instead of decoding garbage. Slots follow the same
-        rule, so neither KV nor slots can leak whatever a backend does.
+        KV: it fails with an error instead of decoding garbage. What the policy owns
+        follows the same rule, so neither KV nor slots nor blocks can leak. `kv` is as of
+        step `step_index`: sequences admitted by a later plan still in flight are not
+        expected in it yet, and those a later plan releases still are.
         """
-        live, pending = set(self._running), set(self._to_release)
-        strays = sorted(kv.seq_ids - live - pending)
+        live = {seq_id for seq_id, seq in self._running.items() if seq.admitted_step <= step_index}
+        pending = set(self._to_release) | self._releasing | set(self._running)
+        strays = sorted(kv.seq_ids - pending)
         if strays:
             logger.warning("backend holds KV of sequences %s the router has ended", strays)
             self._to_release.extend(strays)
@@ -362,54 +392,32 @@ class Router:
                 f"Request failed during generation: the backend lost the state of request "
                 f"{seq_id} (its KV cache is no longer live)",
             )
-        if self._static is not None:
-            leaked = self._static.slots.retain(set(self._running) | set(self._to_release))
-            if leaked:
-                logger.error("slots of sequences %s were still held; freed", leaked)
+        leaked = self._policy.retain(set(self._running) | set(self._to_release))
+        if leaked:
+            logger.error("slots or blocks of sequences %s were still held; freed", leaked)
 
-    def _admit(self) -> list[Sequence]:
-        candidates = [
-            Candidate(seq.seq_id, len(seq.request.input_ids), seq.max_total_tokens)
-            for seq in self._waiting
-        ]
-        budget = Budget(
-            running=len(self._running),
-            reserved_tokens=sum(seq.max_total_tokens for seq in self._running.values()),
-            max_batch_total_tokens=self._limits.max_batch_total_tokens,
-            max_batch_prefill_tokens=self._limits.max_batch_prefill_tokens,
-            max_batch_size=self._limits.max_batch_size,
-            steps_since_prefill=self._steps_since_prefill,
-        )
-        policy = self._policy
-        assert not isinstance(policy, PagedPolicy), "paged steps are planned by _plan_paged"
-        chosen = set(policy.admit(candidates, budget).seq_ids)
-        if not chosen:
-            return []
-        admitted = [seq for seq in self._waiting if seq.seq_id in chosen]
-        self._waiting = deque(seq for seq in self._waiting if seq.seq_id not in chosen)
-        return admitted
-
-    def _apply(self, plan: StepPlan, result: StepResult) -> None:
+    def _apply(self, result: StepResult) -> None:
         now = self._clock()
-        for method, seconds in result.durations.items():
-            self._metrics.batch_forward_duration.labels(method=method).observe(seconds)
+        for phase, seconds in result.durations.items():
+            self._metrics.batch_forward_duration.labels(method=phase).observe(seconds)
         for seq_id, message in result.errors.items():
             sequence = self._running.pop(seq_id, None)
             if sequence is not None:
                 self._healthy = False
                 self._fail(sequence, message)
+        self._requeue([self._running.pop(i) for i in result.recompute if i in self._running])
         for seq_id, token_id, logprob in result.tokens:
             sequence = self._running.get(seq_id)
             if sequence is None or sequence.cancelled:
-                continue  # cancelled mid-step: its release is already planned
-            if seq_id in result.prompt_logprobs:
+                continue  # ended earlier in this step, or its client went away
+            if seq_id in result.prompt_logprobs and not sequence.tokens:
                 sequence.prefill = self._prefill_tokens(sequence, result.prompt_logprobs[seq_id])
             top = result.top_tokens.get(seq_id)
             self._advance(sequence, token_id, logprob, now, top)
 
     def _advance(
         self,
-        sequence: Sequence,
+        sequence: SequenceState,
         token_id: int,
         logprob: float,
         now: float,
@@ -432,7 +440,7 @@ class Router:
         self._record_success(event, now - sequence.arrival_s)
 
     def _prefill_tokens(
-        self, sequence: Sequence, logprobs: list[float]
+        self, sequence: SequenceState, logprobs: list[float]
     ) -> tuple[PrefillToken, ...]:
         ids = sequence.request.input_ids
         texts = [self._tokenizer.decode([token_id]) for token_id in ids]
@@ -441,8 +449,11 @@ class Router:
         rest = (PrefillToken(token_id, text, logprob) for token_id, text, logprob in pairs)
         return (first, *rest)
 
-    def _fail(self, sequence: Sequence, message: str) -> None:
-        self._to_release.append(sequence.seq_id)
+    def _fail(self, sequence: SequenceState, message: str) -> None:
+        """End a sequence whose KV the backend no longer holds (its step failed, or it
+        was lost): free what the policy gave it, drop the engine's sampler state."""
+        self._policy.free([sequence.seq_id])
+        self._to_forget.append(sequence.seq_id)
         sequence.done = True
         sequence.events.put_nowait(ErrorEvent(message))
         self._metrics.request_failure.labels(err="generation").inc()
@@ -465,12 +476,12 @@ class Router:
         self._metrics.batch_current_size.set(stats.batch_size)
         self._metrics.batch_current_max_tokens.set(stats.reserved_tokens)
         self._metrics.kv_used_tokens.set(stats.kv.used_tokens)
-        if self._paged is not None:
-            pool = self._paged.pool
-            self._metrics.kv_blocks_used.set(pool.num_used)
-            self._metrics.kv_blocks_free.set(pool.num_available)
+        blocks = self._policy.block_usage()
+        if blocks is not None:
+            self._metrics.kv_blocks_used.set(blocks[0])
+            self._metrics.kv_blocks_free.set(blocks[1])
 
-    async def _in_engine(self, fn: Callable[..., object], *args: object):  # type: ignore[no-untyped-def]
+    async def _in_engine(self, fn: Callable[..., Any], *args: object) -> Any:
         return await self._thread.run(fn, *args)
 
 

@@ -1,0 +1,278 @@
+"""The engine core: one backend and the sampler, one `StepPlan` in, one `StepResult` out.
+
+NOTE: this is the hot path. A step is
+
+    finished/forgotten -> sampler state dropped     (the backend drops KV in `step`)
+    new rows           -> sampling params recorded  (kept across preemption)
+    decode rows        -> `last_token` filled in where the plan left it None
+    backend.step(plan) -> ONE forward, logits [R, T, V] (or token ids sampled on device)
+    sample             -> position 0 of every logits row in one batched call, then the
+                          draft positions of speculative rows in a second one
+    StepResult         -> plain data for the router (one device-to-host copy per call)
+
+The engine keeps, per live sequence, what sampling needs and the router need not send
+again: its `SamplingParams`, how many tokens it has sampled (the step index that seeds
+its noise) and the last token it sampled (what its next decode row feeds). A preempted
+sequence keeps all three: it comes back under the same id and goes on as if nothing
+happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from tgi.backend.contract import (
+    Backend,
+    KVUsage,
+    NewSequence,
+    RunningSequence,
+    StepOutput,
+    StepPlan,
+)
+from tgi.engine.results import StepResult
+from tgi.sampling import BatchSampler, SampledTokens, SamplingParams
+
+if TYPE_CHECKING:
+    from tgi.sampling.grammar import GrammarCompiler
+
+__all__ = ["EngineCore"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """What the engine remembers of one sequence between steps."""
+
+    sampling: SamplingParams
+    num_sampled: int = 0  # tokens sampled so far: the step index of the next sample
+    last_token: int | None = None  # what the next decode row feeds
+    # Tokens fed before the first sample, kept only for rows whose sampling reads a
+    # history (penalties, watermark): the history starts from them.
+    fed: list[int] | None = field(default=None)
+    held: bool = True  # False once a failed step dropped its KV, until it comes back new
+
+
+class EngineCore:
+    """Runs step plans against one backend; called from one thread only."""
+
+    def __init__(self, backend: Backend, grammars: GrammarCompiler | None = None) -> None:
+        self._backend = backend
+        self._sampler = _new_sampler(grammars)
+        self._tracked: dict[int, _Tracked] = {}
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def num_tracked(self) -> int:
+        """Sequences whose sampling state the engine holds (for leak checks)."""
+        return len(self._tracked)
+
+    def release(self, seq_ids: Iterable[int]) -> KVUsage:
+        """Free sequences outside a step (shutdown, reconciliation)."""
+        ids = list(seq_ids)
+        self._backend.release(ids)
+        self._forget(ids)
+        return self._backend.kv_usage()
+
+    def run(self, plan: StepPlan) -> StepResult:
+        """One step; a backend failure fails the step's rows, never the engine."""
+        result = StepResult(step_index=plan.step_index)
+        self._forget(plan.finished)
+        self._forget(plan.forgotten)
+        plan = self._prepare(plan)
+        if plan.rows:
+            started = time.perf_counter()
+            try:
+                output = self._backend.step(plan)
+                self._check(plan, output)
+                forward_s = time.perf_counter() - started
+                self._sample(plan, output, result)
+            except Exception as exc:  # a backend failure fails these rows, not the server
+                self._fail(plan, exc, result)
+            else:
+                # TGI's `method` label: "prefill" for a step that computes prompt tokens
+                prefills = plan.new or any(not row.decode for row in plan.running)
+                result.durations["prefill" if prefills else "decode"] = forward_s
+        elif plan.finished or plan.preempted:
+            try:
+                self._backend.step(plan)  # releases only
+            except Exception:  # the ids are gone from the router; reconciliation retries
+                logger.exception("releasing %d sequences failed", len(plan.finished))
+        result.kv = self._backend.kv_usage()
+        return result
+
+    # ---- internals ------------------------------------------------------------------
+
+    def _forget(self, seq_ids: Iterable[int]) -> None:
+        ids = list(seq_ids)
+        if ids:
+            self._sampler.release(ids)
+            for seq_id in ids:
+                self._tracked.pop(seq_id, None)
+
+    def _prepare(self, plan: StepPlan) -> StepPlan:
+        """Record new sequences; fill in decode rows' `last_token` where the plan could not."""
+        for new in plan.new:
+            known = self._tracked.get(new.seq_id)
+            if known is not None:  # a resumed (preempted) one keeps its sampler state
+                known.held = True
+                continue
+            started = self._tracked[new.seq_id] = _Tracked(new.sampling)
+            if new.sampling.needs_history:
+                started.fed = list(new.token_ids)
+        running: list[RunningSequence] = []
+        changed = False
+        for row in plan.running:
+            tracked = self._tracked.get(row.seq_id)
+            if tracked is None or not tracked.held:
+                # A step that ended after this plan was made (overlapped planning) failed
+                # it: the router fails or recomputes it; nothing of it is left here.
+                changed = True
+                continue
+            if not row.decode:
+                if tracked.fed is not None and tracked.num_sampled == 0:
+                    tracked.fed.extend(row.token_ids)
+            elif row.last_token is None:
+                row = dataclasses.replace(row, last_token=tracked.last_token)
+                changed = True
+            running.append(row)
+        if not changed:
+            return plan
+        return dataclasses.replace(plan, running=tuple(running))
+
+    @staticmethod
+    def _check(plan: StepPlan, output: StepOutput) -> None:
+        wanted = tuple(row.seq_id for row in plan.logits_rows)
+        if tuple(output.seq_ids) != wanted:
+            raise RuntimeError(f"backend returned rows {list(output.seq_ids)}, expected {wanted}")
+        if output.logits is None:
+            if output.token_ids is None:
+                raise RuntimeError("backend returned neither logits nor token ids")
+            return
+        if output.logits.dim() != 3 or output.logits.shape[0] != len(wanted):
+            raise RuntimeError(f"backend returned logits of shape {tuple(output.logits.shape)}")
+
+    def _sample(self, plan: StepPlan, output: StepOutput, result: StepResult) -> None:
+        rows = plan.logits_rows
+        tracked = [self._tracked[row.seq_id] for row in rows]
+        seq_ids = [row.seq_id for row in rows]
+        if output.logits is None:
+            first = _device_sampled(output)
+        else:
+            prompts = [t.fed if t.num_sampled == 0 else None for t in tracked]
+            first = self._sampler.sample(
+                "step",
+                seq_ids,
+                [t.sampling for t in tracked],
+                [t.num_sampled for t in tracked],
+                output.logits[:, 0],  # [R, V]: the next token of every row
+                prompts if any(p is not None for p in prompts) else None,
+            )
+        accepted = [
+            [(token, logprob)]
+            for token, logprob in zip(first.token_ids, first.logprobs, strict=True)
+        ]
+        drafted = [i for i, row in enumerate(rows) if row.num_logits > 1]
+        if drafted and output.logits is not None:
+            self._verify(rows, tracked, output.logits, drafted, accepted, result)
+        for row, state, tokens in zip(rows, tracked, accepted, strict=True):
+            state.num_sampled += len(tokens)
+            state.last_token = tokens[-1][0]
+            state.fed = None
+            result.tokens.extend((row.seq_id, token, logprob) for token, logprob in tokens)
+        for seq_id, top in zip(seq_ids, first.top_tokens, strict=True):
+            if top:
+                result.top_tokens[seq_id] = top
+        for seq_id, logits in output.prompt_logits.items():
+            row = next(r for r in plan.new if r.seq_id == seq_id)
+            result.prompt_logprobs[seq_id] = _prompt_logprobs(logits, row)
+
+    def _verify(
+        self,
+        rows: tuple[NewSequence | RunningSequence, ...],
+        tracked: list[_Tracked],
+        logits: torch.Tensor,
+        drafted: list[int],
+        accepted: list[list[tuple[int, float]]],
+        result: StepResult,
+    ) -> None:
+        """Extend each drafted row's tokens while its drafts equal what was sampled.
+
+        Position t of a row is sampled with step index `num_sampled + t`, exactly as it
+        would be one token at a time; only rows whose sampling reads nothing but logits
+        and step get drafts (`tgi.sampling.speculation.speculable`), so the output is
+        that of plain decoding.
+        """
+        places = [(i, t) for i in drafted for t in range(1, rows[i].num_logits)]
+        device = logits.device
+        row_index = torch.tensor([i for i, _ in places], device=device)
+        position_index = torch.tensor([t for _, t in places], device=device)
+        sampled = self._sampler.sample(
+            "draft",
+            [rows[i].seq_id for i, _ in places],
+            [tracked[i].sampling for i, _ in places],
+            [tracked[i].num_sampled + t for i, t in places],
+            logits[row_index, position_index],  # one gather: [sum(drafts), V]
+        )
+        cursor = 0
+        for i in drafted:
+            drafts = rows[i].token_ids
+            result.drafts_proposed += len(drafts)
+            for t, draft in enumerate(drafts):
+                if draft != accepted[i][-1][0]:
+                    break
+                accepted[i].append((sampled.token_ids[cursor + t], sampled.logprobs[cursor + t]))
+                result.drafts_accepted += 1
+            cursor += len(drafts)
+
+    def _fail(self, plan: StepPlan, exc: Exception, result: StepResult) -> None:
+        """The forward failed: every row's KV is undefined and is dropped. Rows of new
+        prompts (sequences that sampled nothing yet) fail; sequences already generating
+        keep their sampler state and are recomputed, unless the step had no new prompt
+        to blame, in which case they fail too (a one-kind step fails whole, as before)."""
+        ids = [row.seq_id for row in plan.rows]
+        logger.exception("step %d failed for %d rows", plan.step_index, len(ids))
+        suspects = [i for i in ids if self._tracked[i].num_sampled == 0]
+        innocent = [i for i in ids if self._tracked[i].num_sampled > 0] if suspects else []
+        try:
+            self._backend.release(ids)
+        finally:
+            self._forget([i for i in ids if i not in innocent])
+            for seq_id in innocent:
+                self._tracked[seq_id].held = False
+        message = f"Request failed during generation: {exc}"
+        result.errors.update({seq_id: message for seq_id in ids if seq_id not in innocent})
+        result.recompute.extend(innocent)
+
+
+def _new_sampler(grammars: GrammarCompiler | None) -> BatchSampler:
+    """A sampler that compiles the grammar specs of new rows with `grammars`."""
+    return BatchSampler(grammars=grammars)
+
+
+def _device_sampled(output: StepOutput) -> SampledTokens:
+    """Token ids a backend sampled on its device, with one host copy."""
+    assert output.token_ids is not None
+    columns = [output.token_ids.to(torch.float64).reshape(-1, 1)]
+    if output.logprobs is not None:
+        columns.append(output.logprobs.to(torch.float64).reshape(-1, 1))
+    rows = torch.cat(columns, dim=1).tolist()  # the one device-to-host copy
+    logprobs = [row[1] if len(row) > 1 else float("nan") for row in rows]
+    return SampledTokens([int(row[0]) for row in rows], logprobs, [[] for _ in rows])
+
+
+def _prompt_logprobs(logits: torch.Tensor, row: NewSequence) -> list[float]:
+    """Logprob of each prompt token after the first, from the logits before it."""
+    targets = torch.tensor(row.token_ids[1:], dtype=torch.int64, device=logits.device)
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # [n-1, V]
+    return logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
