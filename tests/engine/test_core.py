@@ -33,7 +33,14 @@ def successor(token: int) -> int:
 class SuccessorBackend:
     """Logits whose argmax at every position is `successor(input token)`; records plans."""
 
-    def __init__(self, *, on_device: bool = False, fail_on_step: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        on_device: bool = False,
+        fail_on_step: int | None = None,
+        runner_up: int | None = None,
+    ) -> None:
+        self.runner_up = runner_up  # a token one logit below the successor, everywhere
         self.plans: list[StepPlan] = []
         self.live: dict[int, int] = {}
         self.on_device = on_device
@@ -65,6 +72,8 @@ class SuccessorBackend:
         for r, row in enumerate(rows):
             ids = row.input_ids[-row.num_logits :]
             for t, token in enumerate(ids):
+                if self.runner_up is not None:
+                    logits[r, t, self.runner_up] = 9.0
                 logits[r, t, successor(token)] = 10.0
         for row in plan.rows:
             self.live[row.seq_id] = row.start_position + len(row.input_ids)
@@ -183,3 +192,32 @@ def test_a_preempted_sequence_keeps_its_sampling_state() -> None:
     engine.run(StepPlan(new=(new(1, history, sampling=seeded, want_logits=False),)))
     out += [engine.run(StepPlan(running=(decode(1, 3 + i),))).tokens for i in range(2)]
     assert [t for ((_, t, _),) in out] == [t for ((_, t, _),) in straight]
+
+
+def test_a_sequence_preempted_before_its_first_token_starts_its_history_afresh() -> None:
+    """Its first admission fed only a chunk; the recompute sends the whole prompt, and
+    the penalty must see exactly that prompt (31 = successor(4) is in it, 0 is not)."""
+    penalised = SamplingParams(repetition_penalty=2.0)
+    prompt = (1, 2, 31, 4)
+    assert successor(4) == 31
+    alone = EngineCore(SuccessorBackend(runner_up=0))
+    straight = alone.run(StepPlan(new=(new(1, prompt, sampling=penalised),)))
+    assert [t for _, t, _ in straight.tokens] == [0]  # 31 was seen: 10 / 2 < 9
+
+    engine = EngineCore(SuccessorBackend(runner_up=0))
+    engine.run(StepPlan(new=(new(1, prompt[:2], sampling=penalised, want_logits=False),)))
+    engine.run(StepPlan(preempted=(1,)))
+    again = engine.run(StepPlan(new=(new(1, prompt, sampling=penalised),)))
+    assert [t for _, t, _ in again.tokens] == [0]
+
+
+def test_a_plan_made_before_a_failure_does_not_release_its_rows_twice() -> None:
+    backend = SuccessorBackend(fail_on_step=2)
+    engine = EngineCore(backend)
+    engine.run(StepPlan(new=(new(1, (2,)),)))
+    engine.run(StepPlan(new=(new(2, (5,)),), running=(decode(1, 1),)))  # fails
+    assert backend.released.count(2) == 1
+    # planned ahead before the failure was known: it names 2 as finished
+    engine.run(StepPlan(new=(new(3, (6,)),), finished=(2,)))
+    assert all(2 not in plan.finished for plan in backend.plans[2:])
+    assert backend.released.count(2) == 1

@@ -140,3 +140,55 @@ async def test_a_backends_own_policy_plans_the_steps(make_state: Any, byte_token
     finally:
         await state.router.stop()
     assert isinstance(events[-1], FinalEvent) and len(seen) >= 5
+
+
+def test_a_failed_step_keys_no_prefix_block() -> None:
+    """The prefix cache keys what a step wrote only when the step succeeded."""
+    from tgi.engine.results import StepResult
+    from tgi.router.policies import PagedPolicy
+    from tgi.router.sequence import SequenceState
+
+    limits = PolicyLimits(
+        max_batch_prefill_tokens=64, max_batch_total_tokens=256, max_batch_size=None
+    )
+    policy = PagedPolicy(
+        limits, num_blocks=16, block_size=4, chunked_prefill=True, prefix_caching=True
+    )
+    request = make_request(list(range(10, 19)), 4)  # 9 tokens: two full blocks
+    sequence = SequenceState.create(
+        seq_id=1, request=request, tokenizer=None, eos_token_ids=frozenset(), arrival_s=0.0
+    )  # type: ignore[arg-type]
+    step = policy.schedule([], [sequence])
+    sequence.admitted_step = 1
+    plan = StepPlan(new=tuple(step.new), step_index=1)
+    policy.after_step(plan, StepResult(errors={1: "boom"}))
+    assert policy.shared_counts()[1] == 0 and policy.pool.num_evictable == 0
+    policy.after_step(plan, StepResult())
+    assert policy.shared_counts()[1] == 2
+
+
+def test_a_recompute_counts_its_generated_tokens_and_must_fit_the_longest_chunk() -> None:
+    from tgi.router.request import GeneratedToken
+    from tgi.router.sequence import SequenceState
+
+    limits = PolicyLimits(
+        max_batch_prefill_tokens=64,
+        max_batch_total_tokens=256,
+        max_batch_size=None,
+        constraints=StepConstraints(max_chunk_tokens=12),
+    )
+    policy = ContinuousPolicy(limits, join_immediately=True)
+    sequence = SequenceState.create(
+        seq_id=1,
+        request=make_request(list(range(8)), 20),
+        tokenizer=None,  # type: ignore[arg-type]
+        eos_token_ids=frozenset(),
+        arrival_s=0.0,
+    )
+    assert policy.can_recompute(sequence)
+    for token in range(6):
+        sequence.tokens.append(GeneratedToken(token, "", 0.0, False))
+    assert sequence.num_computed == 8 + 5
+    assert not policy.can_recompute(sequence)
+    (row,) = policy.schedule([], [sequence]).new
+    assert len(row.token_ids) == 13 and not row.want_logits

@@ -147,6 +147,8 @@ class StepConstraints:
     max_adapters_per_step: int | None = None  # distinct LoRA adapters in one forward
     max_rows_per_step: int | None = None  # rows one forward can take
     max_tokens_per_step: int | None = None  # tokens one forward can take
+    max_chunk_tokens: int | None = None  # hard: the longest chunk one row may bring
+    # without a bucket to pad to (a context graph compiled for at most that many)
 
     def padded_rows(self, num_rows: int) -> int:
         """Rows the forward really computes for `num_rows` (bucket or captured graph)."""
@@ -175,8 +177,9 @@ class StepConstraints:
 
     @property
     def max_chunk(self) -> int | None:
-        """The longest first chunk of a new sequence (the largest length bucket)."""
-        return max(self.length_buckets) if self.length_buckets else None
+        """The longest chunk a row may bring: the largest length bucket, or the cap."""
+        caps = [c for c in (self.max_chunk_tokens, max(self.length_buckets, default=0)) if c]
+        return min(caps) if caps else None
 
 
 @dataclass(frozen=True, slots=True)

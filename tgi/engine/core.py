@@ -67,6 +67,9 @@ class EngineCore:
         self._backend = backend
         self._sampler = _new_sampler(grammars)
         self._tracked: dict[int, _Tracked] = {}
+        # Released by a failed step: a plan made before the failure was known (planned
+        # ahead) may still name them in `finished`; the backend must not hear it twice.
+        self._released: set[int] = set()
 
     @property
     def backend(self) -> Backend:
@@ -87,8 +90,11 @@ class EngineCore:
     def run(self, plan: StepPlan) -> StepResult:
         """One step; a backend failure fails the step's rows, never the engine."""
         result = StepResult(step_index=plan.step_index)
+        if self._released and (plan.finished or plan.preempted):
+            plan = self._without_released(plan)
         self._forget(plan.finished)
         self._forget(plan.forgotten)
+        self._released.difference_update(plan.forgotten)
         plan = self._prepare(plan)
         if plan.rows:
             started = time.perf_counter()
@@ -111,6 +117,18 @@ class EngineCore:
         result.kv = self._backend.kv_usage()
         return result
 
+    def _without_released(self, plan: StepPlan) -> StepPlan:
+        """`plan` less the releases of sequences a failed step released already."""
+        stale = self._released & {*plan.finished, *plan.preempted}
+        if not stale:
+            return plan
+        self._released -= stale
+        return dataclasses.replace(
+            plan,
+            finished=tuple(i for i in plan.finished if i not in stale),
+            preempted=tuple(i for i in plan.preempted if i not in stale),
+        )
+
     # ---- internals ------------------------------------------------------------------
 
     def _forget(self, seq_ids: Iterable[int]) -> None:
@@ -123,9 +141,10 @@ class EngineCore:
     def _prepare(self, plan: StepPlan) -> StepPlan:
         """Record new sequences; fill in decode rows' `last_token` where the plan could not."""
         for new in plan.new:
+            self._released.discard(new.seq_id)
             known = self._tracked.get(new.seq_id)
-            if known is not None:  # a resumed (preempted) one keeps its sampler state
-                known.held = True
+            if known is not None and known.num_sampled:
+                known.held = True  # resumed after a preemption: its sampler state stays
                 continue
             started = self._tracked[new.seq_id] = _Tracked(new.sampling)
             if new.sampling.needs_history:
@@ -185,17 +204,18 @@ class EngineCore:
         drafted = [i for i, row in enumerate(rows) if row.num_logits > 1]
         if drafted and output.logits is not None:
             self._verify(rows, tracked, output.logits, drafted, accepted, result)
+        for seq_id, logits in output.prompt_logits.items():
+            new = next(r for r in plan.new if r.seq_id == seq_id)
+            result.prompt_logprobs[seq_id] = _prompt_logprobs(logits, new)
+        for seq_id, top in zip(seq_ids, first.top_tokens, strict=True):
+            if top:
+                result.top_tokens[seq_id] = top
+        # Last, once nothing of the step can fail any more: what the engine remembers.
         for row, state, tokens in zip(rows, tracked, accepted, strict=True):
             state.num_sampled += len(tokens)
             state.last_token = tokens[-1][0]
             state.fed = None
             result.tokens.extend((row.seq_id, token, logprob) for token, logprob in tokens)
-        for seq_id, top in zip(seq_ids, first.top_tokens, strict=True):
-            if top:
-                result.top_tokens[seq_id] = top
-        for seq_id, logits in output.prompt_logits.items():
-            row = next(r for r in plan.new if r.seq_id == seq_id)
-            result.prompt_logprobs[seq_id] = _prompt_logprobs(logits, row)
 
     def _verify(
         self,
@@ -244,12 +264,16 @@ class EngineCore:
         logger.exception("step %d failed for %d rows", plan.step_index, len(ids))
         suspects = [i for i in ids if self._tracked[i].num_sampled == 0]
         innocent = [i for i in ids if self._tracked[i].num_sampled > 0] if suspects else []
+        # The step may have failed before it dropped its finished and preempted ones.
+        dropped = [*ids, *plan.finished, *plan.preempted]
         try:
-            self._backend.release(ids)
-        finally:
-            self._forget([i for i in ids if i not in innocent])
-            for seq_id in innocent:
-                self._tracked[seq_id].held = False
+            self._backend.release(dropped)
+        except Exception:  # nothing more to do for them; reconciliation reports strays
+            logger.exception("releasing the rows of failed step %d failed", plan.step_index)
+        self._released.update(ids)
+        self._forget([i for i in ids if i not in innocent])
+        for seq_id in innocent:
+            self._tracked[seq_id].held = False
         message = f"Request failed during generation: {exc}"
         result.errors.update({seq_id: message for seq_id in ids if seq_id not in innocent})
         result.recompute.extend(innocent)

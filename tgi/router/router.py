@@ -217,7 +217,7 @@ class Router:
         if sequence in self._waiting:
             self._waiting.remove(sequence)
             self._metrics.queue_size.set(len(self._waiting))
-            if sequence.tokens:  # preempted: its KV is gone, its sampler state is not
+            if sequence.admitted_step:  # preempted: its KV is gone, the engine's state not
                 self._to_forget.append(sequence.seq_id)
         logger.debug("request %d cancelled", sequence.seq_id)
         self._wake.set()
@@ -264,12 +264,22 @@ class Router:
                         in_flight.append(self._launch(plan))
                         self.overlapped_steps += 1
             plan, future = in_flight.popleft()
-            self._finish(plan, await future)
+            self._finish(plan, await self._result(plan, future))
 
     async def _step(self) -> None:
         """One step, planned and applied in turn (what `_run` does without overlap)."""
         plan, future = self._launch(self._plan())
-        self._finish(plan, await future)
+        self._finish(plan, await self._result(plan, future))
+
+    async def _result(self, plan: StepPlan, future: asyncio.Future[StepResult]) -> StepResult:
+        """The step's result; an engine that raised fails the step's rows, not the loop."""
+        try:
+            return await future
+        except Exception as exc:
+            logger.exception("step %d: the engine failed", plan.step_index)
+            message = f"Request failed during generation: {exc}"
+            errors = {row.seq_id: message for row in plan.rows}
+            return StepResult(errors=errors, kv=self._kv, step_index=plan.step_index)
 
     def _launch(self, plan: StepPlan) -> tuple[StepPlan, asyncio.Future[StepResult]]:
         """Hand `plan` to the engine thread; its token-bringing rows are now in flight."""
@@ -306,9 +316,9 @@ class Router:
                 self._to_release.append(seq_id)
                 self._metrics.request_failure.labels(err="cancelled").inc()
         finished = self._take_release()  # before scheduling: newcomers may take their room
-        # A sequence whose last token is already in flight needs no further row.
-        running = [seq for seq in self._running.values() if seq.needs_rows]
-        schedule = self._policy.schedule(running, self._waiting)
+        # Every running sequence holds KV; those whose last token is already in flight
+        # (`needs_rows` False) get no row from the policy.
+        schedule = self._policy.schedule(list(self._running.values()), self._waiting)
         step_index = next(self._step_index)
         self._move(schedule, step_index)
         forgotten, self._to_forget = tuple(self._to_forget), []
@@ -344,18 +354,34 @@ class Router:
 
     def _requeue(self, sequences: list[SequenceState]) -> None:
         """Sequences whose KV a failed step dropped go back to the front of the queue,
-        in admission order, to be recomputed as after a preemption."""
+        in admission order, to be recomputed as after a preemption; those whose client
+        left are only forgotten, and those the backend could not recompute in one
+        piece fail."""
         if not sequences:
             return
         self._policy.free([sequence.seq_id for sequence in sequences])
-        for sequence in reversed(sequences):
+        requeued = []
+        for sequence in sequences:
             sequence.in_flight = 0
+            if sequence.cancelled:
+                self._to_forget.append(sequence.seq_id)
+                self._metrics.request_failure.labels(err="cancelled").inc()
+            elif not self._policy.can_recompute(sequence):
+                self._fail(
+                    sequence,
+                    "Request failed during generation: a failed step dropped its KV and its "
+                    f"{sequence.num_computed} tokens are more than the backend can recompute",
+                )
+            else:
+                requeued.append(sequence)
+        for sequence in reversed(requeued):
             self._waiting.appendleft(sequence)
-        self._metrics.preemptions.inc(len(sequences))
-        logger.warning(
-            "a failed step dropped the KV of %d running requests; they will be recomputed",
-            len(sequences),
-        )
+        if requeued:
+            self._metrics.preemptions.inc(len(requeued))
+            logger.warning(
+                "a failed step dropped the KV of %d running requests; they will be recomputed",
+                len(requeued),
+            )
 
     def _take_release(self) -> list[int]:
         """Hand over the ids whose KV is to be released; what they owned becomes free."""

@@ -76,6 +76,12 @@ class SequenceState:
         return len(self.request.input_ids) + len(self.tokens) + self.in_flight - 1
 
     @property
+    def num_computed(self) -> int:
+        """Tokens a recompute prefills: the prompt and every generated token but the
+        pending one (which its next decode row feeds)."""
+        return len(self.request.input_ids) + max(len(self.tokens) - 1, 0)
+
+    @property
     def needs_rows(self) -> bool:
         """Whether another row may still change its output: False once the tokens in
         hand and in flight reach max_new_tokens."""

@@ -169,11 +169,12 @@ class NeuronBackend:
         # Both graphs are compiled for B rows. Without continuous batching the executor
         # runs all B of them every call (absent slots get dummy rows), so B is also every
         # step's padded row count. The context graph pads a prefill to its longest row,
-        # not to a bucket, so there are no length buckets: its cap, max_context_length
-        # tokens a row, holds through the limits checked above.
+        # not to a bucket, so there are no length buckets, only its cap of
+        # max_context_length tokens a row (also what a recompute must fit in).
         constraints = StepConstraints(
             batch_buckets=(size,) if self._rebuild else (),
             max_rows_per_step=size,
+            max_chunk_tokens=self._executor.max_context_length,
         )
         seconds = time.perf_counter() - started
         logger.info(

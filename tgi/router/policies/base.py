@@ -109,6 +109,11 @@ class SchedulingPolicy(Protocol):
         """(used, free) KV blocks where the policy owns blocks, else None."""
         ...
 
+    def can_recompute(self, sequence: SequenceState) -> bool:
+        """Whether the sequence could be prefilled again from its tokens (after a failed
+        step dropped its KV): a backend that cannot split prompts has a longest chunk."""
+        ...
+
     def may_plan_ahead(self, running: Sequence[SequenceState]) -> bool:
         """Whether the next step can be planned before the current one's tokens are
         known: it must need no token values (no drafts) and can preempt no one."""

@@ -71,6 +71,7 @@ class _State:
     whole: bool  # prompt logits asked: prefilled in one piece, never chunked
     keys: list[int]  # prefix-cache keys of the full blocks of `tokens`
     registered: int  # blocks of `tokens` already keyed (or shared from the cache)
+    owner: SequenceState  # the sequence (for the step that admitted it)
     sent_blocks: int = 0  # blocks of `table` the backend was told about
     ngrams: NgramIndex | None = None  # speculation: prompt + generated, indexed as they come
 
@@ -165,6 +166,11 @@ class PagedPolicy:
     def block_usage(self) -> tuple[int, int] | None:
         return self.pool.num_used, self.pool.num_available
 
+    def can_recompute(self, sequence: SequenceState) -> bool:
+        longest = self.limits.constraints.max_chunk
+        fits = longest is None or sequence.num_computed <= longest
+        return self.chunked_prefill or fits
+
     def may_plan_ahead(self, running: Sequence[SequenceState]) -> bool:
         """No drafts (they are proposed from the newest tokens), and room for every row
         to grow by one token plus a full prefill budget, so nobody is preempted."""
@@ -190,6 +196,9 @@ class PagedPolicy:
         while index < len(active):
             sequence = active[index]
             state = self._state[sequence.seq_id]
+            if not sequence.needs_rows:  # its last token is in flight (planned ahead)
+                index += 1
+                continue
             if state.prefilling:
                 chunk = self._chunk_size(state, budget, first=not self._has_chunks(step))
                 if chunk <= 0:
@@ -220,13 +229,13 @@ class PagedPolicy:
         will), and nothing of a row that failed."""
         if result.drafts_proposed:
             self.gate.record(result.drafts_proposed, result.drafts_accepted)
-        if not self.prefix_caching:
-            return
+        if not self.prefix_caching or result.errors or result.recompute:
+            return  # a failed step's KV is undefined: nothing of it may be shared
         size = self.block_size
         for row in plan.rows:
             state = self._state.get(row.seq_id)
-            if state is None or row.seq_id in result.errors:
-                continue
+            if state is None or plan.step_index < state.owner.admitted_step:
+                continue  # gone, or a row of an earlier admission of the same sequence
             end = row.start_position + len(row.token_ids) + int(getattr(row, "decode", False))
             full = min(end // size, len(state.keys))
             for index in range(state.registered, full):
@@ -427,6 +436,7 @@ class PagedPolicy:
             whole=not sequence.tokens and sequence.request.decoder_input_details,
             keys=keys,
             registered=0,
+            owner=sequence,
         )
 
     def _may_use_cache(self, sequence: SequenceState) -> bool:

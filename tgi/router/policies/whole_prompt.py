@@ -59,7 +59,7 @@ class WholePromptPolicy:
     def schedule(
         self, running: Sequence[SequenceState], waiting: Sequence[SequenceState]
     ) -> Schedule:
-        step = Schedule(running=[decode_row(sequence) for sequence in running])
+        step = Schedule(running=[decode_row(seq) for seq in running if seq.needs_rows])
         step.admitted = self._admit(running, waiting)
         step.new = [self._new_row(sequence) for sequence in step.admitted]
         self._steps_since_prefill = 0 if step.admitted else self._steps_since_prefill + 1
@@ -102,6 +102,10 @@ class WholePromptPolicy:
     def block_usage(self) -> tuple[int, int] | None:
         return None
 
+    def can_recompute(self, sequence: SequenceState) -> bool:
+        longest = self.limits.constraints.max_chunk
+        return longest is None or sequence.num_computed <= longest
+
     def may_plan_ahead(self, running: Sequence[SequenceState]) -> bool:
         return True  # nothing is ever preempted, and decode rows need no token value
 
@@ -123,8 +127,7 @@ class WholePromptPolicy:
         )
         pad = limits.constraints.padded_length
         candidates = [
-            Candidate(seq.seq_id, pad(len(seq.request.input_ids)), seq.max_total_tokens)
-            for seq in waiting
+            Candidate(seq.seq_id, pad(seq.num_computed), seq.max_total_tokens) for seq in waiting
         ]
         chosen = self.admit(candidates, budget).seq_ids
         return list(islice(waiting, len(chosen)))
