@@ -164,3 +164,42 @@ def test_a_one_token_step_never_reads_the_table_tensor(monkeypatch: pytest.Monke
     assert layout.slots.tolist() == [
         (s * 128 + (2000 + s) // 16) * 16 + (2000 + s) % 16 for s in range(8)
     ]
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "gathered"])
+def test_a_mixed_steps_split_attention_equals_the_padded_one(
+    seed: int, dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One-token rows beside a long chunk attend apart (`SplitMetadata`); the outputs and
+    the KV written are those of the one padded SDPA batch."""
+    rng = random.Random(seed)
+    tables = BlockTables(max_blocks=8, num_rows=4)
+    rows = StepRows()
+    kinds = [1] * rng.randrange(1, 5) + [rng.randrange(8, 20)] + [1] * rng.randrange(0, 3)
+    for seq_id, count in enumerate(kinds):
+        start = rng.randrange(0, 12)
+        blocks = rng.sample(range(64), (start + count - 1) // BLOCK + 1)
+        tables.add(seq_id, blocks)
+        rows.append(seq_id, start, [rng.randrange(100) for _ in range(count)])
+    layout = build_step(rows, tables, BLOCK)
+    n, heads, kv_heads, dim = len(rows.token_ids), 4, 2, 8
+    q, k, v = (torch.randn(n, h, dim) for h in (heads, kv_heads, kv_heads))
+    windows = rng.choice([(None,), (6,)])
+
+    def run(split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(cpu, "SPLIT_MIN_QUERIES", 8 if split else 10_000)
+        torch.manual_seed(seed)
+        pool = cpu.KvPool(1, 64, BLOCK, kv_heads, dim, torch.float32)
+        pool.keys[0].normal_()  # cached prefixes: whatever the blocks already hold
+        pool.values[0].normal_()
+        rows_cache = cpu.DenseRows(pool, 64, 1 << 30) if dense else None
+        attention = cpu.CpuPagedAttention(pool, windows, rows_cache)
+        metadata = attention.plan(layout)
+        assert isinstance(metadata, cpu.SplitMetadata) == split
+        return attention(0, q, k, v, metadata), pool.keys[0].clone()
+
+    split_out, split_keys = run(split=True)
+    padded_out, padded_keys = run(split=False)
+    torch.testing.assert_close(split_out, padded_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(split_keys, padded_keys)

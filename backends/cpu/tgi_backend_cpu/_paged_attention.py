@@ -18,6 +18,13 @@ alongside the pool and read by SDPA in place:
 The mask is causal by absolute position (so chunked prefill, cached prefixes and T > 1
 decode rows all work) and, per layer, limited to a sliding window. Padded keys are masked;
 padded queries attend to key 0 only and their outputs are dropped.
+
+A mixed step (contract v2: a new prompt's chunk next to decode rows) is still one forward
+and one call of this op per layer, but its SDPA batch would pad every decode row to the
+chunk's length: 32 decode rows beside a 128-token chunk computed 33 x 128 queries per
+layer and made the step 3x slower than the chunk and the decode rows apart. So the op
+splits such a step's attention in two groups, one-token rows and the others
+(`SplitMetadata`), each planned as a step of its own; k/v are written to the pool once.
 """
 
 from __future__ import annotations
@@ -28,9 +35,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tgi.runner import KvPool, StepLayout
+from tgi.runner import KvPool, StepLayout, StepRows, build_step
 
-__all__ = ["CpuPagedAttention", "DenseRows", "StepMetadata", "plan_step"]
+__all__ = ["CpuPagedAttention", "DenseRows", "SplitMetadata", "StepMetadata", "plan_step"]
+
+# A chunk at least this long next to one-token rows gets its attention apart from theirs.
+SPLIT_MIN_QUERIES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +57,53 @@ class StepMetadata:
     key_slots: torch.Tensor | None = None  # gather path: [R * L_max] pool slot of key j
     dense_slots: torch.Tensor | None = None  # dense path: [N] dense slot of each new token
     dense_rows: torch.Tensor | None = None  # dense path: [R] rows to select; None: 0..R-1
+
+
+@dataclass(frozen=True, slots=True)
+class SplitMetadata:
+    """A mixed step's attention as groups of rows, each with its own SDPA metadata."""
+
+    slots: torch.Tensor  # [N] pool slot of each new token (written once, for all groups)
+    parts: tuple[tuple[torch.Tensor, StepMetadata], ...]  # ([n] flat token index, metadata)
+
+
+def plan_split(
+    layout: StepLayout,
+    windows: Sequence[int | None],
+    dense: tuple[list[int], int] | None = None,
+) -> StepMetadata | SplitMetadata:
+    """`plan_step`, or one per group where one-token rows share the step with a chunk of
+    at least SPLIT_MIN_QUERIES tokens (see the module NOTE)."""
+    counts = layout.rows.counts
+    if layout.one_token or max(counts) < SPLIT_MIN_QUERIES or 1 not in counts:
+        return plan_step(layout, windows, dense)
+    single = [i for i, n in enumerate(counts) if n == 1]
+    others = [i for i, n in enumerate(counts) if n != 1]
+    firsts = [0]
+    for n in counts[:-1]:
+        firsts.append(firsts[-1] + n)
+    parts = []
+    for group in (single, others):
+        token_index = [t for i in group for t in range(firsts[i], firsts[i] + counts[i])]
+        sub = _sub_layout(layout, group)
+        sub_dense = None if dense is None else ([dense[0][i] for i in group], dense[1])
+        parts.append(
+            (torch.tensor(token_index, dtype=torch.long), plan_step(sub, windows, sub_dense))
+        )
+    return SplitMetadata(slots=layout.slots, parts=tuple(parts))
+
+
+def _sub_layout(layout: StepLayout, group: Sequence[int]) -> StepLayout:
+    """The layout of some of `layout`'s rows, as if they were a step of their own."""
+    rows = layout.rows
+    sub = StepRows()
+    firsts = [0]
+    for n in rows.counts[:-1]:
+        firsts.append(firsts[-1] + n)
+    for i in group:
+        tokens = rows.token_ids[firsts[i] : firsts[i] + rows.counts[i]]
+        sub.append(rows.seq_ids[i], rows.starts[i], tokens)
+    return build_step(sub, layout.tables, layout.block_size)
 
 
 def plan_step(
@@ -240,10 +297,11 @@ class CpuPagedAttention:
         self._capacity = 0  # slots the gather buffers hold
         self._buf_k = self._buf_v = torch.empty(0)
 
-    def plan(self, layout: StepLayout) -> StepMetadata:
-        """Dense rows for the step's sequences (where they fit), then the SDPA metadata."""
+    def plan(self, layout: StepLayout) -> StepMetadata | SplitMetadata:
+        """Dense rows for the step's sequences (where they fit), then the SDPA metadata
+        (per group of rows for a mixed step)."""
         dense = self.dense.assign(layout) if self.dense is not None else None
-        return plan_step(layout, self.layer_windows, dense)
+        return plan_split(layout, self.layer_windows, dense)
 
     def release(self, seq_ids: Sequence[int]) -> None:
         if self.dense is not None:
@@ -255,13 +313,30 @@ class CpuPagedAttention:
         q: torch.Tensor,  # [N, H, D]
         k: torch.Tensor,  # [N, KVH, D]
         v: torch.Tensor,
-        metadata: StepMetadata,
+        metadata: StepMetadata | SplitMetadata,
     ) -> torch.Tensor:  # [N, H, D]
         pool = self.pool
         pool_k, pool_v = pool.keys[layer_index], pool.values[layer_index]
         k, v = k.to(pool.dtype), v.to(pool.dtype)
         pool_k.index_copy_(0, metadata.slots, k)
         pool_v.index_copy_(0, metadata.slots, v)
+        if isinstance(metadata, SplitMetadata):
+            out = torch.empty_like(q)
+            for index, part in metadata.parts:
+                q_part, k_part, v_part = (t.index_select(0, index) for t in (q, k, v))
+                out.index_copy_(0, index, self._attend(layer_index, q_part, k_part, v_part, part))
+            return out
+        return self._attend(layer_index, q, k, v, metadata)
+
+    def _attend(
+        self,
+        layer_index: int,
+        q: torch.Tensor,  # [n, H, D]
+        k: torch.Tensor,  # [n, KVH, D], already in the pool
+        v: torch.Tensor,
+        metadata: StepMetadata,
+    ) -> torch.Tensor:  # [n, H, D]
+        pool_k, pool_v = self.pool.keys[layer_index], self.pool.values[layer_index]
         if metadata.dense_slots is not None and self.dense is not None:
             key, value = self._dense_kv(layer_index, k, v, metadata)
         else:
