@@ -11,7 +11,8 @@ step, as in a steady-state decode):
 - `v1 layout`: what the paged CPU engine did at 521365e: each row carried its whole
   block table (`DecodeRow.block_ids`), `_checked` scanned it (ids, table bounds) and
   `build_step` turned the tables into a tensor whenever the step left the one-token
-  fast path (`_any_rows`). The code is copied verbatim below (`_v1_*`).
+  fast path (`_any_rows`). The code is copied below (`_v1_*`), with the limits it
+  checks as constants.
 - `v2 tables`: `tgi.runner` with the same rows, device-neutral part only: the appended
   block ids go into the persistent `BlockTables`, then `build_step` (input ids,
   positions, pool slots);

@@ -34,7 +34,7 @@ from tgi.router.policies import (
     SchedulingPolicy,
     StaticSlotsPolicy,
 )
-from tgi.router.router import Router, RouterLimits, joins_immediately
+from tgi.router.router import Router, RouterLimits
 from tgi.router.validation import BackendSampling, ValidationLimits, Validator
 from tgi.sampling.grammar import GrammarCompiler
 from tgi.server.state import ServedModel, ServerState
@@ -233,7 +233,7 @@ def _policy(
             else "new rows inserted into free slots",
         )
         return static
-    return ContinuousPolicy(limits, join_immediately=joins_immediately(capabilities))
+    return ContinuousPolicy.from_capabilities(capabilities, limits)
 
 
 def _paged_policy(

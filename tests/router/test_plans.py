@@ -95,29 +95,30 @@ async def test_admission_keeps_a_backends_hard_batch_buckets(
 
 def test_the_prefill_budget_counts_prompts_at_their_padded_length() -> None:
     """Two 9-token prompts cost 16 each once padded: a 24-token budget takes one."""
-    from tgi.router.policies import Budget, Candidate
+    from tgi.router.sequence import SequenceState
 
-    limits = PolicyLimits(
-        max_batch_prefill_tokens=24,
-        max_batch_total_tokens=1000,
-        max_batch_size=None,
-        constraints=StepConstraints(length_buckets=(8, 16)),
-    )
-    policy = ContinuousPolicy(limits, join_immediately=True)
-    pad = limits.constraints.padded_length
-    waiting = [Candidate(1, pad(9), 20), Candidate(2, pad(9), 20)]
-    budget = Budget(0, 0, 1000, 24, None, 0)
-    assert policy.admit(waiting, budget).seq_ids == (1,)
-    assert limits.constraints.padded_cost(3, 9) == 3 * 16
-    assert StepConstraints(batch_buckets=(2, 4)).padded_cost(3, 9) == 4 * 9
+    def policy(constraints: StepConstraints) -> ContinuousPolicy:
+        limits = PolicyLimits(
+            max_batch_prefill_tokens=24,
+            max_batch_total_tokens=1000,
+            max_batch_size=None,
+            constraints=constraints,
+        )
+        return ContinuousPolicy(limits, join_immediately=True)
 
-
-def test_every_plan_is_plain_data(byte_tokenizer: Any) -> None:
-    """Plans as the router builds them survive the wire codec unchanged."""
-    from tgi.backend import wire
-
-    plan = StepPlan(finished=(1,), forgotten=(2,), step_index=3)
-    assert wire.decode(wire.encode(plan), StepPlan) == plan
+    waiting = [
+        SequenceState.create(
+            seq_id=seq_id,
+            request=make_request(list(range(9)), 4),
+            tokenizer=None,  # type: ignore[arg-type]
+            eos_token_ids=frozenset(),
+            arrival_s=0.0,
+        )
+        for seq_id in (1, 2)
+    ]
+    padded = policy(StepConstraints(length_buckets=(8, 16))).schedule([], waiting)
+    assert [seq.seq_id for seq in padded.admitted] == [1]
+    assert len(policy(StepConstraints()).schedule([], waiting).admitted) == 2
 
 
 async def test_a_backends_own_policy_plans_the_steps(make_state: Any, byte_tokenizer: Any) -> None:

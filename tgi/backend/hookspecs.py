@@ -105,11 +105,10 @@ def tgi_backend_probe(environ: Mapping[str, str]) -> BackendProbe:  # type: igno
 
     Called for every loaded plugin at every start and every `tgi backends`, in the
     front process BEFORE worker ranks fork: it must never initialise a device runtime
-    (no CUDA context: no `torch.cuda.init()`, no tensor on the device, no
-    `torch.cuda.current_device()`; no Neuron/HPU runtime import such as `torch_neuronx`).
-    Count devices with calls that leave the runtime alone: `torch.cuda.device_count()`
-    (it asks NVML, not the CUDA runtime), /dev nodes, `importlib.util.find_spec` for an
-    SDK. `tests/backend/test_probes.py` runs the in-tree probes under a guard.
+    (no device context, no tensor on a device, no import of a runtime module). Count
+    devices with what leaves the runtime alone: the vendor's management library, /dev
+    nodes, `importlib.util.find_spec` for an SDK (`plugins/README.md` has examples);
+    `tests/backend/test_probes.py` runs the in-tree probes under a guard.
 
     `environ` is the environment at start-up (opt-in: a hookimpl may omit it); read
     your own settings from it, never from `os.environ`.

@@ -65,15 +65,11 @@ class EngineCore:
 
     def __init__(self, backend: Backend, grammars: GrammarCompiler | None = None) -> None:
         self._backend = backend
-        self._sampler = _new_sampler(grammars)
+        self._sampler = BatchSampler(grammars=grammars)  # compiles new rows' grammar specs
         self._tracked: dict[int, _Tracked] = {}
         # Released by a failed step: a plan made before the failure was known (planned
         # ahead) may still name them in `finished`; the backend must not hear it twice.
         self._released: set[int] = set()
-
-    @property
-    def backend(self) -> Backend:
-        return self._backend
 
     @property
     def num_tracked(self) -> int:
@@ -96,13 +92,14 @@ class EngineCore:
         self._forget(plan.forgotten)
         self._released.difference_update(plan.forgotten)
         plan = self._prepare(plan)
-        if plan.rows:
+        if plan.new or plan.running:
+            rows = plan.logits_rows
             started = time.perf_counter()
             try:
                 output = self._backend.step(plan)
-                self._check(plan, output)
+                self._check(rows, output)
                 forward_s = time.perf_counter() - started
-                self._sample(plan, output, result)
+                self._sample(plan, rows, output, result)
             except Exception as exc:  # a backend failure fails these rows, not the server
                 self._fail(plan, exc, result)
             else:
@@ -170,8 +167,8 @@ class EngineCore:
         return dataclasses.replace(plan, running=tuple(running))
 
     @staticmethod
-    def _check(plan: StepPlan, output: StepOutput) -> None:
-        wanted = tuple(row.seq_id for row in plan.logits_rows)
+    def _check(rows: tuple[NewSequence | RunningSequence, ...], output: StepOutput) -> None:
+        wanted = tuple(row.seq_id for row in rows)
         if tuple(output.seq_ids) != wanted:
             raise RuntimeError(f"backend returned rows {list(output.seq_ids)}, expected {wanted}")
         if output.logits is None:
@@ -181,8 +178,13 @@ class EngineCore:
         if output.logits.dim() != 3 or output.logits.shape[0] != len(wanted):
             raise RuntimeError(f"backend returned logits of shape {tuple(output.logits.shape)}")
 
-    def _sample(self, plan: StepPlan, output: StepOutput, result: StepResult) -> None:
-        rows = plan.logits_rows
+    def _sample(
+        self,
+        plan: StepPlan,
+        rows: tuple[NewSequence | RunningSequence, ...],
+        output: StepOutput,
+        result: StepResult,
+    ) -> None:
         tracked = [self._tracked[row.seq_id] for row in rows]
         seq_ids = [row.seq_id for row in rows]
         if output.logits is None:
@@ -234,15 +236,14 @@ class EngineCore:
         that of plain decoding.
         """
         places = [(i, t) for i in drafted for t in range(1, rows[i].num_logits)]
-        device = logits.device
-        row_index = torch.tensor([i for i, _ in places], device=device)
-        position_index = torch.tensor([t for _, t in places], device=device)
+        width = logits.shape[1]
+        flat = torch.tensor([i * width + t for i, t in places], device=logits.device)
         sampled = self._sampler.sample(
             "draft",
             [rows[i].seq_id for i, _ in places],
             [tracked[i].sampling for i, _ in places],
             [tracked[i].num_sampled + t for i, t in places],
-            logits[row_index, position_index],  # one gather: [sum(drafts), V]
+            logits.flatten(0, 1).index_select(0, flat),  # one gather: [sum(drafts), V]
         )
         cursor = 0
         for i in drafted:
@@ -262,8 +263,8 @@ class EngineCore:
         to blame, in which case they fail too (a one-kind step fails whole, as before)."""
         ids = [row.seq_id for row in plan.rows]
         logger.exception("step %d failed for %d rows", plan.step_index, len(ids))
-        suspects = [i for i in ids if self._tracked[i].num_sampled == 0]
-        innocent = [i for i in ids if self._tracked[i].num_sampled > 0] if suspects else []
+        generating = {i for i in ids if self._tracked[i].num_sampled > 0}
+        innocent = generating if len(generating) < len(ids) else set()  # someone to blame
         # The step may have failed before it dropped its finished and preempted ones.
         dropped = [*ids, *plan.finished, *plan.preempted]
         try:
@@ -276,12 +277,7 @@ class EngineCore:
             self._tracked[seq_id].held = False
         message = f"Request failed during generation: {exc}"
         result.errors.update({seq_id: message for seq_id in ids if seq_id not in innocent})
-        result.recompute.extend(innocent)
-
-
-def _new_sampler(grammars: GrammarCompiler | None) -> BatchSampler:
-    """A sampler that compiles the grammar specs of new rows with `grammars`."""
-    return BatchSampler(grammars=grammars)
+        result.recompute.extend(i for i in ids if i in innocent)
 
 
 def _device_sampled(output: StepOutput) -> SampledTokens:

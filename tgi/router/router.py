@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tgi.backend.contract import Backend, Capabilities, KvLayout, KVUsage, StepPlan
+from tgi.backend.contract import Backend, KVUsage, StepPlan
 from tgi.engine.core import EngineCore
 from tgi.engine.results import StepResult
 from tgi.engine.thread import EngineThread
@@ -55,7 +55,7 @@ from tgi.router.sequence import SequenceState, TokenizerLike, top_tokens_of
 if TYPE_CHECKING:
     from tgi.sampling.grammar import GrammarCompiler
 
-__all__ = ["RequestHandle", "Router", "RouterLimits", "RouterStats", "joins_immediately"]
+__all__ = ["RequestHandle", "Router", "RouterLimits", "RouterStats"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,16 +255,22 @@ class Router:
                     await self._wake.wait()
                     continue
                 in_flight.append(self._launch(self._plan()))
-            if self._overlap and len(in_flight) == 1 and not self._closing:
-                # Plan step N+1 while step N runs, where the policy says it is safe.
-                running = [seq for seq in self._running.values() if seq.needs_rows]
-                if self._has_work() and self._policy.may_plan_ahead(running):
-                    plan = self._plan()
-                    if plan.rows or plan.finished or plan.preempted or plan.forgotten:
-                        in_flight.append(self._launch(plan))
-                        self.overlapped_steps += 1
+            if self._overlap and len(in_flight) == 1 and self._may_plan_ahead():
+                plan = self._plan()  # step N+1, while step N runs
+                if plan.rows or plan.finished or plan.preempted or plan.forgotten:
+                    in_flight.append(self._launch(plan))
+                    self.overlapped_steps += 1
             plan, future = in_flight.popleft()
             self._finish(plan, await self._result(plan, future))
+
+    def _may_plan_ahead(self) -> bool:
+        """Whether there is work and the policy says the next step needs no result of
+        the one in flight."""
+        if self._closing or not self._has_work():
+            return False
+        return self._policy.may_plan_ahead(
+            [seq for seq in self._running.values() if seq.needs_rows]
+        )
 
     async def _step(self) -> None:
         """One step, planned and applied in turn (what `_run` does without overlap)."""
@@ -509,8 +515,3 @@ class Router:
 
     async def _in_engine(self, fn: Callable[..., Any], *args: object) -> Any:
         return await self._thread.run(fn, *args)
-
-
-def joins_immediately(capabilities: Capabilities) -> bool:
-    """Whether new rows can join without pausing the batch (see the continuous policy)."""
-    return capabilities.chunked_prefill or capabilities.kv_layout is KvLayout.PER_ROW

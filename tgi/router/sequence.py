@@ -76,9 +76,14 @@ class SequenceState:
         return len(self.request.input_ids) + len(self.tokens) + self.in_flight - 1
 
     @property
-    def num_computed(self) -> int:
-        """Tokens a recompute prefills: the prompt and every generated token but the
+    def recompute_tokens(self) -> tuple[int, ...]:
+        """What a (re)admission prefills: the prompt and every generated token but the
         pending one (which its next decode row feeds)."""
+        return self.request.input_ids + tuple(token.id for token in self.tokens[:-1])
+
+    @property
+    def num_computed(self) -> int:
+        """len(recompute_tokens), without building it."""
         return len(self.request.input_ids) + max(len(self.tokens) - 1, 0)
 
     @property

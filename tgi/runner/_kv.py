@@ -67,15 +67,14 @@ class BlockTables:
     sequence's length covers. Rows and columns double when they run out.
     """
 
-    def __init__(
-        self, max_blocks: int, num_rows: int = 64, device: torch.device | str | None = None
-    ) -> None:
+    def __init__(self, max_blocks: int, num_rows: int = 64) -> None:
         self._tensor = torch.zeros((max(num_rows, 1), max(max_blocks, 1)), dtype=torch.long)
-        self._tensor = self._tensor.to(device) if device is not None else self._tensor
         self._lists: dict[int, list[int]] = {}  # seq_id -> its block ids
         self._rows: dict[int, int] = {}  # seq_id -> its row of the tensor
         self._free_rows = list(range(self._tensor.shape[0] - 1, -1, -1))
-        self._pending: tuple[list[int], list[int], list[int]] = ([], [], [])  # rows, cols, ids
+        # (row, col) -> block id, written at the next read; a dict, so a row freed and
+        # reused before then keeps only its new owner's ids (no index written twice)
+        self._pending: dict[tuple[int, int], int] = {}
 
     def __contains__(self, seq_id: object) -> bool:
         return seq_id in self._lists
@@ -97,12 +96,8 @@ class BlockTables:
         table = self._lists[seq_id]
         first = len(table)
         table.extend(block_ids)
-        rows, cols, ids = self._pending
         row = self._rows[seq_id]
-        for col, block in enumerate(block_ids, first):
-            rows.append(row)
-            cols.append(col)
-            ids.append(block)
+        self._pending.update(((row, col), block) for col, block in enumerate(block_ids, first))
 
     def remove(self, seq_id: int) -> None:
         """Forget `seq_id`'s table; unknown ids are ignored."""
@@ -120,17 +115,14 @@ class BlockTables:
     @property
     def tensor(self) -> torch.Tensor:
         """[rows, max_blocks] block ids, row `row(seq_id)` for each live sequence."""
-        rows, cols, ids = self._pending
-        if rows:
-            if max(cols) >= self._tensor.shape[1]:
-                self._grow(cols=max(2 * self._tensor.shape[1], max(cols) + 1))
-            device = self._tensor.device
-            index = (
-                torch.tensor(rows, dtype=torch.long, device=device),
-                torch.tensor(cols, dtype=torch.long, device=device),
-            )
-            self._tensor.index_put_(index, torch.tensor(ids, dtype=torch.long, device=device))
-            self._pending = ([], [], [])
+        if self._pending:
+            index = torch.tensor(list(self._pending), dtype=torch.long)  # [n, 2] (row, col)
+            widest = int(index[:, 1].max())
+            if widest >= self._tensor.shape[1]:
+                self._grow(cols=max(2 * self._tensor.shape[1], widest + 1))
+            ids = torch.tensor(list(self._pending.values()), dtype=torch.long)
+            self._tensor.index_put_((index[:, 0], index[:, 1]), ids)
+            self._pending = {}
         return self._tensor
 
     def _grow(self, rows: int | None = None, cols: int | None = None) -> None:

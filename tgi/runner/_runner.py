@@ -264,14 +264,10 @@ class PagedModelRunner:
                 )
             if run.new_block_ids:
                 tables.extend(run.seq_id, run.new_block_ids)
-            if run.decode:
-                if run.last_token is None:
-                    raise BackendError(f"decode row of seq {run.seq_id} has no last token")
-                tokens = (run.last_token, *run.token_ids) if run.token_ids else (run.last_token,)
-                num_logits = count = len(tokens)
-            else:
-                tokens, count = run.token_ids, len(run.token_ids)
-                num_logits = 1 if run.want_logits else 0
+            if run.decode and run.last_token is None:
+                raise BackendError(f"decode row of seq {run.seq_id} has no last token")
+            tokens, num_logits = run.input_ids, run.num_logits
+            count = len(tokens)
             num_blocks = len(tables.blocks(run.seq_id))
             if num_blocks * block_size < run.start_position + count:
                 raise _short_table(run.seq_id, num_blocks, run.start_position + count)

@@ -177,9 +177,11 @@ def test_a_mixed_steps_split_attention_equals_the_padded_one(
     tables = BlockTables(max_blocks=8, num_rows=4)
     rows = StepRows()
     kinds = [1] * rng.randrange(1, 5) + [rng.randrange(8, 20)] + [1] * rng.randrange(0, 3)
+    free = rng.sample(range(64), 64)  # no two sequences share a block
     for seq_id, count in enumerate(kinds):
         start = rng.randrange(0, 12)
-        blocks = rng.sample(range(64), (start + count - 1) // BLOCK + 1)
+        num_blocks = (start + count - 1) // BLOCK + 1
+        blocks, free = free[:num_blocks], free[num_blocks:]
         tables.add(seq_id, blocks)
         rows.append(seq_id, start, [rng.randrange(100) for _ in range(count)])
     layout = build_step(rows, tables, BLOCK)
@@ -203,3 +205,14 @@ def test_a_mixed_steps_split_attention_equals_the_padded_one(
     padded_out, padded_keys = run(split=False)
     torch.testing.assert_close(split_out, padded_out, rtol=1e-5, atol=1e-5)
     assert torch.equal(split_keys, padded_keys)
+
+
+def test_a_row_freed_and_reused_before_the_next_read_holds_only_its_new_table() -> None:
+    tables = BlockTables(max_blocks=4, num_rows=1)
+    tables.add(1, [5, 6, 7])
+    tables.remove(1)
+    tables.add(2, [9])  # the same row, before anything read the tensor
+    row = tables.row(2)
+    assert tables.tensor[row, 0].item() == 9
+    tables.extend(2, [3])
+    assert tables.tensor[row, :2].tolist() == [9, 3]

@@ -22,7 +22,8 @@ padded queries attend to key 0 only and their outputs are dropped.
 A mixed step (contract v2: a new prompt's chunk next to decode rows) is still one forward
 and one call of this op per layer, but its SDPA batch would pad every decode row to the
 chunk's length: 32 decode rows beside a 128-token chunk computed 33 x 128 queries per
-layer and made the step 3x slower than the chunk and the decode rows apart. So the op
+layer instead of 128 + 32 (`benchmarks/engine_step.py` timed such a step at 1322 ms
+against 237 + 211 ms for the chunk and the decode rows apart, one run on 2 cores). So the op
 splits such a step's attention in two groups, one-token rows and the others
 (`SplitMetadata`), each planned as a step of its own; k/v are written to the pool once.
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -77,29 +79,25 @@ def plan_split(
     counts = layout.rows.counts
     if layout.one_token or max(counts) < SPLIT_MIN_QUERIES or 1 not in counts:
         return plan_step(layout, windows, dense)
-    single = [i for i, n in enumerate(counts) if n == 1]
-    others = [i for i, n in enumerate(counts) if n != 1]
-    firsts = [0]
-    for n in counts[:-1]:
-        firsts.append(firsts[-1] + n)
+    row_of, _ = layout.token_rows()
+    single_token = torch.tensor(counts, dtype=torch.long)[row_of] == 1  # [N]
+    firsts = list(accumulate(counts, initial=0))
     parts = []
-    for group in (single, others):
-        token_index = [t for i in group for t in range(firsts[i], firsts[i] + counts[i])]
-        sub = _sub_layout(layout, group)
+    for group, tokens in (
+        ([i for i, n in enumerate(counts) if n == 1], single_token),
+        ([i for i, n in enumerate(counts) if n != 1], ~single_token),
+    ):
+        sub = _sub_layout(layout, group, firsts)
         sub_dense = None if dense is None else ([dense[0][i] for i in group], dense[1])
-        parts.append(
-            (torch.tensor(token_index, dtype=torch.long), plan_step(sub, windows, sub_dense))
-        )
+        parts.append((tokens.nonzero().squeeze(1), plan_step(sub, windows, sub_dense)))
     return SplitMetadata(slots=layout.slots, parts=tuple(parts))
 
 
-def _sub_layout(layout: StepLayout, group: Sequence[int]) -> StepLayout:
-    """The layout of some of `layout`'s rows, as if they were a step of their own."""
+def _sub_layout(layout: StepLayout, group: Sequence[int], firsts: Sequence[int]) -> StepLayout:
+    """The layout of some of `layout`'s rows, as if they were a step of their own
+    (`firsts`: each row's first token in the flat step)."""
     rows = layout.rows
     sub = StepRows()
-    firsts = [0]
-    for n in rows.counts[:-1]:
-        firsts.append(firsts[-1] + n)
     for i in group:
         tokens = rows.token_ids[firsts[i] : firsts[i] + rows.counts[i]]
         sub.append(rows.seq_ids[i], rows.starts[i], tokens)
@@ -323,7 +321,12 @@ class CpuPagedAttention:
         if isinstance(metadata, SplitMetadata):
             out = torch.empty_like(q)
             for index, part in metadata.parts:
-                q_part, k_part, v_part = (t.index_select(0, index) for t in (q, k, v))
+                # k/v are only read again where the dense rows take a copy of them
+                if part.dense_slots is not None:
+                    k_part, v_part = k.index_select(0, index), v.index_select(0, index)
+                else:
+                    k_part, v_part = k, v
+                q_part = q.index_select(0, index)
                 out.index_copy_(0, index, self._attend(layer_index, q_part, k_part, v_part, part))
             return out
         return self._attend(layer_index, q, k, v, metadata)

@@ -15,7 +15,7 @@ import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from tgi.backend.hookspecs import BackendOptions, BackendProbe, hookimpl
+from tgi.backend.hookspecs import FLOAT_DTYPES, BackendOptions, BackendProbe, hookimpl
 from tgi.errors import ConfigError
 from tgi_backend_cpu._host import choose_dtype, choose_threads, read_cpu_info
 
@@ -99,9 +99,8 @@ def tgi_backend_probe() -> BackendProbe:
 @hookimpl
 def tgi_backend_options() -> BackendOptions:
     """int8/int4 weight-only kernels (paged engine); compute and KV in any float dtype."""
-    floats = frozenset({"float32", "bfloat16", "float16"})  # _host._DTYPES, paged._DTYPES
     return BackendOptions(
-        quantize=frozenset({"int8", "int4"}), dtypes=floats, kv_cache_dtypes=floats
+        quantize=frozenset({"int8", "int4"}), dtypes=FLOAT_DTYPES, kv_cache_dtypes=FLOAT_DTYPES
     )
 
 

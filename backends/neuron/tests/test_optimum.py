@@ -30,6 +30,7 @@ from tgi.backend.contract import Limits
 from tgi.config import resolve_config
 from tgi.errors import BackendError
 from tgi.models.source import ModelFiles, ModelKind
+from tgi.testing.fake_backend import expected_tokens as fake_expected_tokens
 
 from .conftest import Steps
 
@@ -38,11 +39,8 @@ PAD = 0
 
 
 def expected_tokens(prompt: Sequence[int], num_tokens: int) -> list[int]:
-    """What `FakeNeuronModel` generates greedily: each token from all the slot holds."""
-    tokens = list(prompt)
-    for _ in range(num_tokens):
-        tokens.append((sum(tokens) + len(tokens)) % VOCAB)
-    return tokens[len(prompt) :]
+    """What `FakeNeuronModel` generates greedily: `FakeBackend`'s model at VOCAB."""
+    return fake_expected_tokens(prompt, num_tokens, VOCAB)
 
 
 @dataclass

@@ -227,8 +227,9 @@ class NeuronBackend:
         every live slot), decode the running rows; logits [R, 1, V] of
         `plan.logits_rows`, in order."""
         self._require_warm()
-        self._drop([*plan.finished, *plan.preempted])
-        new_slots = self._check_plan(plan)
+        ended = [*plan.finished, *plan.preempted]
+        new_slots = self._check_plan(plan, frozenset(ended))  # a refused plan changes nothing
+        self._drop(ended)
         parts: list[torch.Tensor] = []  # [n, V] each
         if plan.new:
             parts.append(self._prefill(plan.new, new_slots))
@@ -241,9 +242,10 @@ class NeuronBackend:
         seq_ids = tuple(row.seq_id for row in plan.logits_rows)
         return StepOutput(seq_ids, logits.unsqueeze(1))  # [R, 1, V]
 
-    def _check_plan(self, plan: StepPlan) -> list[int]:
-        """BackendError, before anything runs, for a row these graphs cannot compute;
-        else the slots of the new rows."""
+    def _check_plan(self, plan: StepPlan, ended: frozenset[int]) -> list[int]:
+        """BackendError, before anything runs, for a row these graphs cannot compute
+        (`ended`: dropped by this step, so not live for its rows); else the slots of the
+        new rows."""
         size = self._executor.batch_size
         slots: list[int] = []
         for new in plan.new:
@@ -260,7 +262,7 @@ class NeuronBackend:
                 )
             slots.append(new.slot)
         for row in plan.running:
-            live = self._live.get(row.seq_id)
+            live = None if row.seq_id in ended else self._live.get(row.seq_id)
             if live is None:
                 raise BackendError(f"running seq {row.seq_id} holds no slot here")
             if not row.decode or row.token_ids or row.last_token is None:

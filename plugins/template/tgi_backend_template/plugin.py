@@ -17,7 +17,7 @@ import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from tgi.backend.hookspecs import BackendOptions, BackendProbe, hookimpl
+from tgi.backend.hookspecs import FLOAT_DTYPES, BackendOptions, BackendProbe, hookimpl
 
 if TYPE_CHECKING:
     from tgi.backend.contract import Backend
@@ -94,7 +94,7 @@ def tgi_backend_options() -> BackendOptions:
     """
     return BackendOptions(
         quantize=frozenset(),  # no quantization
-        dtypes=frozenset({"float32", "bfloat16", "float16"}),
+        dtypes=FLOAT_DTYPES,  # the default, spelled out: float32, bfloat16, float16
         kv_cache_dtypes=frozenset(),  # no KV cache to store
     )
 

@@ -38,6 +38,7 @@ __all__ = [
     "SchedulingPolicy",
     "admit_in_order",
     "decode_row",
+    "fits_longest_chunk",
     "may_pause",
     "new_row",
 ]
@@ -192,7 +193,7 @@ def new_row(
     next decode row, as if nothing had happened."""
     request = sequence.request
     if token_ids is None:
-        token_ids = request.input_ids + tuple(token.id for token in sequence.tokens[:-1])
+        token_ids = sequence.recompute_tokens
     if sequence.tokens:
         want_logits = False
     return NewSequence(
@@ -205,6 +206,13 @@ def new_row(
         want_prompt_logits=want_logits and start_position == 0 and request.decoder_input_details,
         sampling=request.sampling,
     )
+
+
+def fits_longest_chunk(limits: PolicyLimits, sequence: SequenceState) -> bool:
+    """Whether the sequence's tokens fit the backend's longest chunk in one piece (what
+    a recompute of it needs where prompts are not split)."""
+    longest = limits.constraints.max_chunk
+    return longest is None or sequence.num_computed <= longest
 
 
 def decode_row(

@@ -15,6 +15,7 @@ length.
 
 from __future__ import annotations
 
+from tgi.backend.contract import Capabilities, KvLayout
 from tgi.router.policies.base import PolicyLimits
 from tgi.router.policies.whole_prompt import WholePromptPolicy
 
@@ -27,6 +28,15 @@ class ContinuousPolicy(WholePromptPolicy):
     def __init__(self, limits: PolicyLimits, *, join_immediately: bool) -> None:
         super().__init__(limits)
         self.join_immediately = join_immediately  # new prompts do not pause running rows
+
+    @classmethod
+    def from_capabilities(
+        cls, capabilities: Capabilities, limits: PolicyLimits
+    ) -> ContinuousPolicy:
+        """New rows join at once where a prompt does not re-shape the running batch:
+        chunked prefill, or KV kept per sequence."""
+        joins = capabilities.chunked_prefill or capabilities.kv_layout is KvLayout.PER_ROW
+        return cls(limits, join_immediately=joins)
 
     def _pauses_running(self) -> bool:
         return not self.join_immediately

@@ -53,7 +53,13 @@ from tgi.backend.contract import (
 from tgi.engine.results import StepResult
 from tgi.router.paging import BlockPool, BlockTable, block_hashes
 from tgi.router.paging.prefix import ROOT
-from tgi.router.policies.base import PolicyLimits, Schedule, decode_row, new_row
+from tgi.router.policies.base import (
+    PolicyLimits,
+    Schedule,
+    decode_row,
+    fits_longest_chunk,
+    new_row,
+)
 from tgi.router.sequence import SequenceState
 from tgi.sampling.speculation import NgramIndex, SpeculationGate, speculable
 
@@ -167,9 +173,7 @@ class PagedPolicy:
         return self.pool.num_used, self.pool.num_available
 
     def can_recompute(self, sequence: SequenceState) -> bool:
-        longest = self.limits.constraints.max_chunk
-        fits = longest is None or sequence.num_computed <= longest
-        return self.chunked_prefill or fits
+        return self.chunked_prefill or fits_longest_chunk(self.limits, sequence)
 
     def may_plan_ahead(self, running: Sequence[SequenceState]) -> bool:
         """No drafts (they are proposed from the newest tokens), and room for every row
@@ -306,33 +310,27 @@ class PagedPolicy:
     ) -> bool:
         """Whether every decode row can take its drafts without preempting anyone:
         drafts are an optimisation, never worth a recompute."""
-        extra = 0
+        extra = without_drafts = 0
         for sequence in running:
             state = self._state[sequence.seq_id]
             if state.prefilling:
                 continue
             position = sequence.next_position
             count = len(drafts.get(sequence.seq_id, ()))
-            with_drafts = state.table.blocks_needed(position + 1 + count, self.block_size)
             without = state.table.blocks_needed(position + 1, self.block_size)
-            extra += with_drafts - without
-        return extra == 0 or extra + self._decode_blocks(running) <= self.pool.num_available
-
-    def _decode_blocks(self, running: list[SequenceState]) -> int:
-        return sum(
-            self._state[s.seq_id].table.blocks_needed(s.next_position + 1, self.block_size)
-            for s in running
-            if not self._state[s.seq_id].prefilling
-        )
+            extra += state.table.blocks_needed(position + 1 + count, self.block_size) - without
+            without_drafts += without
+        return extra == 0 or extra + without_drafts <= self.pool.num_available
 
     def _chunk_size(self, state: _State, budget: int, *, first: bool) -> int:
         remaining = len(state.tokens) - state.computed
         limit = self.limits.constraints.max_chunk
-        if limit is not None and remaining > limit and self.chunked_prefill and not state.whole:
+        splittable = self.chunked_prefill and not state.whole
+        if limit is not None and remaining > limit and splittable:
             remaining = limit  # the backend's largest compiled length
         if remaining <= budget:
             return remaining
-        if self.chunked_prefill and not state.whole:
+        if splittable:
             return max(budget, 0)
         return remaining if first else 0  # the first prefill of a step always runs
 
@@ -425,8 +423,7 @@ class PagedPolicy:
             num_running += 1
 
     def _new_state(self, sequence: SequenceState) -> _State:
-        generated = tuple(t.id for t in sequence.tokens[:-1])
-        tokens = sequence.request.input_ids + generated
+        tokens = sequence.recompute_tokens
         keys = block_hashes(tokens, self.block_size) if self.prefix_caching else []
         return _State(
             table=BlockTable(),

@@ -106,10 +106,8 @@ class StaticSlotsPolicy(WholePromptPolicy):
         )
 
     def _room_rows(self, budget: Budget) -> int | None:
-        room = self.slots.num_free
-        if budget.max_batch_size is not None:
-            room = min(room, budget.max_batch_size - budget.running)
-        return room
+        room = super()._room_rows(budget)
+        return self.slots.num_free if room is None else min(self.slots.num_free, room)
 
     def _pauses_running(self) -> bool:
         return self.rebuild  # insert mode writes only the new rows

@@ -24,6 +24,7 @@ from tgi.router.policies.base import (
     Schedule,
     admit_in_order,
     decode_row,
+    fits_longest_chunk,
     may_pause,
     new_row,
 )
@@ -103,8 +104,7 @@ class WholePromptPolicy:
         return None
 
     def can_recompute(self, sequence: SequenceState) -> bool:
-        longest = self.limits.constraints.max_chunk
-        return longest is None or sequence.num_computed <= longest
+        return fits_longest_chunk(self.limits, sequence)
 
     def may_plan_ahead(self, running: Sequence[SequenceState]) -> bool:
         return True  # nothing is ever preempted, and decode rows need no token value
@@ -125,6 +125,9 @@ class WholePromptPolicy:
             max_batch_size=limits.max_rows,
             steps_since_prefill=self._steps_since_prefill,
         )
+        room = self._room_rows(budget)
+        if room is not None and room <= 0:  # full: no candidate list to build
+            return []
         pad = limits.constraints.padded_length
         candidates = [
             Candidate(seq.seq_id, pad(seq.num_computed), seq.max_total_tokens) for seq in waiting
