@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from tgi.config import ServeConfig, derive_limits, resolve_config
-from tgi.launcher import assemble_state
+from tgi.engine.protocol import Engine
+from tgi.launcher import assemble_engine_state, assemble_state
 from tgi.server.app import create_app
 from tgi.server.state import ServerState
 from tgi.testing.fake_backend import FakeBackend
@@ -54,6 +55,25 @@ def make_state(byte_tokenizer: Any) -> StateFactory:
             backend_name="fake",
             backend_version="0",
             custom_policy=custom_policy,
+        )
+
+    return factory
+
+
+@pytest.fixture
+def make_engine_state(byte_tokenizer: Any) -> Callable[..., ServerState]:
+    """Build a server state around any `Engine` (no grammar compiler)."""
+
+    def factory(engine: Engine, **config_values: Any) -> ServerState:
+        return assemble_engine_state(
+            make_config(**config_values),
+            engine,
+            byte_tokenizer,
+            None,
+            eos_token_ids=frozenset({byte_tokenizer.eos_token_id}),
+            model_id="fake/model",
+            backend_name="fake",
+            backend_version="0",
         )
 
     return factory

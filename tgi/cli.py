@@ -74,6 +74,12 @@ PrefixCaching = Annotated[
     bool | None, _opt("prefix_caching", "--prefix-caching/--no-prefix-caching")
 ]
 OverlapSteps = Annotated[bool | None, _opt("overlap_steps", "--overlap-steps/--no-overlap-steps")]
+ShutdownTimeout = Annotated[float | None, _opt("shutdown_timeout", "--shutdown-timeout")]
+EngineProcess = Annotated[
+    bool | None, _opt("engine_process", "--engine-process/--no-engine-process")
+]
+EngineStepTimeout = Annotated[float | None, _opt("engine_step_timeout", "--engine-step-timeout")]
+MaxEngineRestarts = Annotated[int | None, _opt("max_engine_restarts", "--max-engine-restarts")]
 BackendOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -123,6 +129,10 @@ def serve(
     kv_cache_memory: KvCacheMemory = None,
     prefix_caching: PrefixCaching = None,
     overlap_steps: OverlapSteps = None,
+    shutdown_timeout: ShutdownTimeout = None,
+    engine_process: EngineProcess = None,
+    engine_step_timeout: EngineStepTimeout = None,
+    max_engine_restarts: MaxEngineRestarts = None,
     backend_option: BackendOption = None,
 ) -> None:
     """Serve a model over TGI's HTTP API (the embedded SmolLM2 when no --model-id)."""
@@ -132,8 +142,13 @@ def serve(
 
     setup_logging(config.json_output)
     logger.info("tgi %s starting", __version__)
+    from tgi.launcher import EXIT_ENGINE_FAILED, EngineFailed
+
     try:
         run_server(config)
+    except EngineFailed as exc:
+        logger.critical("stopped: %s", exc)
+        raise typer.Exit(EXIT_ENGINE_FAILED) from exc
     except TgiError as exc:
         logger.error("%s", exc)
         raise typer.Exit(1) from exc

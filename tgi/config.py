@@ -210,6 +210,38 @@ SETTINGS: tuple[Setting, ...] = (
         "Plan each step while the previous one runs (where no token value is needed).",
     ),
     Setting(
+        "shutdown_timeout",
+        ("TGI_SHUTDOWN_TIMEOUT",),
+        float,
+        25.0,
+        "Seconds a SIGTERM or Ctrl-C lets running requests finish before they are ended "
+        "(Kubernetes' default grace period is 30 s: raise both together).",
+    ),
+    Setting(
+        "engine_process",
+        ("TGI_ENGINE_PROCESS",),
+        _bool,
+        True,
+        "Run the engine (backend + sampler) in a worker process that is restarted if it "
+        "dies; off runs it on a thread of the HTTP process.",
+    ),
+    Setting(
+        "engine_step_timeout",
+        ("TGI_ENGINE_STEP_TIMEOUT",),
+        float,
+        600.0,
+        "Seconds the engine worker may take over one step before it is presumed hung, "
+        "killed and restarted.",
+    ),
+    Setting(
+        "max_engine_restarts",
+        ("TGI_MAX_ENGINE_RESTARTS",),
+        int,
+        3,
+        "Engine worker restarts allowed within ten minutes; one more stops the server "
+        "(exit status 3).",
+    ),
+    Setting(
         "backend",
         ("TGI_BACKEND",),
         str,
@@ -357,6 +389,10 @@ class ServeConfig(BaseModel):
     kv_cache_memory: int | None = None
     prefix_caching: bool = True
     overlap_steps: bool = False
+    shutdown_timeout: float = 25.0
+    engine_process: bool = True
+    engine_step_timeout: float = 600.0
+    max_engine_restarts: int = 3
     backend: str | None = None
     hostname: str = "0.0.0.0"
     port: int = 3000
@@ -578,6 +614,8 @@ def _check_ranges(config: ServeConfig) -> None:
         "cpu_threads",
         "sse_keep_alive_s",
         "kv_cache_memory",
+        "engine_step_timeout",
+        "shutdown_timeout",
     )
     for name in positive:
         value = getattr(config, name)
@@ -587,11 +625,13 @@ def _check_ranges(config: ServeConfig) -> None:
                 f"({config.source_of(name)})"
             )
     _check_watermark(config)
-    if config.speculate is not None and config.speculate < 0:
-        raise ConfigError(
-            f"--speculate must not be negative, got {config.speculate} "
-            f"({config.source_of('speculate')})"
-        )
+    for name in ("speculate", "max_engine_restarts"):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must not be negative, got {value} "
+                f"({config.source_of(name)})"
+            )
 
 
 def _check_watermark(config: ServeConfig) -> None:

@@ -23,7 +23,11 @@ from tgi.backend.contract import (
 )
 from tgi.backend.manager import SelectedBackend, select_backend
 from tgi.config import ServeConfig, derive_limits
+from tgi.engine.local import LocalEngine
+from tgi.engine.protocol import Engine
 from tgi.engine.thread import EngineThread
+from tgi.engine.worker.client import WorkerEngine
+from tgi.engine.worker.messages import StartWorker
 from tgi.errors import BackendError
 from tgi.metrics import Metrics
 from tgi.models.source import ModelFiles, inspect_model, materialize
@@ -40,15 +44,26 @@ from tgi.sampling.grammar import GrammarCompiler
 from tgi.server.state import ServedModel, ServerState
 
 __all__ = [
+    "EXIT_ENGINE_FAILED",
+    "EngineFailed",
     "Prepared",
+    "assemble_engine_state",
     "assemble_state",
     "build_state",
     "eos_token_ids",
     "prepare",
     "run_server",
+    "worker_start",
 ]
 
 logger = logging.getLogger(__name__)
+
+EXIT_ENGINE_FAILED = 3  # `tgi serve`'s exit status when the engine worker kept dying
+
+
+class EngineFailed(BackendError):
+    """The engine worker died more often than --max-engine-restarts allows."""
+
 
 # A backend's own policy for its capabilities, limits and warmup (None: the built-in one)
 CustomPolicy = Callable[
@@ -93,29 +108,65 @@ def eos_token_ids(tokenizer: Any, model: ModelFiles) -> frozenset[int]:
 
 
 def build_state(prepared: Prepared, metrics: Metrics | None = None) -> ServerState:
-    """Load the tokenizer and weights, then assemble the server around them."""
+    """Load the tokenizer, start the engine (a worker process unless
+    `--no-engine-process`), then assemble the server around it."""
     from transformers import AutoTokenizer
 
     config, files = prepared.config, prepared.model
     tokenizer = AutoTokenizer.from_pretrained(
         files.path, trust_remote_code=config.trust_remote_code
     )
-    # Weights load, warm up and run on one thread (see tgi/engine/thread.py).
+    eos = eos_token_ids(tokenizer, files)
+    # built once here (about 0.5 s for a 50k vocabulary); None: grammar refused. A
+    # worker compiles its own matchers from the grammars' source.
+    grammars = GrammarCompiler.from_hf_tokenizer(tokenizer, eos)
+    # Every engine call, from loading the weights on, goes through one thread (see
+    # tgi/engine/thread.py); a worker process keeps its own single thread.
     engine_thread = EngineThread()
-    backend = engine_thread.call(prepared.selected.create_backend, config, files)
+    engine: Engine
+    if config.engine_process:
+        start = worker_start(prepared, eos)
+        engine = engine_thread.call(
+            lambda: WorkerEngine.spawn(start, step_timeout_s=config.engine_step_timeout)
+        )
+    else:
+        backend = engine_thread.call(prepared.selected.create_backend, config, files)
+        engine = LocalEngine(backend, grammars, owns_backend=True)
     probe = prepared.selected.record.probe
-    return assemble_state(
-        config,
-        backend,
-        tokenizer,
-        eos_token_ids=eos_token_ids(tokenizer, files),
+    try:
+        return assemble_engine_state(
+            config,
+            engine,
+            tokenizer,
+            grammars,
+            eos_token_ids=eos,
+            model_id=files.model_id,
+            model_sha=files.sha,
+            backend_name=prepared.selected.name,
+            backend_version=probe.version if probe else "unknown",
+            metrics=metrics,
+            engine_thread=engine_thread,
+            custom_policy=prepared.selected.scheduling_policy,
+        )
+    except BaseException:
+        engine_thread.call(engine.close)  # no worker outlives a failed start-up
+        engine_thread.shutdown()
+        raise
+
+
+def worker_start(prepared: Prepared, eos_token_ids: frozenset[int]) -> StartWorker:
+    """What an engine worker needs to build the same backend as this process would."""
+    config, files = prepared.config, prepared.model
+    return StartWorker(
+        config_json=config.model_dump_json(),
+        backend=prepared.selected.name,
         model_id=files.model_id,
-        model_sha=files.sha,
-        backend_name=prepared.selected.name,
-        backend_version=probe.version if probe else "unknown",
-        metrics=metrics,
-        engine_thread=engine_thread,
-        custom_policy=prepared.selected.scheduling_policy,
+        model_kind=files.kind,
+        model_path=str(files.path),
+        architecture=files.architecture,
+        max_position_embeddings=files.max_position_embeddings,
+        sha=files.sha,
+        eos_token_ids=tuple(sorted(eos_token_ids)),
     )
 
 
@@ -133,16 +184,54 @@ def assemble_state(
     engine_thread: EngineThread | None = None,
     custom_policy: CustomPolicy | None = None,
 ) -> ServerState:
-    """Warm `backend` up and wire router, validator and metrics around it.
+    """The server around a backend object of this process (`LocalEngine`): what tests
+    and embedders use. `assemble_engine_state` has the details."""
+    grammars = GrammarCompiler.from_hf_tokenizer(tokenizer, eos_token_ids)
+    return assemble_engine_state(
+        config,
+        LocalEngine(backend, grammars),
+        tokenizer,
+        grammars,
+        eos_token_ids=eos_token_ids,
+        model_id=model_id,
+        model_sha=model_sha,
+        backend_name=backend_name,
+        backend_version=backend_version,
+        metrics=metrics,
+        engine_thread=engine_thread,
+        custom_policy=custom_policy,
+    )
+
+
+def assemble_engine_state(
+    config: ServeConfig,
+    engine: Engine,
+    tokenizer: Any,
+    grammars: GrammarCompiler | None,
+    *,
+    eos_token_ids: frozenset[int],
+    model_id: str,
+    model_sha: str | None = None,
+    backend_name: str,
+    backend_version: str,
+    metrics: Metrics | None = None,
+    engine_thread: EngineThread | None = None,
+    custom_policy: CustomPolicy | None = None,
+) -> ServerState:
+    """Warm `engine` up and wire router, validator and metrics around it.
 
     `custom_policy` may replace the built-in scheduling policy the backend's
     capabilities call for (the plugin's `tgi_scheduling_policy`, or a test's).
+    `grammars` is the front process's compiler (validation refuses a bad grammar
+    before it is queued; None refuses every grammar).
 
     `config` must have its token limits derived (`tgi.config.derive_limits`).
     """
     limits = _limits(config)
     engine_thread = engine_thread or EngineThread()
-    report: WarmupReport = engine_thread.call(backend.warmup, limits)
+    described = engine.description
+    capabilities = described.capabilities
+    report: WarmupReport = engine_thread.call(engine.warmup, limits)
     capacity = report.kv
     batch_total = _batch_total_tokens(config, capacity)
     logger.info(
@@ -153,7 +242,7 @@ def assemble_state(
         batch_total,
         report.seconds,
     )
-    _check_constraints(config, backend.capabilities, report)
+    _check_constraints(config, capabilities, report)
     policy_limits = PolicyLimits(
         max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
         max_batch_total_tokens=batch_total,
@@ -164,24 +253,24 @@ def assemble_state(
     )
     policy = None
     if custom_policy is not None:
-        policy = custom_policy(config, backend.capabilities, policy_limits, report)
+        policy = custom_policy(config, capabilities, policy_limits, report)
     if policy is None:
-        policy = _policy(config, backend.capabilities, policy_limits, capacity)
+        policy = _policy(config, capabilities, policy_limits, capacity)
     else:
         logger.info("batching: the backend's own policy %s", type(policy).__name__)
     metrics = metrics or Metrics()
-    # built once here (about 0.5 s for a 50k vocabulary); None: grammar refused
-    grammars = GrammarCompiler.from_hf_tokenizer(tokenizer, eos_token_ids)
     router = Router(
-        backend,
+        engine,
         tokenizer,
-        limits=RouterLimits(max_concurrent_requests=config.max_concurrent_requests),
+        limits=RouterLimits(
+            max_concurrent_requests=config.max_concurrent_requests,
+            max_restarts=config.max_engine_restarts,
+        ),
         policy=policy,
         eos_token_ids=eos_token_ids,
         metrics=metrics,
-        initial_kv=backend.kv_usage(),
+        initial_kv=engine_thread.call(engine.kv_usage),
         engine_thread=engine_thread,
-        grammars=grammars,
         overlap=config.overlap_steps,
     )
     validator = Validator(
@@ -196,17 +285,16 @@ def assemble_state(
             watermark_delta=config.watermark_delta,
         ),
         grammars=grammars,
-        backend=BackendSampling(backend_name, backend.capabilities),
+        backend=BackendSampling(backend_name, capabilities),
     )
-    dtype = getattr(backend, "dtype", None)
     served = ServedModel(
         model_id=model_id,
         model_sha=model_sha,
-        model_dtype=str(dtype).removeprefix("torch.") if dtype is not None else "unknown",
+        model_dtype=described.dtype or "unknown",
         backend=backend_name,
         backend_version=backend_version,
-        device_type=getattr(backend, "device_type", backend_name),
-        capabilities=backend.capabilities,
+        device_type=described.device_type or backend_name,
+        capabilities=capabilities,
         capacity=capacity,
         constraints=report.constraints,
     )
@@ -327,24 +415,37 @@ def _batch_size(config: ServeConfig, capacity: KVCapacity) -> int | None:
 
 
 def run_server(config: ServeConfig) -> None:
-    """`tgi serve`: prepare, build, and serve HTTP until interrupted."""
+    """`tgi serve`: check the port, prepare, build, and serve HTTP until a signal, then
+    drain (`tgi.server.lifecycle`). Raises `EngineFailed` (exit status
+    EXIT_ENGINE_FAILED) when the engine worker kept dying."""
     import uvicorn
 
     from tgi.server.app import create_app
+    from tgi.server.lifecycle import DrainingServer, check_port
 
+    check_port(config.hostname, config.port)
     state = build_state(prepare(config))
     app = create_app(state)
+    described = state.router.engine.description
     logger.info(
-        "serving %s on http://%s:%d with backend %s",
+        "serving %s on http://%s:%d with backend %s (engine in %s %d)",
         state.model.model_id,
         state.config.hostname,
         state.config.port,
         state.model.backend,
+        "worker process" if described.placement == "process" else "process",
+        described.pid,
     )
-    uvicorn.run(
-        app,
-        host=state.config.hostname,
-        port=state.config.port,
-        log_config=None,
-        timeout_graceful_shutdown=5,
+    server = DrainingServer(
+        uvicorn.Config(app, host=state.config.hostname, port=state.config.port, log_config=None),
+        state.router,
+        drain_timeout_s=state.config.shutdown_timeout,
     )
+
+    def stop_serving(reason: str) -> None:
+        server.should_exit = True
+
+    state.router.on_fatal = stop_serving
+    server.run()
+    if state.router.fatal is not None:
+        raise EngineFailed(state.router.fatal)

@@ -76,6 +76,19 @@ class Metrics:
         self.speculative_accepted_tokens = Counter(
             "tgi_speculative_accepted_tokens", "Draft tokens accepted by speculation", registry=r
         )
+        self.engine_restarts = Counter(
+            "tgi_engine_restarts",
+            "Engine worker restarts after the worker died or stopped answering",
+            registry=r,
+        )
+        self.engine_healthy = Gauge(
+            "tgi_engine_healthy", "1 while the engine serves, 0 while it restarts", registry=r
+        )
+        self.engine_tracked_sequences = Gauge(
+            "tgi_engine_tracked_sequences",
+            "Sequences whose sampler state the engine holds (as of the last stats call)",
+            registry=r,
+        )
 
         def seconds(name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
             return Histogram(name, doc, labels, buckets=_DURATION_BUCKETS, registry=r)
@@ -84,6 +97,11 @@ class Metrics:
             return Histogram(name, doc, buckets=_TOKEN_BUCKETS, registry=r)
 
         self.request_duration = seconds("tgi_request_duration", "Request duration")
+        self.engine_step_overhead = seconds(
+            "tgi_engine_step_overhead_duration",
+            "Time a step spends outside the engine: the thread hop, and for a worker "
+            "process the encoding and the socket, both ways",
+        )
         self.request_validation_duration = seconds(
             "tgi_request_validation_duration", "Request validation duration"
         )

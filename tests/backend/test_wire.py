@@ -23,9 +23,19 @@ from tgi.backend.contract import (
     StepPlan,
     WarmupReport,
 )
-from tgi.backend.wire import WireError, decode, encode
+from tgi.backend.wire import WireError, decode, decode_any, encode
+from tgi.engine.protocol import EngineStats
 from tgi.engine.results import StepResult
+from tgi.engine.worker.messages import (
+    Done,
+    Query,
+    Release,
+    StartWorker,
+    WorkerFailure,
+    WorkerReady,
+)
 from tgi.errors import BackendError
+from tgi.models.source import ModelKind
 from tgi.sampling.params import GrammarSpec, SamplingParams
 
 GRAMMAR = GrammarSpec("json", '{"type": "object", "properties": {"a": {"type": "integer"}}}')
@@ -119,6 +129,28 @@ MESSAGES = [
         samples_on_device=True,
         sampling_parameters=frozenset({"temperature", "top_k", "do_sample"}),
     ),
+    # the engine worker's channel (tgi/engine/worker/messages.py)
+    StartWorker(
+        config_json='{"model_id": "x"}',
+        backend="cpu",
+        model_id="org/model",
+        model_kind=ModelKind.GGUF,
+        model_path="/models/x",
+        architecture="LlamaForCausalLM",
+        max_position_embeddings=8192,
+        sha=None,
+        eos_token_ids=(2, 7),
+        rank=1,
+        world_size=2,
+    ),
+    WorkerReady(
+        Capabilities(Batching.CONTINUOUS, KvLayout.PAGED, block_size=16), "bfloat16", "cpu", 42
+    ),
+    Release((3, 1, 2)),
+    Query("health"),
+    Done(),
+    EngineStats(num_tracked=3, num_histories=1, num_matchers=2),
+    WorkerFailure("warmup", "backend", "out of memory"),
 ]
 
 
@@ -143,8 +175,16 @@ def test_decoded_plans_keep_their_types_not_lookalikes() -> None:
     result = decode(encode(rich_result()), StepResult)
     assert isinstance(result.kv.seq_ids, frozenset)
     assert list(result.top_tokens) == [7] and isinstance(result.tokens[0], tuple)
-    caps = decode(encode(MESSAGES[-1]), Capabilities)  # type: ignore[arg-type]
+    static = next(m for m in MESSAGES if isinstance(m, Capabilities))
+    caps = decode(encode(static), Capabilities)
     assert caps.batching is Batching.STATIC and caps.kv_layout is KvLayout.SLOTS
+
+
+def test_a_receiver_of_several_kinds_gets_the_one_sent_and_refuses_others() -> None:
+    sent = Query("stats")
+    assert decode_any(encode(sent), (StepPlan, Query)) == sent
+    with pytest.raises(WireError, match="expected a StepPlan or Query message, got a 'Done'"):
+        decode_any(encode(Done()), (StepPlan, Query))
 
 
 def test_a_field_of_the_wrong_type_fails_loudly() -> None:

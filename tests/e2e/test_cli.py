@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,32 +97,97 @@ def test_bad_flags_stop_start_up_before_weights_load() -> None:
     assert "cpu backend loaded" not in result.stderr  # failed before weights loaded
 
 
+def test_serve_refuses_a_port_in_use_before_loading_anything() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [TGI, "serve", "--hostname", "127.0.0.1", "--port", str(port)],
+            env=cli_env(TGI_CACHE_DIR=str(CACHE_DIR)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert f"--port {port} on 127.0.0.1 is in use" in result.stderr
+    assert "engine worker started" not in result.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.smollm2
-def test_serve_answers_generate_despite_a_broken_plugin(tmp_path: Path) -> None:
+def test_sigterm_lets_the_running_request_finish_then_exits_0(tmp_path: Path) -> None:
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [
+                *(TGI, "serve", "--port", str(port), "--hostname", "127.0.0.1"),
+                *("--max-total-tokens", "512", "--shutdown-timeout", "60"),
+            ],
+            env=cli_env(TGI_CACHE_DIR=str(CACHE_DIR)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(url, process, log_path)
+            payload = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 200}}
+            with (
+                httpx.Client(base_url=url, timeout=300) as client,
+                client.stream("POST", "/generate_stream", json=payload) as stream,
+            ):
+                lines = stream.iter_lines()
+                first = next(line for line in lines if line.startswith("data:"))
+                process.send_signal(signal.SIGTERM)  # mid-stream
+                rest = [line for line in lines if line.startswith("data:")]
+            events = [json.loads(line[5:]) for line in [first, *rest]]
+            assert "error" not in events[-1], events[-1]
+            assert events[-1]["generated_text"] is not None  # the final event, not a cut
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    text = log_path.read_text()
+    assert "draining 1 running" in text
+    assert "Traceback" not in text
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"tgi serve exited: {log.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)  # polling another process's port: nothing to await
+    pytest.fail("tgi serve never became healthy")
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_serve_answers_despite_a_broken_plugin_and_exits_3_when_its_worker_dies(
+    tmp_path: Path,
+) -> None:
     write_broken_plugin(tmp_path)
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
-        [TGI, "serve", "--port", str(port), "--hostname", "127.0.0.1", "--max-total-tokens", "512"],
+        [
+            *(TGI, "serve", "--port", str(port), "--hostname", "127.0.0.1"),
+            *("--max-total-tokens", "512", "--max-engine-restarts", "0"),
+        ],
         env=cli_env(tmp_path, TGI_CACHE_DIR=str(CACHE_DIR)),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"tgi serve exited: {(tmp_path / 'serve.log').read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)  # polling another process's port: nothing to await
-        else:
-            pytest.fail("tgi serve never became healthy")
+        _wait_healthy(url, process, tmp_path / "serve.log")
         prompt = (
             "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
         )
@@ -134,9 +201,15 @@ def test_serve_answers_generate_despite_a_broken_plugin(tmp_path: Path) -> None:
         info = httpx.get(f"{url}/info", timeout=10).json()
         assert info["backend"] == "cpu"
         assert info["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        # no restarts allowed: a dead engine worker stops the server with status 3
+        assert info["engine"]["placement"] == "process"
+        os.kill(info["engine"]["pid"], signal.SIGKILL)
+        assert process.wait(timeout=60) == 3
+        assert "--max-engine-restarts 0" in (tmp_path / "serve.log").read_text()
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=60)
         log.close()
     logged = (tmp_path / "serve.log").read_text()
     assert "broken" in logged and "libfancyaccel.so" in logged

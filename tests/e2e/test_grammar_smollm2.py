@@ -216,12 +216,12 @@ async def test_schemas_validate_in_batches_shared_with_plain_requests(
     # (this also needs a backend whose logits do not depend on the batch's makeup).
     for alone, together in zip(solo, plain_bodies, strict=True):
         assert token_ids(together) == token_ids(alone)
-    engine = smollm2_server.state.router._engine
+    router = smollm2_server.state.router
     for _ in range(200):  # the last releases land at the next step boundary
-        if engine._sampler.num_matchers == 0:
+        if (await router.engine_stats()).num_matchers == 0:
             break
         await asyncio.sleep(0.05)
-    assert engine._sampler.num_matchers == 0
+    assert (await router.engine_stats()).num_matchers == 0
 
 
 async def test_streamed_grammar_output_is_the_generated_text(

@@ -69,6 +69,8 @@ def _environ(mode: str) -> dict[str, str]:
         TGI_NEURON_CONTINUOUS_BATCHING=MODES[mode],
         HF_BATCH_SIZE=str(SLOTS),
         HF_SEQUENCE_LENGTH="256",
+        # in-process: the tests read the emulator's own counters (`rebuilt_rows`)
+        TGI_ENGINE_PROCESS="0",
     )
     return environ
 
@@ -163,7 +165,7 @@ async def test_ten_concurrent_requests_get_their_solo_tokens(
     neuron_server: NeuronServer, tokenizer: Any
 ) -> None:
     prompts = [chat(tokenizer, question) for question in QUESTIONS]
-    backend = neuron_server.state.router._backend
+    backend = neuron_server.state.router.engine.backend  # type: ignore[attr-defined]
     async with httpx.AsyncClient(base_url=neuron_server.url, timeout=600) as client:
         alone = [await generate(client, p, n) for p, n in zip(prompts, LENGTHS, strict=True)]
         rebuilt_before = backend.rebuilt_rows  # type: ignore[attr-defined]

@@ -218,7 +218,7 @@ async def test_cancelling_a_preempted_request_forgets_it(byte_tokenizer: Any, vo
     for handle, out in zip(rest, outs, strict=True):
         prompt = batch[handles.index(handle)]
         assert ids(out) == paged_expected_tokens(prompt, 28, vocab)
-    assert router.engine._sampler.num_histories == 0
+    assert router.engine.core._sampler.num_histories == 0
     assert not errors
     check_drained(router.policy)
 
@@ -343,7 +343,7 @@ async def _stress(
         assert ids(events) == paged_expected_tokens(prompt, max_new, vocab)
     check_drained(router.policy)
     assert backend.kv_usage().seq_ids == frozenset()
-    assert router.engine._sampler.num_histories == 0
+    assert router.engine.core._sampler.num_histories == 0
     metrics = router._metrics
     assert metrics.prefix_cache_hit_tokens._value.get() > 0, "no prefix was ever shared"
     if overlap:

@@ -96,7 +96,7 @@ async def test_a_request_joins_a_running_batch_before_it_finishes(
 
 async def test_finished_rows_release_their_kv_at_once(make_state: Any) -> None:
     state = make_state()
-    backend: FakeBackend = state.router._backend
+    backend: FakeBackend = state.router.engine.backend  # type: ignore[attr-defined]
     state.router.start()
     try:
         short = submit(state, "short", max_new_tokens=2)
@@ -115,7 +115,7 @@ async def test_finished_rows_release_their_kv_at_once(make_state: Any) -> None:
 
 async def test_cancel_frees_kv_and_others_go_on(make_state: Any, byte_tokenizer: Any) -> None:
     state = make_state()
-    backend: FakeBackend = state.router._backend
+    backend: FakeBackend = state.router.engine.backend  # type: ignore[attr-defined]
     state.router.start()
     try:
         leaver = submit(state, "client leaves", max_new_tokens=100)
@@ -136,7 +136,7 @@ async def test_cancel_frees_kv_and_others_go_on(make_state: Any, byte_tokenizer:
 async def test_cancel_while_waiting_never_reaches_the_backend(make_state: Any) -> None:
     gate = threading.Event()
     state = make_state(FakeBackend(vocab_size=300, step_gate=gate))
-    backend: FakeBackend = state.router._backend
+    backend: FakeBackend = state.router.engine.backend  # type: ignore[attr-defined]
     handle = submit(state, "never scheduled", max_new_tokens=3)
     handle.cancel()  # before the loop ever ran
     state.router.start()
@@ -237,7 +237,7 @@ async def test_sixteen_concurrent_mixed_requests_all_complete(
     make_state: Any, byte_tokenizer: Any, overlap: bool
 ) -> None:
     state = make_state(overlap_steps=overlap)
-    backend: FakeBackend = state.router._backend
+    backend: FakeBackend = state.router.engine.backend  # type: ignore[attr-defined]
     state.router.start()
     prompts = [f"prompt number {i} " + "x" * (i * 3) for i in range(16)]
     try:

@@ -36,6 +36,7 @@ from tgi.backend.contract import (
     StepOutput,
     StepPlan,
 )
+from tgi.engine.protocol import EngineStats
 from tgi.engine.results import StepResult
 from tgi.sampling import BatchSampler, SampledTokens, SamplingParams
 
@@ -76,6 +77,13 @@ class EngineCore:
         """Sequences whose sampling state the engine holds (for leak checks)."""
         return len(self._tracked)
 
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_tracked=len(self._tracked),
+            num_histories=self._sampler.num_histories,
+            num_matchers=self._sampler.num_matchers,
+        )
+
     def release(self, seq_ids: Iterable[int]) -> KVUsage:
         """Free sequences outside a step (shutdown, reconciliation)."""
         ids = list(seq_ids)
@@ -85,6 +93,7 @@ class EngineCore:
 
     def run(self, plan: StepPlan) -> StepResult:
         """One step; a backend failure fails the step's rows, never the engine."""
+        began = time.perf_counter()
         result = StepResult(step_index=plan.step_index)
         if self._released and (plan.finished or plan.preempted):
             plan = self._without_released(plan)
@@ -112,6 +121,7 @@ class EngineCore:
             except Exception:  # the ids are gone from the router; reconciliation retries
                 logger.exception("releasing %d sequences failed", len(plan.finished))
         result.kv = self._backend.kv_usage()
+        result.engine_s = time.perf_counter() - began
         return result
 
     def _without_released(self, plan: StepPlan) -> StepPlan:

@@ -34,3 +34,4 @@ class StepResult:
     drafts_proposed: int = 0  # speculation: draft tokens verified this step
     drafts_accepted: int = 0  # ... and accepted
     step_index: int = 0  # the plan's step_index
+    engine_s: float = 0.0  # time the engine spent on the step, wherever it runs

@@ -1,12 +1,14 @@
 """The router: one loop that plans each step, hands it to the engine, and streams results.
 
 NOTE: all router state (waiting queue, running rows, cancellations) lives on the event
-loop thread. The engine (backend + sampler, `tgi.engine.EngineCore`) runs on its own
-thread, one step at a time, so the backend never sees two calls at once (the contract's
-promise) and HTTP handlers stay responsive while a forward runs. A step is:
+loop thread. The engine (backend + sampler, `tgi.engine.protocol.Engine`) is called
+from its own thread, one call at a time, so the backend never sees two calls at once
+(the contract's promise) and HTTP handlers stay responsive while a forward runs. The
+engine runs on that thread (`LocalEngine`) or in a worker process the thread talks to
+(`WorkerEngine`). A step is:
 
-    loop thread                               engine thread
-    -----------                               -------------
+    loop thread                               engine (thread or worker process)
+    -----------                               ---------------------------------
     drop cancelled rows, hand their ids ─┐
     policy.schedule(running, waiting)    ├─ StepPlan ─►  drop finished/preempted,
       (rows, admitted, preempted)        ┘               ONE forward, sample,
@@ -21,21 +23,27 @@ each step the backend's live set (`KVUsage`) is reconciled with the router's
 
 What each step runs is the `SchedulingPolicy`'s decision alone (continuous, static
 slots, paged: `tgi/router/policies/`); the router never asks which kind it has.
+
+A worker that dies or hangs (`EngineDied`) took every sequence's KV with it: the
+requests it was serving fail with a 503, the policy forgets its tables and prefix
+cache, the worker restarts, and the queue is served again (`_recover`). More than
+`max_restarts` restarts within `RESTART_WINDOW_S` and the router gives up (`fatal`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tgi.backend.contract import Backend, KVUsage, StepPlan
-from tgi.engine.core import EngineCore
+from tgi.backend.contract import KVUsage, StepPlan
+from tgi.engine.protocol import Engine, EngineDied, EngineStats
 from tgi.engine.results import StepResult
 from tgi.engine.thread import EngineThread
 from tgi.errors import BackendUnavailable, Overloaded
@@ -52,12 +60,13 @@ from tgi.router.request import (
 )
 from tgi.router.sequence import SequenceState, TokenizerLike, top_tokens_of
 
-if TYPE_CHECKING:
-    from tgi.sampling.grammar import GrammarCompiler
-
-__all__ = ["RequestHandle", "Router", "RouterLimits", "RouterStats"]
+__all__ = ["RESTART_WINDOW_S", "RequestHandle", "Router", "RouterLimits", "RouterStats"]
 
 logger = logging.getLogger(__name__)
+
+RESTART_WINDOW_S = 600.0  # restarts older than this no longer count toward max_restarts
+WATCH_S = 1.0  # how often an idle router checks that its engine still runs
+_DRAIN_POLL_S = 0.05  # how often a draining router looks whether it is empty
 
 
 class RequestHandle:
@@ -95,6 +104,7 @@ class RouterLimits:
     """The router's own share of the configuration (the policy has the budgets)."""
 
     max_concurrent_requests: int
+    max_restarts: int = 3  # engine restarts within RESTART_WINDOW_S before giving up
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +122,7 @@ class Router:
 
     def __init__(
         self,
-        backend: Backend,
+        engine: Engine,
         tokenizer: TokenizerLike,
         *,
         limits: RouterLimits,
@@ -121,11 +131,10 @@ class Router:
         metrics: Metrics,
         initial_kv: KVUsage,
         clock: Callable[[], float] = time.monotonic,
-        engine_thread: EngineThread | None = None,  # the thread start-up loaded the backend on
-        grammars: GrammarCompiler | None = None,  # compiles grammar specs on the engine side
+        engine_thread: EngineThread | None = None,  # the thread start-up used for the engine
         overlap: bool = False,  # plan step N+1 while step N runs (see `_run`)
     ) -> None:
-        self._backend = backend
+        self._engine = engine
         self._tokenizer = tokenizer
         self._limits = limits
         self._policy = policy
@@ -144,26 +153,70 @@ class Router:
         self.overlapped_steps = 0  # steps planned while the previous one ran
         self._wake = asyncio.Event()
         self._thread = engine_thread or EngineThread()
-        self._engine = EngineCore(backend, grammars)
         self._kv = initial_kv
         self._task: asyncio.Task[None] | None = None
         self._healthy = True
         self._closing = False
+        self._restarting = False
+        self._draining = False  # shutting down: no new requests, the running ones finish
+        self._restarted_at: deque[float] = deque()  # clock() of each restart in the window
+        self.restarts = 0  # engine restarts so far
+        self.fatal: str | None = None  # why the router gave up on the engine, if it did
+        self.on_fatal: Callable[[str], None] | None = None  # e.g. stop the HTTP server
         metrics.kv_capacity_tokens.set(initial_kv.capacity_tokens)
+        metrics.engine_healthy.set(1)
 
     @property
     def policy(self) -> SchedulingPolicy:
         return self._policy
 
     @property
-    def engine(self) -> EngineCore:
+    def engine(self) -> Engine:
         return self._engine
+
+    async def engine_stats(self) -> EngineStats:
+        """What the engine holds per sequence (asked on the engine thread)."""
+        stats: EngineStats = await self._in_engine(self._engine.stats)
+        self._metrics.engine_tracked_sequences.set(stats.num_tracked)
+        return stats
 
     # ---- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="tgi-router")
+
+    async def drain(self, timeout_s: float) -> int:
+        """Shut down gently: refuse new requests (503, and /health fails), let the
+        running and queued ones finish for up to `timeout_s`, then end what is left
+        with an error event (a stream ends with it, not cut). Returns how many were
+        ended so."""
+        self._draining = True
+        self._healthy = False
+        self._metrics.engine_healthy.set(0)
+        deadline = self._clock() + timeout_s
+        logger.info(
+            "draining %d running and %d queued requests (up to %.0f s)",
+            len(self._running),
+            len(self._waiting),
+            timeout_s,
+        )
+        while (self._running or self._waiting) and self._clock() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        left = [seq for seq in [*self._waiting, *self._running.values()] if not seq.done]
+        for sequence in left:
+            self.cancel(sequence)  # its KV is released at the next step
+            sequence.done = True
+            sequence.events.put_nowait(
+                ErrorEvent(
+                    f"the server shut down before the request finished ({timeout_s:.0f} s "
+                    "drain timeout)",
+                    error_type="unhealthy",
+                )
+            )
+        if left:
+            logger.warning("shutdown: %d requests did not finish in time", len(left))
+        return len(left)
 
     async def stop(self) -> None:
         """Fail what is left, release its KV, and stop the loop."""
@@ -180,13 +233,20 @@ class Router:
         ids = [*self._running, *self._take_release(), *self._to_forget]
         self._running.clear()
         self._policy.free(ids)
-        self._kv = await self._in_engine(self._engine.release, ids)
+        with contextlib.suppress(EngineDied):  # a dead engine holds nothing any more
+            self._kv = await self._in_engine(self._engine.release, ids)
+        await self._in_engine(self._engine.close)
         self._thread.shutdown()
 
     # ---- requests ---------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queue a validated request; raises `Overloaded` at max_concurrent_requests."""
+        """Queue a validated request; raises `Overloaded` at max_concurrent_requests and
+        `BackendUnavailable` once the router gave up on its engine or is draining."""
+        if self.fatal is not None:
+            raise BackendUnavailable(self.fatal)
+        if self._draining:
+            raise BackendUnavailable("the server is shutting down")
         if len(self._waiting) + len(self._running) >= self._limits.max_concurrent_requests:
             self._metrics.request_failure.labels(err="overloaded").inc()
             raise Overloaded("Model is overloaded")
@@ -232,8 +292,12 @@ class Router:
 
     async def check_health(self) -> None:
         """A real one-token forward on the engine thread; raises BackendUnavailable."""
+        if self._draining:
+            raise BackendUnavailable("the server is shutting down")
+        if self._restarting or self.fatal is not None:
+            raise BackendUnavailable(self.fatal or "the engine worker is restarting")
         try:
-            await self._in_engine(self._backend.health)
+            await self._in_engine(self._engine.health)
         except Exception as exc:
             self._healthy = False
             raise BackendUnavailable(f"backend health check failed: {exc}") from exc
@@ -245,14 +309,13 @@ class Router:
         return bool(self._waiting or self._running or self._to_release or self._to_forget)
 
     async def _run(self) -> None:
-        in_flight: deque[tuple[StepPlan, asyncio.Future[StepResult]]] = deque()
+        in_flight: deque[tuple[StepPlan, asyncio.Future[tuple[StepResult, float]]]] = deque()
         while in_flight or not self._closing:
             if not in_flight:
                 if not self._has_work():
                     if self._closing:
                         break
-                    self._wake.clear()
-                    await self._wake.wait()
+                    await self._idle()
                     continue
                 in_flight.append(self._launch(self._plan()))
             if self._overlap and len(in_flight) == 1 and self._may_plan_ahead():
@@ -261,7 +324,26 @@ class Router:
                     in_flight.append(self._launch(plan))
                     self.overlapped_steps += 1
             plan, future = in_flight.popleft()
-            self._finish(plan, await self._result(plan, future))
+            try:
+                result = await self._result(plan, future)
+            except EngineDied as exc:
+                for _, later in in_flight:  # they fail the same way, at once
+                    await asyncio.gather(later, return_exceptions=True)
+                in_flight.clear()
+                await self._recover(exc)
+                continue
+            self._finish(plan, result)
+
+    async def _idle(self) -> None:
+        """Wait for work, checking every WATCH_S that the engine still runs: a worker
+        that dies while nothing is asked of it is restarted before the next request."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=WATCH_S)
+        except TimeoutError:
+            gone = self._engine.exited()
+            if gone is not None:
+                await self._recover(EngineDied(gone))
 
     def _may_plan_ahead(self) -> bool:
         """Whether there is work and the policy says the next step needs no result of
@@ -275,19 +357,37 @@ class Router:
     async def _step(self) -> None:
         """One step, planned and applied in turn (what `_run` does without overlap)."""
         plan, future = self._launch(self._plan())
-        self._finish(plan, await self._result(plan, future))
-
-    async def _result(self, plan: StepPlan, future: asyncio.Future[StepResult]) -> StepResult:
-        """The step's result; an engine that raised fails the step's rows, not the loop."""
         try:
-            return await future
+            result = await self._result(plan, future)
+        except EngineDied as exc:
+            await self._recover(exc)
+            return
+        self._finish(plan, result)
+
+    async def _result(
+        self, plan: StepPlan, future: asyncio.Future[tuple[StepResult, float]]
+    ) -> StepResult:
+        """The step's result; an engine that raised fails the step's rows, not the loop.
+        `EngineDied` passes: the engine is gone, not only this step."""
+        try:
+            result, round_trip_s = await future
+        except EngineDied:
+            raise
         except Exception as exc:
             logger.exception("step %d: the engine failed", plan.step_index)
             message = f"Request failed during generation: {exc}"
             errors = {row.seq_id: message for row in plan.rows}
             return StepResult(errors=errors, kv=self._kv, step_index=plan.step_index)
+        self._metrics.engine_step_overhead.observe(max(round_trip_s - result.engine_s, 0.0))
+        return result
 
-    def _launch(self, plan: StepPlan) -> tuple[StepPlan, asyncio.Future[StepResult]]:
+    def _timed_run(self, plan: StepPlan) -> tuple[StepResult, float]:
+        """`Engine.run` on the engine thread, with its wall time (the round trip)."""
+        started = time.perf_counter()
+        result = self._engine.run(plan)
+        return result, time.perf_counter() - started
+
+    def _launch(self, plan: StepPlan) -> tuple[StepPlan, asyncio.Future[tuple[StepResult, float]]]:
         """Hand `plan` to the engine thread; its token-bringing rows are now in flight."""
         for row in plan.logits_rows:
             sequence = self._running.get(row.seq_id)
@@ -295,7 +395,7 @@ class Router:
                 sequence.in_flight += 1
         self._releasing.update(plan.finished)
         self._releasing.update(plan.preempted)
-        future = asyncio.ensure_future(self._in_engine(self._engine.run, plan))
+        future = asyncio.ensure_future(self._in_engine(self._timed_run, plan))
         return plan, future
 
     def _finish(self, plan: StepPlan, result: StepResult) -> None:
@@ -357,6 +457,88 @@ class Router:
         if schedule.queried_tokens:
             self._metrics.prefix_cache_queried_tokens.inc(schedule.queried_tokens)
             self._metrics.prefix_cache_hit_tokens.inc(schedule.hit_tokens)
+
+    async def _recover(self, died: Exception) -> None:
+        """The engine died with every sequence's KV: fail the requests it was serving
+        (503), forget what the policy handed out, restart it, and serve the queue again.
+        Gives up (`fatal`) after `max_restarts` restarts within RESTART_WINDOW_S."""
+        self._healthy = False
+        self._restarting = True
+        self._metrics.engine_healthy.set(0)
+        message = f"Request failed during generation: the engine failed ({died}); retry later"
+        running = [seq for seq in self._running.values() if not seq.cancelled]
+        self._running.clear()
+        queued: deque[SequenceState] = deque()
+        for sequence in self._waiting:
+            if sequence.tokens:  # a preempted request that streamed already: in flight
+                running.append(sequence)
+            else:  # not started, or preempted before its first token: served afresh
+                sequence.admitted_step = 0
+                sequence.in_flight = 0
+                queued.append(sequence)
+        self._waiting = queued
+        for sequence in running:
+            self._fail_unavailable(sequence, message)
+        self._to_release.clear()
+        self._to_forget.clear()
+        self._releasing.clear()
+        self._policy.reset()
+        logger.error(
+            "%s; %d requests failed with 503, %d queued wait for a restart",
+            died,
+            len(running),
+            len(queued),
+        )
+        if self._closing:  # shutting down anyway: `stop` fails what is queued
+            return
+        while True:
+            now = self._clock()
+            while self._restarted_at and now - self._restarted_at[0] > RESTART_WINDOW_S:
+                self._restarted_at.popleft()
+            if len(self._restarted_at) >= self._limits.max_restarts:
+                self._give_up(
+                    f"the engine failed after {len(self._restarted_at)} restarts within "
+                    f"{RESTART_WINDOW_S:.0f} s (--max-engine-restarts "
+                    f"{self._limits.max_restarts}); last failure: {died}"
+                )
+                return
+            self._restarted_at.append(now)
+            try:
+                report = await self._in_engine(self._engine.restart)
+            except Exception as exc:
+                logger.error("restarting the engine failed: %s", exc)
+                died = exc
+                continue
+            break
+        self._kv = KVUsage(frozenset(), 0, report.kv.total_tokens)
+        self._restarting = False
+        self._healthy = True
+        self.restarts += 1
+        self._metrics.engine_restarts.inc()
+        self._metrics.engine_healthy.set(1)
+        self._publish_gauges()
+        logger.warning(
+            "engine restarted (pid %d); serving %d queued requests",
+            self._engine.description.pid,
+            len(self._waiting),
+        )
+
+    def _give_up(self, reason: str) -> None:
+        """No engine any more: fail everything queued, stop the loop, tell the server."""
+        self.fatal = reason
+        logger.critical("giving up: %s", reason)
+        for sequence in self._waiting:
+            self._fail_unavailable(sequence, f"Request failed: {reason}")
+        self._waiting.clear()
+        self._closing = True
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
+    def _fail_unavailable(self, sequence: SequenceState, message: str) -> None:
+        """End a request the engine can no longer serve (TGI's 503, `unhealthy`)."""
+        sequence.done = True
+        sequence.events.put_nowait(ErrorEvent(message, error_type="unhealthy"))
+        self._metrics.request_failure.labels(err="unhealthy").inc()
 
     def _requeue(self, sequences: list[SequenceState]) -> None:
         """Sequences whose KV a failed step dropped go back to the front of the queue,

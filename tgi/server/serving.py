@@ -15,14 +15,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio.to_thread
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.types import Send
 
-from tgi.errors import GenerationError, InvalidRequest, Overloaded
+from tgi.errors import BackendUnavailable, GenerationError, InvalidRequest, Overloaded
 from tgi.router.request import ErrorEvent, FinalEvent, GenerationRequest
 from tgi.router.router import RequestHandle
 from tgi.router.validation import ClientParameters
@@ -35,10 +35,14 @@ __all__ = [
     "EventStream",
     "check_capacity",
     "final_events",
+    "on_validation_workers",
     "refuse_request",
     "response_headers",
+    "token_offsets",
     "validate",
 ]
+
+T = TypeVar("T")
 
 # The error answers a generation route documents in its OpenAPI entry.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -69,15 +73,34 @@ def refuse_request(state: ServerState, message: str) -> InvalidRequest:
     return InvalidRequest(message)
 
 
+async def on_validation_workers(state: ServerState, func: Callable[..., T], *args: Any) -> T:
+    """`func(*args)` on one of the `--validation-workers` threads, waiting for a free one.
+    Tokenizing and templating are CPU work: a 2 MB prompt takes seconds, which on the
+    event loop would stall every stream and /health."""
+    return await anyio.to_thread.run_sync(func, *args, limiter=state.validation_workers)
+
+
+def token_offsets(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[dict[str, Any]]:
+    """TGI's `SimpleToken`s of `text`: each id with its character offsets. CPU work, for
+    a validation worker (a fast tokenizer: the offsets come from its mapping)."""
+    encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
+    return [
+        {"id": token_id, "text": text[start:stop], "start": start, "stop": stop}
+        for token_id, (start, stop) in zip(
+            encoding["input_ids"], encoding["offset_mapping"], strict=True
+        )
+    ]
+
+
 async def validate(
     state: ServerState, inputs: str, params: ClientParameters, *, add_special_tokens: bool = True
 ) -> GenerationRequest:
-    """Validate and tokenize on a worker thread (a long prompt takes milliseconds), with
-    TGI's validation metrics; `add_special_tokens=False` for a chat-templated prompt."""
+    """Validate and tokenize on a validation worker, with TGI's validation metrics;
+    `add_special_tokens=False` for a chat-templated prompt."""
     started = time.perf_counter()
     validate_request = partial(state.validator.validate, add_special_tokens=add_special_tokens)
     try:
-        request: GenerationRequest = await run_in_threadpool(validate_request, inputs, params)
+        request = await on_validation_workers(state, validate_request, inputs, params)
     except InvalidRequest as exc:
         raise refuse_request(state, str(exc)) from None
     state.metrics.request_validation_duration.observe(time.perf_counter() - started)
@@ -105,6 +128,8 @@ async def final_events(handles: list[RequestHandle], request: Request) -> list[F
             if isinstance(event, FinalEvent):
                 return event
             if isinstance(event, ErrorEvent):
+                if event.error_type == "unhealthy":  # the engine died: TGI's 503
+                    raise BackendUnavailable(event.message)
                 raise GenerationError(event.message)
         raise GenerationError("Incomplete generation")
 

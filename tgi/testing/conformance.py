@@ -21,12 +21,25 @@ exactly what the real one sends: changes-only step plans (full block tables for 
 sequences, appended blocks for running ones, ended ids in the next plan), so the tests
 below read like the scheduler's own sequence of steps.
 
-Every test that steps the backend runs twice: `direct`, and `wire`, where each plan,
-each step's result and KV usage, the limits and the warmup report cross
-`tgi.backend.wire` (msgpack) as they would between a router and an engine process. The
-`wire` variant runs on the first tiny preset only (`runs_wire`): the encoding does not
-depend on the model, and the template backend's O(n^2) steps make a second pass over
-every preset cost minutes.
+Every test that steps the backend runs in up to three variants:
+
+    direct   the suite calls the backend object the factory built
+    wire     the same, but each plan, each step's result and KV usage, the limits and
+             the warmup report cross `tgi.backend.wire` (msgpack) as they would
+             between a router and an engine process
+    worker   the backend runs in an engine worker process (`tgi.engine.worker`), built
+             there by the plugin as `tgi serve` builds it; the suite sends each plan to
+             the `WorkerEngine` and takes the tokens its sampler picked (greedy)
+
+`wire` and `worker` run on the first tiny preset only (`runs_wire`, `runs_worker`):
+the encoding does not depend on the model, and the template backend's O(n^2) steps
+make a second pass over every preset cost minutes. `worker` runs only for a subclass
+that provides the `worker_start` fixture (the `StartWorker` message `tgi serve` would
+send; `tgi.testing.worker.start_worker` builds it), and checks that the worker built a
+backend with the capabilities of the factory's. One worker serves a whole class
+(spawning one costs seconds); each test releases what it left, and the worker must
+then hold nothing. There are no logits in that variant: the tests that read logits or
+prompt logits skip it, the rest check tokens, KV usage and releases as in `direct`.
 """
 
 from __future__ import annotations
@@ -49,10 +62,12 @@ from tgi.backend.contract import (
     StepOutput,
     WarmupReport,
 )
+from tgi.engine.worker.messages import StartWorker
 from tgi.sampling.params import SamplingParams
 from tgi.testing.driver import Driver, round_trip
 from tgi.testing.reference import ReferenceModel, make_prompt
 from tgi.testing.tiny_models import TINY_PRESETS, build_tiny_model
+from tgi.testing.worker import EngineBackend, SuiteWorker
 
 __all__ = ["SUITE_LIMITS", "BackendConformance", "Driver", "ReferenceModel", "make_prompt"]
 
@@ -67,6 +82,8 @@ SUITE_LIMITS = Limits(
 # SUITE_LIMITS (whose max_batch_total_tokens asks for 320) gets a failure, not a skip.
 MAX_FILL_TOKENS = 4096
 _SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
+VARIANTS = ("direct", "wire", "worker")
+_NO_LOGITS = "the worker variant returns sampled tokens, not logits"
 
 
 class BackendConformance:
@@ -108,30 +125,87 @@ class BackendConformance:
         finally:
             built.close()
 
+    @pytest.fixture(scope="class")
+    @classmethod
+    def worker_start(cls, model_dir: Path) -> StartWorker | None:
+        """Override to run the `worker` variant: the `StartWorker` that `tgi serve` would
+        send for `model_dir`, selecting the backend the factory builds
+        (`tgi.testing.worker.start_worker`). None skips the variant."""
+        return None
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def worker(cls, worker_start: StartWorker | None) -> Iterator[SuiteWorker]:
+        """One worker for the class (per architecture), warmed once with `limits`."""
+        if worker_start is None:
+            pytest.skip(f"{cls.__name__} provides no worker_start fixture")
+        spawned = SuiteWorker.spawn(worker_start, cls.limits)
+        try:
+            yield spawned
+        finally:
+            spawned.engine.close()
+
     def runs_wire(self, architecture: str) -> bool:
         """Whether the `wire` variant runs on `architecture`: the first tiny preset, and
         any architecture of a subclass's own (override to widen)."""
         return architecture not in TINY_PRESETS or architecture == min(TINY_PRESETS)
 
-    @pytest.fixture(params=[False, True], ids=["direct", "wire"])
-    def wire(self, request: pytest.FixtureRequest, architecture: str) -> bool:
-        if request.param and not self.runs_wire(architecture):
+    def runs_worker(self, architecture: str) -> bool:
+        """Whether the `worker` variant runs on `architecture`; as `runs_wire`."""
+        return architecture not in TINY_PRESETS or architecture == min(TINY_PRESETS)
+
+    @pytest.fixture(params=VARIANTS)
+    def variant(self, request: pytest.FixtureRequest, architecture: str) -> str:
+        """How the suite reaches the backend: "direct", "wire" or "worker"."""
+        if request.param == "wire" and not self.runs_wire(architecture):
             pytest.skip(f"the wire round trip runs on {min(TINY_PRESETS)} only (runs_wire)")
-        return bool(request.param)
+        if request.param == "worker" and not self.runs_worker(architecture):
+            pytest.skip(f"the worker variant runs on {min(TINY_PRESETS)} only (runs_worker)")
+        return str(request.param)
 
     @pytest.fixture
-    def report(self, backend: Backend, wire: bool) -> WarmupReport:
-        if not wire:
-            return backend.warmup(self.limits)
-        return round_trip(backend.warmup(round_trip(self.limits)))
+    def wire(self, variant: str) -> bool:
+        """Whether plans cross `tgi.backend.wire` in this process (for subclasses' own
+        tests written against the two-variant suite)."""
+        return variant == "wire"
+
+    @pytest.fixture
+    def served(self, request: pytest.FixtureRequest, variant: str) -> Backend:
+        """What a test calls as the backend: the factory's backend, or in the worker
+        variant the class's worker engine (`EngineBackend`), once it is known to run
+        the factory's kind of backend."""
+        if variant != "worker":
+            return request.getfixturevalue("backend")  # type: ignore[no-any-return]
+        worker: SuiteWorker = request.getfixturevalue("worker")
+        if worker.factory_capabilities is None:  # build the factory's backend once a class
+            worker.factory_capabilities = request.getfixturevalue("backend").capabilities
+        worker.check_built_like(worker.factory_capabilities)
+        return EngineBackend(worker.engine)
+
+    @pytest.fixture
+    def report(self, request: pytest.FixtureRequest, served: Backend, variant: str) -> WarmupReport:
+        if variant == "worker":  # warmed once, when the class's worker started
+            return request.getfixturevalue("worker").report  # type: ignore[no-any-return]
+        if variant == "direct":
+            return served.warmup(self.limits)
+        return round_trip(served.warmup(round_trip(self.limits)))
 
     @pytest.fixture
     def capacity(self, report: WarmupReport) -> KVCapacity:
         return report.kv
 
     @pytest.fixture
-    def driver(self, backend: Backend, report: WarmupReport, wire: bool) -> Driver:
-        return Driver(backend, report, wire=wire)
+    def driver(
+        self, request: pytest.FixtureRequest, served: Backend, report: WarmupReport, variant: str
+    ) -> Iterator[Driver]:
+        if variant != "worker":
+            yield Driver(served, report, wire=variant == "wire")
+            return
+        worker: SuiteWorker = request.getfixturevalue("worker")
+        driver = Driver(served, report, engine=worker.engine)
+        yield driver
+        driver.release_all()  # the next test shares the worker: it starts from nothing
+        worker.check_idle()
 
     def _prompts(self, vocab_size: int, lengths: Sequence[int]) -> dict[int, list[int]]:
         return {100 + i: make_prompt(i, n, vocab_size) for i, n in enumerate(lengths)}
@@ -169,8 +243,9 @@ class BackendConformance:
         assert backend.capabilities == caps  # fixed for the life of the backend
 
     def test_warmup_reports_capacity_that_fits_one_full_sequence(
-        self, backend: Backend, report: WarmupReport
+        self, served: Backend, report: WarmupReport
     ) -> None:
+        backend = served
         capacity, constraints = report.kv, report.constraints
         assert capacity.total_tokens >= self.limits.max_total_tokens
         assert capacity.bytes_per_token > 0
@@ -278,6 +353,8 @@ class BackendConformance:
     ) -> None:
         if not driver.caps.prompt_logits:
             pytest.skip("backend does not declare prompt_logits")
+        if driver.engine is not None:
+            pytest.skip(_NO_LOGITS)
         prompts = self._prompts(reference.vocab_size, (9, 4))
         out = driver.send(
             [

@@ -17,6 +17,12 @@ tokens. Every output is checked against its plan (rows, [R, T, V] shape, prompt 
 With `wire=True` every plan crosses `tgi.backend.wire` (encoded, decoded, compared)
 before the backend sees it, and each step's `StepResult` (the picked tokens and the
 backend's `KVUsage`) makes the round trip back, as they would between processes.
+
+With `engine=` (the suite's `worker` variant, `tgi.testing.worker`) every plan goes to
+`Engine.run` instead of `backend.step`: the engine's sampler picks the tokens (default
+`SamplingParams`: greedy) and accepts drafts, and the driver takes each row's tokens
+from `StepResult.tokens`; `kv_usage` and `release` go to the engine too. There are no
+logits to check then: `send` returns the rows and their first tokens (`token_ids`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+import torch
 
 from tgi.backend import wire as wire_format
 from tgi.backend.contract import (
@@ -40,6 +48,7 @@ from tgi.backend.contract import (
     StepPlan,
     WarmupReport,
 )
+from tgi.engine.protocol import Engine
 from tgi.engine.results import StepResult
 from tgi.router.paging import BlockPool, BlockTable, block_hashes
 from tgi.router.paging.prefix import ROOT
@@ -85,12 +94,21 @@ class Driver:
     `prefill`, `step` and `send` send exactly the rows they are given (the test picks
     the shapes); only `generate` splits its decode rows into steps of at most
     `report.constraints.max_rows`.
+
+    With `engine`, plans, `kv_usage` and `release` go to the engine, and `backend` is
+    only what tests call directly (`tgi.testing.worker.EngineBackend(engine)`).
     """
 
     def __init__(
-        self, backend: Backend, report: WarmupReport | KVCapacity, *, wire: bool = False
+        self,
+        backend: Backend,
+        report: WarmupReport | KVCapacity,
+        *,
+        wire: bool = False,
+        engine: Engine | None = None,
     ) -> None:
         self.backend = backend
+        self.engine = engine
         self.report = report if isinstance(report, WarmupReport) else WarmupReport(report)
         self.capacity = self.report.kv
         self.constraints = self.report.constraints
@@ -123,7 +141,8 @@ class Driver:
         `cached` (paged): each first takes the longest run of keyed prefix blocks
         (`share_prefix`), always leaving one token to compute, and starts after it.
         `sampling` travels with each NewSequence (a backend sampling on its device
-        uses it; otherwise the driver samples greedily whatever it says)."""
+        uses it, and so does an engine's sampler; otherwise the driver samples greedily
+        whatever it says)."""
         new = [
             self.new_row(
                 s, p, want_prompt_logits=want_prompt_logits, cached=cached, sampling=sampling
@@ -209,12 +228,25 @@ class Driver:
             self._preempted.append(seq_id)
 
     def release(self, seq_ids: Sequence[int]) -> None:
-        """End sequences outside a step (`Backend.release`), as shutdown does."""
+        """End sequences outside a step (`Backend.release`, or `Engine.release`, which
+        also drops their sampler state), as shutdown does."""
         for seq_id in seq_ids:
             seq = self.seqs.pop(seq_id, None)
             if seq is not None:
                 self._free(seq)
-        self.backend.release(seq_ids)
+        if self.engine is not None:
+            self.engine.release(seq_ids)
+        else:
+            self.backend.release(seq_ids)
+
+    def release_all(self) -> None:
+        """Release every sequence the driver holds, preempted ones and ended ones not
+        sent yet included: a backend or engine that outlives this driver (the suite's
+        shared worker) is left holding nothing."""
+        ids = [*self.seqs, *self._finished, *self._preempted]
+        self._finished.clear()
+        self._preempted.clear()
+        self.release(list(dict.fromkeys(ids)))
 
     # ---- reading ----------------------------------------------------------------------
 
@@ -225,7 +257,10 @@ class Driver:
         return tuple(self.seqs[seq_id].table.blocks)
 
     def kv_usage(self) -> KVUsage:
-        """The backend's `kv_usage()`, through the wire when the driver uses it."""
+        """The backend's `kv_usage()`, through the wire when the driver uses it (or the
+        engine's)."""
+        if self.engine is not None:
+            return self.engine.kv_usage()
         usage = self.backend.kv_usage()
         return round_trip(usage) if self.wire else usage
 
@@ -320,7 +355,7 @@ class Driver:
 
     def send(self, new: Sequence[NewSequence], running: Sequence[RunningSequence]) -> StepOutput:
         """Send one plan (with the queued ended ids), check the output against it and
-        take each logits row's greedy tokens."""
+        take each logits row's greedy tokens (with an engine: the tokens it sampled)."""
         plan = StepPlan(
             new=tuple(new),
             running=tuple(running),
@@ -331,6 +366,8 @@ class Driver:
         self._finished.clear()
         self._preempted.clear()
         self.plans.append(plan)
+        if self.engine is not None:
+            return self._take_sampled(plan, self.engine.run(plan))
         out = self.backend.step(round_trip(plan) if self.wire else plan)
         picked = self._picked(plan, out)
         result = self._take(plan, picked)
@@ -381,6 +418,28 @@ class Driver:
         if self.wire:
             result.kv = self.backend.kv_usage()
         return result
+
+    def _take_sampled(self, plan: StepPlan, result: StepResult) -> StepOutput:
+        """Append the tokens the engine sampled (drafts it accepted included), checked
+        against the plan; the output without logits: rows and their first tokens."""
+        step = f"step {plan.step_index}"
+        assert not result.errors and not result.recompute, (
+            f"{step} failed in the engine: {result.errors}, recompute {result.recompute}"
+        )
+        picked: dict[int, list[int]] = {}
+        for seq_id, token, _ in result.tokens:
+            picked.setdefault(seq_id, []).append(token)
+        rows = plan.logits_rows
+        want = tuple(row.seq_id for row in rows)
+        assert tuple(picked) == want, f"{step}: tokens for {tuple(picked)}, asked for {want}"
+        for row in rows:
+            assert len(picked[row.seq_id]) <= row.num_logits, f"{step}: {picked[row.seq_id]}"
+            self.seqs[row.seq_id].generated.extend(picked[row.seq_id])
+        asked = {new.seq_id for new in plan.new if new.want_prompt_logits}
+        got = set(result.prompt_logprobs)
+        assert got == asked, f"{step}: prompt logprobs for {got}, asked for {asked}"
+        firsts = [tokens[0] for tokens in picked.values()]
+        return StepOutput(want, logits=None, token_ids=torch.tensor(firsts, dtype=torch.int64))
 
     def _uses_slots(self) -> bool:
         return self.caps.kv_layout is KvLayout.SLOTS or self.caps.static_batch_size is not None

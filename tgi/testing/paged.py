@@ -131,8 +131,10 @@ def paged_router(
         prefix_caching=prefix_caching,
         speculate=speculate,
     )
+    from tgi.engine.local import LocalEngine
+
     return Router(
-        backend,
+        LocalEngine(backend),
         tokenizer,
         limits=RouterLimits(max_concurrent_requests=1_000_000),
         policy=policy,

@@ -13,6 +13,7 @@ from tgi.errors import BackendUnavailable, InvalidRequest
 from tgi.metrics import CONTENT_TYPE, exposition
 from tgi.server.process import resident_memory_bytes
 from tgi.server.schemas import ErrorResponse, GenerateRequest, SimpleToken
+from tgi.server.serving import on_validation_workers, token_offsets
 from tgi.server.state import ServerState, get_state
 
 __all__ = ["router"]
@@ -25,6 +26,7 @@ async def info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     """TGI's Info fields, then the backend's name, capabilities and live KV use."""
     config, model = state.config, state.model
     stats = state.router.stats()
+    engine = state.router.engine.description
     return {
         "model_id": model.model_id,
         "model_sha": model.model_sha,
@@ -51,6 +53,12 @@ async def info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
         "backend_version": model.backend_version,
         "backend_capabilities": _jsonable(asdict(model.capabilities)),
         "backend_step_constraints": _jsonable(asdict(model.constraints)),
+        "engine": {
+            "placement": engine.placement,  # "process": a worker; "thread": in this process
+            "pid": engine.pid,
+            "healthy": state.router.healthy,
+            "restarts": state.router.restarts,
+        },
         "batch": {
             "queue_size": stats.queue_size,
             "current_size": stats.batch_size,
@@ -66,6 +74,9 @@ async def info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
             "kv_block_size": model.capacity.block_size,
             "kv_num_blocks": model.capacity.num_blocks,
             "process_resident_bytes": resident_memory_bytes(),
+            "engine_resident_bytes": resident_memory_bytes(engine.pid)
+            if engine.placement == "process"
+            else None,
         },
     }
 
@@ -80,9 +91,17 @@ def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@router.get("/health", responses={503: {"model": ErrorResponse}})
+@router.get(
+    "/health",
+    response_class=Response,  # no media type: the 200 documents no body, as TGI's does
+    responses={
+        200: {"description": "Everything is working fine"},
+        503: {"model": ErrorResponse, "description": "Text generation inference is down"},
+    },
+)
 async def health(state: ServerState = Depends(get_state)) -> Response:
-    """Cheap while healthy; after a failure, a real one-token forward decides."""
+    """Cheap while healthy; after a failure, a real one-token forward decides. TGI's
+    answers: an empty 200 (no body, no content type), or a 503 with its error body."""
     if not state.router.healthy:
         try:
             await state.router.check_health()
@@ -102,20 +121,14 @@ async def metrics(state: ServerState = Depends(get_state)) -> Response:
 @router.post(
     "/tokenize", response_model=list[SimpleToken], responses={404: {"model": ErrorResponse}}
 )
-async def tokenize(
-    body: GenerateRequest, state: ServerState = Depends(get_state)
-) -> list[SimpleToken]:
+async def tokenize(body: GenerateRequest, state: ServerState = Depends(get_state)) -> Response:
     """The prompt's tokens with their character offsets."""
     if not getattr(state.tokenizer, "is_fast", False):
-        return JSONResponse(  # type: ignore[return-value]
-            status_code=404, content={"error": "No fast tokenizer available"}
-        )
+        return JSONResponse(status_code=404, content={"error": "No fast tokenizer available"})
     if not body.inputs:
         raise InvalidRequest("`inputs` cannot be empty")
-    encoding = state.tokenizer(body.inputs, return_offsets_mapping=True, add_special_tokens=True)
-    return [
-        SimpleToken(id=token_id, text=body.inputs[start:stop], start=start, stop=stop)
-        for token_id, (start, stop) in zip(
-            encoding["input_ids"], encoding["offset_mapping"], strict=True
-        )
-    ]
+
+    def answer() -> JSONResponse:  # the body is rendered on the worker too
+        return JSONResponse(token_offsets(state.tokenizer, body.inputs, add_special_tokens=True))
+
+    return await on_validation_workers(state, answer)

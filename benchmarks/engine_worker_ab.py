@@ -1,0 +1,113 @@
+"""The engine in a worker process against the engine on a thread, side by side in one run.
+
+    .venv/bin/python benchmarks/engine_worker_ab.py
+
+starts on loopback three `tgi serve --backend cpu` on the embedded SmolLM2 from this
+tree: `thread` (`--no-engine-process`: backend and sampler on a thread of the HTTP
+process), `worker` (the default: a worker process behind a Unix socket) and
+`worker-overlap` (the same with `--overlap-steps`); then runs `tgi bench
+serve` closed-loop at 1 and 32 concurrent streams against each, one server under load at
+a time, rounds interleaved with the order rotating, and writes `tgi bench compare`'s
+table (ratios to thread-r1):
+
+    benchmarks/results/<name>{.json,.md,.png}
+    benchmarks/results/<name>/<system>-r<N>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare_smollm2 import (
+    ROOT,
+    System,
+    _bench_command,
+    _free_port,
+    _ints,
+    _model_files,
+    _start,
+    _stop,
+    _tgi,
+    compare,
+)
+
+logger = logging.getLogger("engine_worker_ab")
+
+SYSTEMS = {
+    "thread": ["--no-engine-process"],
+    "worker": ["--engine-process"],
+    # with the engine in its own process, planning ahead no longer takes the GIL from it
+    "worker-overlap": ["--engine-process", "--overlap-steps"],
+}
+
+
+def main() -> None:
+    today = datetime.date.today().isoformat()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=_ints, default=[1, 32])
+    parser.add_argument("--num-prompts", type=_ints, default=[12, 64], help="per level")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--kv-cache-memory", default="1GiB")
+    parser.add_argument("--name", default=f"{today}-engine-worker-ab")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "tgi-test")
+    parser.add_argument("--start-timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    _, checkpoint = _model_files(args.cache_dir)
+    total = args.input_len + args.output_len + 16
+    env = dict(os.environ, TGI_CACHE_DIR=str(args.cache_dir), TGI_BACKENDS="cpu")
+    systems = [
+        System(name, "tgi", _tgi(port := _free_port(), args, total, flags), port)
+        for name, flags in SYSTEMS.items()
+    ]
+    folder = args.out_dir / args.name
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    processes = []
+    outputs: list[Path] = []
+    try:
+        for system in systems:
+            processes.append(_start(system, env, args.start_timeout))
+        levels = list(zip(args.concurrency, args.num_prompts, strict=True))
+        for round_index in range(args.rounds):
+            shift = round_index % len(systems)
+            for system in [*systems[shift:], *systems[:shift]]:
+                label = dataclasses.replace(system, name=f"{system.name}-r{round_index + 1}")
+                for concurrency, num_prompts in levels:
+                    output = folder / f"{label.name}-c{concurrency}.json"
+                    command = _bench_command(
+                        label, checkpoint, args, concurrency, num_prompts, output
+                    )
+                    logger.info("%s: %s", label.name, " ".join(command))
+                    subprocess.run(command, check=True)
+                    outputs.append(output)
+    finally:
+        for process in processes:
+            _stop(process)
+    title = (
+        f"engine worker process vs engine thread: SmolLM2, closed loop at "
+        f"{','.join(map(str, args.concurrency))} streams, {args.input_len}+{args.output_len} tokens"
+    )
+    compare(outputs, "thread-r1", args.out_dir / args.name, title)
+    logger.info("done in %.0f s", time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""What the router drives: an `Engine`, in this process or in a worker process.
+
+The router never holds a backend. It holds an `Engine` whose calls run one at a time
+on the router's engine thread (`tgi.engine.thread.EngineThread`) and block until the
+engine answers:
+
+    LocalEngine   (local.py)     backend + sampler on that thread, in the HTTP process
+    WorkerEngine  (worker/)      backend + sampler in a worker process; the calls send
+                                 the plan over a socket and wait for the result
+
+Both take the same `StepPlan` and return the same `StepResult`, so everything above
+them (policies, streaming, reconciliation) is one code path. Only a worker can die on
+its own: its calls then raise `EngineDied`, and the router restarts it (`restart`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from tgi.backend.contract import Capabilities, KVUsage, Limits, StepPlan, WarmupReport
+from tgi.engine.results import StepResult
+from tgi.errors import BackendUnavailable
+
+__all__ = ["Engine", "EngineDescription", "EngineDied", "EngineStats"]
+
+
+class EngineDied(BackendUnavailable):
+    """The engine's process exited or stopped answering; what it held is gone.
+
+    The router fails the requests in flight with a 503 and restarts the engine.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class EngineDescription:
+    """What the engine told the router when it started (for /info and logs)."""
+
+    capabilities: Capabilities
+    dtype: str | None  # "float32", ...; None when the backend does not say
+    device_type: str
+    placement: str  # "thread" (in the HTTP process) or "process" (a worker)
+    pid: int  # the process the backend runs in
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """Per-sequence state the engine holds between steps (leak checks, /metrics)."""
+
+    num_tracked: int  # sequences with sampler state
+    num_histories: int  # ... of which keep a token history (penalties, watermark)
+    num_matchers: int  # grammar matchers alive
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One backend and its sampler. Every call blocks; the router makes them from one
+    thread, one at a time."""
+
+    @property
+    def description(self) -> EngineDescription: ...
+
+    def warmup(self, limits: Limits) -> WarmupReport:
+        """Warm the backend up (once, before the first step)."""
+        ...
+
+    def run(self, plan: StepPlan) -> StepResult:
+        """One step. A backend failure fails the step's rows in the result; only the
+        engine itself going away raises (`EngineDied`)."""
+        ...
+
+    def release(self, seq_ids: Sequence[int]) -> KVUsage:
+        """Free sequences outside a step (shutdown)."""
+        ...
+
+    def kv_usage(self) -> KVUsage: ...
+
+    def health(self) -> None:
+        """A real one-token forward; raises when the backend cannot serve."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    def exited(self) -> str | None:
+        """Why the engine is gone, or None while it runs; answers at once, from any
+        thread (the router asks while idle, when no call would notice)."""
+        ...
+
+    def restart(self) -> WarmupReport:
+        """Replace a dead engine with a fresh, warmed one holding no sequence."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,262 @@
+"""`WorkerEngine`: the engine in a worker process, driven from the HTTP process.
+
+NOTE: the calls block, like `LocalEngine`'s, and run on the router's engine thread;
+the socket is used from that thread alone. A worker is watched as a process, not
+trusted to answer: every wait checks between 100 ms poll slices that the process is
+still there, and a step has a deadline (`--engine-step-timeout`). Either way it ends
+the same: the worker is killed if it is not dead yet and the call raises
+`EngineDied`, which the router turns into 503s and a `restart`.
+
+    spawn:   ChannelListener ── python -m tgi.engine.worker ADDRESS ── StartWorker
+             ◄── WorkerReady (capabilities, dtype, pid)
+    warmup:  Limits ──► ◄── WarmupReport      (kept: a restart warms with the same
+                                                limits and must report the same room)
+    step:    StepPlan ──► ◄── StepResult
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn, TypeVar
+
+from tgi.backend.contract import KVUsage, Limits, StepPlan, WarmupReport
+from tgi.engine.protocol import EngineDescription, EngineDied, EngineStats
+from tgi.engine.results import StepResult
+from tgi.engine.worker.channel import Channel, ChannelClosed, ChannelListener, ChannelTimeout
+from tgi.engine.worker.messages import (
+    Done,
+    Query,
+    Release,
+    StartWorker,
+    WorkerFailure,
+    WorkerReady,
+)
+from tgi.errors import BackendError, BackendUnavailable, ConfigError
+
+__all__ = ["WorkerEngine", "describe_exit"]
+
+logger = logging.getLogger(__name__)
+
+A = TypeVar("A")
+
+_SHUTDOWN_S = 10.0  # how long a worker may take to close its backend on shutdown
+
+
+def describe_exit(code: int) -> str:
+    """A process's exit status in words (negative: killed by that signal)."""
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if -code == signal.SIGKILL:
+        return f"{name} (out of memory, or killed by an operator)"
+    return name
+
+
+class WorkerEngine:
+    """An `Engine` whose backend and sampler run in a child process."""
+
+    def __init__(
+        self,
+        start: StartWorker,
+        *,
+        step_timeout_s: float,
+        start_timeout_s: float = 1800.0,
+    ) -> None:
+        self._start = start
+        self._step_timeout_s = step_timeout_s
+        self._start_timeout_s = start_timeout_s  # loading and warming a large model
+        self._process: subprocess.Popen[bytes] | None = None
+        self._channel: Channel | None = None
+        self._description: EngineDescription | None = None
+        self._limits: Limits | None = None
+        self._report: WarmupReport | None = None
+        self._dead: str | None = None  # why the worker is gone, until a restart
+        self.restarts = 0
+
+    @classmethod
+    def spawn(cls, start: StartWorker, *, step_timeout_s: float) -> WorkerEngine:
+        """Start the worker and wait until its backend has loaded."""
+        engine = cls(start, step_timeout_s=step_timeout_s)
+        try:
+            engine._spawn()
+        except BaseException:
+            engine._stop_process()  # no process or socket left behind a failed start
+            raise
+        return engine
+
+    # ---- the Engine protocol --------------------------------------------------------
+
+    @property
+    def description(self) -> EngineDescription:
+        assert self._description is not None, "the worker has not started"
+        return self._description
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def warmup(self, limits: Limits) -> WarmupReport:
+        report = self._ask(limits, WarmupReport, self._start_timeout_s, "warmup")
+        self._limits, self._report = limits, report
+        return report
+
+    def run(self, plan: StepPlan) -> StepResult:
+        return self._ask(plan, StepResult, self._step_timeout_s, f"step {plan.step_index}")
+
+    def release(self, seq_ids: Sequence[int]) -> KVUsage:
+        return self._ask(Release(tuple(seq_ids)), KVUsage, self._step_timeout_s, "release")
+
+    def kv_usage(self) -> KVUsage:
+        return self._ask(Query("kv_usage"), KVUsage, self._step_timeout_s, "kv_usage")
+
+    def health(self) -> None:
+        self._ask(Query("health"), Done, self._step_timeout_s, "health")
+
+    def stats(self) -> EngineStats:
+        return self._ask(Query("stats"), EngineStats, self._step_timeout_s, "stats")
+
+    def exited(self) -> str | None:
+        process = self._process
+        if process is None or self._dead is not None:
+            return self._dead
+        code = process.poll()  # Popen.poll takes its own lock: safe beside the engine thread
+        if code is None:
+            return None
+        return f"the engine worker pid {process.pid} ended with {describe_exit(code)}"
+
+    def restart(self) -> WarmupReport:
+        """A fresh worker, loaded and warmed with the first warmup's limits; it must
+        offer at least the room the router's policy was built for."""
+        assert self._limits is not None and self._report is not None, "restart before warmup"
+        self._stop_process()
+        try:
+            self._spawn()
+        except BaseException:
+            self._stop_process()
+            raise
+        report = self._ask(self._limits, WarmupReport, self._start_timeout_s, "warmup")
+        before = self._report
+        if (
+            report.kv.total_tokens < before.kv.total_tokens
+            or (report.kv.num_blocks or 0) < (before.kv.num_blocks or 0)
+            or report.constraints != before.constraints
+        ):
+            self._kill("it warmed up to less room than the router plans for")
+            raise BackendError(
+                f"the restarted engine reports {report.kv} and {report.constraints}; the "
+                f"router was built for {before.kv} and {before.constraints}"
+            )
+        self.restarts += 1
+        return report
+
+    def close(self) -> None:
+        """Ask the worker to close its backend and exit; kill it if it does not."""
+        if self._process is not None and self._dead is None:
+            try:
+                self._ask(Query("shutdown"), Done, _SHUTDOWN_S, "shutdown")
+                self._process.wait(timeout=_SHUTDOWN_S)
+            except (EngineDied, BackendUnavailable, subprocess.TimeoutExpired):
+                pass
+            except Exception:
+                logger.exception("the engine worker did not shut down cleanly")
+        self._stop_process()
+        self._dead = "closed"
+
+    # ---- internals ------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        listener = ChannelListener()
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "tgi.engine.worker", listener.address],
+                stdin=subprocess.DEVNULL,
+                env=os.environ.copy(),
+            )
+            self._dead = None
+            logger.info("engine worker started: pid %d", self._process.pid)
+            self._channel = listener.accept(
+                timeout_s=self._start_timeout_s, peer_alive=self._check_alive
+            )
+        except BaseException:
+            listener.close()
+            raise
+        ready = self._ask(self._start, WorkerReady, self._start_timeout_s, "load")
+        self._description = EngineDescription(
+            capabilities=ready.capabilities,
+            dtype=ready.dtype,
+            device_type=ready.device_type,
+            placement="process",
+            pid=ready.pid,
+        )
+
+    def _ask(self, message: Any, answer: type[A], timeout_s: float, call: str) -> A:
+        if self._dead is not None or self._channel is None:
+            raise EngineDied(f"the engine worker is gone: {self._dead or 'never started'}")
+        try:
+            self._channel.send(message)
+            reply = self._channel.receive(
+                (answer, WorkerFailure), timeout_s=timeout_s, peer_alive=self._check_alive
+            )
+        except ChannelTimeout:
+            self._kill(f"no answer to {call} in {timeout_s:.0f} s")
+        except ChannelClosed:
+            self._exited()
+        if isinstance(reply, WorkerFailure):
+            raise _raised(reply)
+        assert isinstance(reply, answer)
+        return reply
+
+    def _check_alive(self) -> None:
+        """Raise `EngineDied` when the worker process has exited."""
+        assert self._process is not None
+        code = self._process.poll()
+        if code is not None:
+            self._dead = f"pid {self._process.pid} ended with {describe_exit(code)}"
+            raise EngineDied(f"the engine worker {self._dead}")
+
+    def _exited(self) -> NoReturn:
+        """The worker closed its end: it is exiting; raise `EngineDied` with its status."""
+        assert self._process is not None
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._kill("it closed the channel but did not exit")
+        self._check_alive()
+        raise AssertionError("unreachable: the worker exited")
+
+    def _kill(self, why: str) -> NoReturn:
+        """Kill a worker that stopped answering; raise `EngineDied` saying why."""
+        assert self._process is not None
+        self._dead = f"pid {self._process.pid} was killed: {why}"
+        logger.error("engine worker %s", self._dead)
+        self._stop_process()
+        raise EngineDied(f"the engine worker {self._dead}")
+
+    def _stop_process(self) -> None:
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+def _raised(failure: WorkerFailure) -> Exception:
+    """The exception a failed call in the worker stands for, in this process."""
+    message = f"{failure.call} failed in the engine worker: {failure.message}"
+    if failure.kind == "config":
+        return ConfigError(failure.message)
+    if failure.kind == "unavailable":
+        return BackendUnavailable(message)
+    if failure.kind == "backend":
+        return BackendError(message)
+    return RuntimeError(message)

@@ -1,0 +1,82 @@
+"""The messages of the front-worker channel besides the contract's plans and results.
+
+Everything here is plain frozen data that `tgi.backend.wire` encodes field by field
+(msgpack, never pickle). A conversation is strictly request, answer:
+
+    front                                   worker
+    StartWorker  ─────────────────────────► load the backend
+                 ◄─────────────────────────  WorkerReady | WorkerFailure
+    Limits       ─────────────────────────► warmup
+                 ◄─────────────────────────  WarmupReport | WorkerFailure
+    StepPlan     ─────────────────────────► EngineCore.run
+                 ◄─────────────────────────  StepResult
+    Release      ─────────────────────────► free sequences outside a step
+                 ◄─────────────────────────  KVUsage | WorkerFailure
+    Query        ─────────────────────────► kv_usage / health / stats / shutdown
+                 ◄─────────────────────────  KVUsage | Done | EngineStats | WorkerFailure
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from tgi.backend.contract import Capabilities
+from tgi.models.source import ModelKind
+
+__all__ = ["Done", "Query", "Release", "StartWorker", "WorkerFailure", "WorkerReady"]
+
+
+@dataclass(frozen=True, slots=True)
+class StartWorker:
+    """The first message: what to load, as the front process resolved it."""
+
+    config_json: str  # the validated ServeConfig (`model_dump_json`), derived limits included
+    backend: str  # the plugin the front process selected
+    model_id: str
+    model_kind: ModelKind
+    model_path: str  # the local transformers directory (`ModelFiles.path`)
+    architecture: str | None
+    max_position_embeddings: int | None
+    sha: str | None
+    eos_token_ids: tuple[int, ...]  # for grammar matchers compiled in the worker
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReady:
+    """The backend loaded: what it is, for /info and the policy."""
+
+    capabilities: Capabilities
+    dtype: str | None
+    device_type: str
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Free these sequences now, outside a step (shutdown)."""
+
+    seq_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A call without arguments."""
+
+    call: Literal["kv_usage", "health", "stats", "shutdown"]
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The call succeeded and returns nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFailure:
+    """A call raised in the worker; the front process raises it again, by kind."""
+
+    call: str  # what failed: "load", "warmup", "health", ...
+    kind: Literal["config", "backend", "unavailable", "other"]
+    message: str
