@@ -339,3 +339,54 @@ def test_new_parameters_reach_the_sampler(byte_tokenizer: Any) -> None:
         3.0,
     )
     assert sampling.needs_history
+
+
+# ---- what the sampler's tensors can hold ------------------------------------------------
+
+I32_MAX = 2**31 - 1
+U64_MAX = 2**64 - 1
+
+# HTTP schemas refuse these at parsing (TGI's types); the validator is the guarantee for
+# every caller, because one row the sampler cannot build fails every row of its step.
+UNREPRESENTABLE = [
+    ({"top_k": 2**63}, f"`top_k` must be >= -2147483648 and <= {I32_MAX}. Given: {2**63}"),
+    ({"top_k": I32_MAX + 1}, f"`top_k` must be >= -2147483648 and <= {I32_MAX}. Given: 2147483648"),
+    ({"seed": U64_MAX + 1}, f"`seed` must be >= 0 and <= {U64_MAX}. Given: {U64_MAX + 1}"),
+    ({"seed": -1}, f"`seed` must be >= 0 and <= {U64_MAX}. Given: -1"),
+    *[
+        ({name: value}, f"`{name}` must be a finite number. Given: {value}")
+        for name in ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
+        for value in (float("nan"), float("inf"), float("-inf"))
+    ],
+]
+
+
+@pytest.mark.parametrize(("params", "message"), UNREPRESENTABLE)
+def test_values_the_sampler_cannot_hold_are_refused(
+    validator: Validator, params: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        validator.validate("hello", ClientParameters(**params))
+    assert str(caught.value) == message
+
+
+def test_types_are_checked_before_tgi_s_rules(validator: Validator) -> None:
+    # TGI's serde refuses a value its type cannot hold before validation runs
+    with pytest.raises(InvalidRequest, match=r"^`top_k` must be >= "):
+        validator.validate("hello", ClientParameters(temperature=0.0, top_k=2**63))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"top_k": I32_MAX}, {"seed": U64_MAX, "do_sample": True}, {"seed": 0, "do_sample": True}],
+)
+def test_every_accepted_edge_builds_a_sampling_batch(
+    validator: Validator, params: dict[str, Any]
+) -> None:
+    import torch
+
+    from tgi.sampling.sampler import SamplingBatch
+
+    sampling = validator.validate("hello", ClientParameters(**params)).sampling
+    batch = SamplingBatch.build([sampling], 259, torch.device("cpu"))
+    assert batch.top_k.tolist() == [sampling.top_k if sampling.top_k else 259]

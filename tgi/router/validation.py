@@ -9,6 +9,7 @@ other is refused rather than answered as if the parameter had not been sent.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -28,6 +29,11 @@ __all__ = ["BackendSampling", "ClientParameters", "Tokenizer", "ValidationLimits
 # Sampling fields validation sets without the client naming them: any warper turns
 # sampling on, and every sampled request gets a seed.
 _IMPLIED = frozenset({"do_sample", "seed"})
+
+# The sampler's tensors hold what TGI's types hold (top_k an i32, the seed a u64) and
+# only finite floats; the other integers are bounded by the checks TGI makes anyway.
+_FLOATS = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
+_INTEGER_RANGES = {"top_k": (-(2**31), 2**31 - 1), "seed": (0, 2**64 - 1)}
 
 
 class Tokenizer(Protocol):
@@ -84,10 +90,12 @@ class Validator:
     """Checks parameters and tokenizes; raises `InvalidRequest` with TGI's message.
 
     NOTE: the checks run in the order of TGI's `Validation::validate` (router/src/
-    validation.rs), because a request breaking two rules must get the same message:
-    best_of sampling, temperature, repetition penalty, frequency penalty, top_p,
-    typical_p, top_k, max_new_tokens, stop, seed with best_of, top_n_tokens, empty
-    inputs, truncate, then the token budget and the input length after tokenizing.
+    validation.rs), because a request breaking two rules must get the same message,
+    after a value TGI's types cannot hold (its parser refuses those first; the HTTP
+    schemas do too, this covers every other caller): best_of sampling, temperature,
+    repetition penalty, frequency penalty, top_p, typical_p, top_k, max_new_tokens,
+    stop, seed with best_of, top_n_tokens, empty inputs, truncate, then the token
+    budget and the input length after tokenizing.
     `best_of`'s own range (TGI's `validate_best_of`) is checked before all of them.
     The grammar comes last, as in TGI, and is compiled here, on the validation worker
     thread, so building it never stalls the engine thread (the sampler gets its
@@ -136,6 +144,7 @@ class Validator:
     ) -> GenerationRequest:
         """`add_special_tokens=False` for a chat-templated prompt, which already holds
         them (TGI's `GenerateRequest.add_special_tokens`, false for chat)."""
+        self._check_representable(params)
         if params.best_of is not None and params.best_of != 1:
             self.check_best_of(params.best_of)
         sampling = self._sampling(params)
@@ -190,6 +199,18 @@ class Validator:
             decoder_input_details=params.decoder_input_details,
             return_full_text=bool(params.return_full_text),
         )
+
+    @staticmethod
+    def _check_representable(params: ClientParameters) -> None:
+        """Refuse what the sampler cannot hold: one such row fails every row of its step."""
+        for name in _FLOATS:
+            value = getattr(params, name)
+            if value is not None and not math.isfinite(value):
+                raise InvalidRequest(f"`{name}` must be a finite number. Given: {value}")
+        for name, (low, high) in _INTEGER_RANGES.items():
+            value = getattr(params, name)
+            if value is not None and not low <= value <= high:
+                raise InvalidRequest(f"`{name}` must be >= {low} and <= {high}. Given: {value}")
 
     def _sampling(self, params: ClientParameters) -> SamplingParams:
         sampling = params.do_sample or any(

@@ -1,12 +1,17 @@
-"""One table from core exceptions to TGI's status codes and `{error, error_type}` bodies."""
+"""One table from core exceptions to TGI's status codes and `{error, error_type}` bodies,
+and the app's answers to what no route handles (routing, unreadable bodies, bugs) in
+the shape of the route family asked: TGI's, or OpenAI's under /v1/."""
 
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from tgi.errors import (
     BackendUnavailable,
@@ -16,9 +21,18 @@ from tgi.errors import (
     TgiError,
 )
 
-__all__ = ["ERROR_TABLE", "error_body", "install_error_handlers", "payload_too_large"]
+__all__ = [
+    "ERROR_TABLE",
+    "error_body",
+    "install_error_handlers",
+    "openai_error",
+    "payload_too_large",
+    "shaped_error",
+]
 
 logger = logging.getLogger(__name__)
+
+OPENAI_PREFIX = "/v1/"  # the routes that answer errors in OpenAI's shape
 
 # exception class -> (HTTP status, TGI's error_type)
 ERROR_TABLE: dict[type[TgiError], tuple[int, str]] = {
@@ -42,6 +56,18 @@ def error_body(exc: TgiError) -> tuple[int, dict[str, str]]:
                 message = f"Input validation error: {message}"
             return status, {"error": message, "error_type": error_type}
     return 500, {"error": str(exc), "error_type": "internal"}
+
+
+def openai_error(message: str, error_type: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body, what the `openai` SDK reads; `type` carries TGI's error_type."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": None}}
+
+
+def shaped_error(path: str, message: str, error_type: str) -> dict[str, Any]:
+    """An error body in the shape of the route family `path` belongs to."""
+    if path.startswith(OPENAI_PREFIX):
+        return openai_error(message, error_type)
+    return {"error": message, "error_type": error_type}
 
 
 def payload_too_large() -> tuple[int, dict[str, str]]:
@@ -69,8 +95,30 @@ def _json_syntax_error(exc: RequestValidationError) -> str | None:
     return None
 
 
+def _http_error(exc: HTTPException) -> tuple[int, str, str]:
+    """(status, message, error_type) of an HTTPException: routing's 404 and 405, or
+    FastAPI's 400 for a body it could not decode (not UTF-8, or nested past the JSON
+    parser's recursion limit), which is axum's 400 for a body serde cannot parse."""
+    if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+        return 400, f"Failed to parse the request body as JSON: {exc.__cause__}", "validation"
+    error_type = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    return exc.status_code, str(exc.detail), error_type
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; routes and the core never build error responses."""
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        status, message, error_type = _http_error(exc)
+        content = shaped_error(request.url.path, message, error_type)
+        return JSONResponse(status_code=status, content=content, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, _: Exception) -> JSONResponse:
+        # Starlette answers with this, then raises the exception again for the log.
+        content = shaped_error(request.url.path, "Internal Server Error", "internal")
+        return JSONResponse(status_code=500, content=content)
 
     @app.exception_handler(TgiError)
     async def _tgi_error(_: Request, exc: TgiError) -> JSONResponse:

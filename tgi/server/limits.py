@@ -12,12 +12,10 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from tgi.server.errors import payload_too_large
-from tgi.server.openai.errors import openai_error
+from tgi.server.errors import payload_too_large, shaped_error
 
 __all__ = ["PayloadLimit"]
 
-OPENAI_PREFIX = "/v1/"  # the routes that answer errors in OpenAI's shape
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -78,9 +76,7 @@ def _declared_length(scope: MutableMapping[str, Any]) -> int:
 
 async def _too_large(scope: MutableMapping[str, Any], send: Send) -> None:
     status, body = payload_too_large()
-    shaped: dict[str, Any] = dict(body)
-    if str(scope.get("path", "")).startswith(OPENAI_PREFIX):
-        shaped = openai_error(body["error"], body["error_type"])
+    shaped = shaped_error(str(scope.get("path", "")), body["error"], body["error_type"])
     payload = json.dumps(shaped).encode()
     headers = [
         (b"content-type", b"application/json"),

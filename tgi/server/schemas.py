@@ -7,7 +7,7 @@ models are built from router events with `from_event` classmethods.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,10 @@ from tgi.router.request import FinalEvent, GeneratedToken, PrefillToken, TokenEv
 from tgi.router.validation import ClientParameters
 
 __all__ = [
+    "F32",
+    "I32",
+    "U32",
+    "U64",
     "BestOfSequence",
     "CompatGenerateRequest",
     "Details",
@@ -39,28 +43,44 @@ __all__ = [
 ]
 
 
+# TGI's Rust types (router/src/lib.rs), which its serde refuses to overflow or coerce: a
+# value they cannot hold is a 422 when the body is parsed, before validation runs. usize
+# is a u64 on the 64-bit servers TGI runs on; a JSON integer is a fine f32.
+I32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
+U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
+_F32_MAX = 3.4028234663852886e38
+F32 = Annotated[float, Field(allow_inf_nan=False, ge=-_F32_MAX, le=_F32_MAX)]
+# No coercion ("10" is no integer, "yes" no boolean), as serde; JSON has no tuples, sets
+# or bytes, so strict mode refuses nothing a JSON client could mean.
+_STRICT = ConfigDict(strict=True)
+
+
 class GenerateParameters(BaseModel):
-    """TGI's `GenerateParameters`; ranges are checked by the router's validator so the
-    messages match TGI's word for word. An explicit `null` means "not given"."""
+    """TGI's `GenerateParameters`, with TGI's types; ranges within them are checked by
+    the router's validator so the messages match TGI's word for word. An explicit `null`
+    means "not given"."""
+
+    model_config = _STRICT
 
     adapter_id: str | None = None
-    best_of: int | None = None
+    best_of: U64 | None = None
     decoder_input_details: bool = False
     details: bool = False
     do_sample: bool = False
-    frequency_penalty: float | None = None
+    frequency_penalty: F32 | None = None
     grammar: dict[str, Any] | None = None
-    max_new_tokens: int | None = None
-    repetition_penalty: float | None = None
+    max_new_tokens: U32 | None = None
+    repetition_penalty: F32 | None = None
     return_full_text: bool | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**64 - 1)  # TGI's seed is a u64
+    seed: U64 | None = None
     stop: list[str] = Field(default_factory=list)
-    temperature: float | None = None
-    top_k: int | None = None
-    top_n_tokens: int | None = None
-    top_p: float | None = None
-    truncate: int | None = None
-    typical_p: float | None = None
+    temperature: F32 | None = None
+    top_k: I32 | None = None
+    top_n_tokens: U32 | None = None
+    top_p: F32 | None = None
+    truncate: U64 | None = None
+    typical_p: F32 | None = None
     watermark: bool = False
     # vLLM's extension, not in TGI's schema: keep generating past EOS (fixed-length benchmarks)
     ignore_eos: bool = False
@@ -107,6 +127,8 @@ class GenerateParameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    model_config = _STRICT
+
     inputs: str
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from anyio import CapacityLimiter
 from fastapi import Request
 
 from tgi.backend.contract import Capabilities, KVCapacity, StepConstraints
@@ -39,6 +40,12 @@ class ServerState:
     validator: Validator
     tokenizer: Any  # a transformers tokenizer
     metrics: Metrics
+    # `--validation-workers`, TGI's tokenizer workers: how many threads may tokenize and
+    # template requests at once (`tgi.server.serving.on_validation_workers`)
+    validation_workers: CapacityLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.validation_workers = CapacityLimiter(self.config.validation_workers)
 
 
 def get_state(request: Request) -> ServerState:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from tgi.errors import InvalidRequest, TgiError
-from tgi.server.errors import error_body
+from tgi.server.errors import error_body, openai_error
 
 __all__ = ["OpenAIRoute", "TemplateError", "describe", "openai_error"]
 
@@ -37,10 +37,6 @@ def describe(exc: TgiError) -> tuple[int, str, str]:
         return 422, f"Tool error: {exc}", "tool_error"
     status, body = error_body(exc)
     return status, body["error"], body["error_type"]
-
-
-def openai_error(message: str, error_type: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": None}}
 
 
 def tgi_error(exc: TgiError) -> tuple[int, dict[str, str]]:

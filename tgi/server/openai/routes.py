@@ -14,7 +14,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from tgi.errors import InvalidRequest, TgiError
 from tgi.server.openai.chat import ChunkWriter, chat_completion, chat_stream, prepare_chat
@@ -30,8 +29,15 @@ from tgi.server.openai.errors import OpenAIRoute, openai_error, tgi_error
 from tgi.server.openai.schemas import ChatRequest, CompletionRequest
 from tgi.server.openai.tools import DEFAULT_TOOL_PROMPT, tool_grammar
 from tgi.server.routes.generate import compat_generate
-from tgi.server.schemas import CompatGenerateRequest, SimpleToken
-from tgi.server.serving import ERROR_RESPONSES, EventStream, final_events, response_headers
+from tgi.server.schemas import CompatGenerateRequest
+from tgi.server.serving import (
+    ERROR_RESPONSES,
+    EventStream,
+    final_events,
+    on_validation_workers,
+    response_headers,
+    token_offsets,
+)
 from tgi.server.state import ServerState, get_state
 
 __all__ = ["router", "v1_router"]
@@ -56,7 +62,7 @@ async def _chat(
     started = time.perf_counter()
     state.metrics.request_count.inc()
     try:
-        prepared = await run_in_threadpool(prepare_chat, body, state.tokenizer)
+        prepared = await on_validation_workers(state, prepare_chat, body, state.tokenizer)
     except TgiError as exc:
         raise count_refusal(state, exc) from None
     (handle,) = await submit_all(
@@ -164,10 +170,15 @@ async def chat_tokenize(body: ChatRequest, state: ServerState = Depends(get_stat
     """TGI's chat tokenizer: the templated text (tools included) and its tokens."""
     if not getattr(state.tokenizer, "is_fast", False):
         return JSONResponse(status_code=404, content={"error": "No fast tokenizer available"})
+    return await on_validation_workers(state, _chat_tokenize, body, state.tokenizer)
+
+
+def _chat_tokenize(body: ChatRequest, tokenizer: Any) -> JSONResponse:
+    """Template and tokenize, and render the answer: CPU work, for a validation worker."""
     try:
         tools = tool_grammar(body.tools, body.tool_choice)
         text = render_chat(
-            state.tokenizer,
+            tokenizer,
             body.messages,
             tools=() if tools is None else tools.tools,
             tool_prompt=body.tool_prompt or DEFAULT_TOOL_PROMPT,
@@ -175,13 +186,7 @@ async def chat_tokenize(body: ChatRequest, state: ServerState = Depends(get_stat
     except TgiError as exc:
         status, content = tgi_error(exc)
         return JSONResponse(status_code=status, content=content)
-    encoding = state.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    tokens = [
-        SimpleToken(id=token_id, text=text[start:stop], start=start, stop=stop).model_dump()
-        for token_id, (start, stop) in zip(
-            encoding["input_ids"], encoding["offset_mapping"], strict=True
-        )
-    ]
+    tokens = token_offsets(tokenizer, text, add_special_tokens=False)
     return JSONResponse({"tokenize_response": tokens, "templated_text": text})
 
 
@@ -206,7 +211,7 @@ async def invocations(request: Request, state: ServerState = Depends(get_state))
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested too deep
         return JSONResponse(
             status_code=400,
             content={

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tgi.server.schemas import F32, U32, U64
+
 __all__ = [
     "ChatMessage",
     "ChatRequest",
@@ -26,9 +28,10 @@ __all__ = [
 
 
 class _Lenient(BaseModel):
-    """OpenAI clients send fields we do not know (`user`, `metadata`, ...): ignore them."""
+    """OpenAI clients send fields we do not know (`user`, `metadata`, ...): ignore them.
+    The fields we know have TGI's types, coerced from nothing (`tgi.server.schemas`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Lenient):
@@ -140,16 +143,16 @@ def _stop_list(value: object) -> object:
 
 class _SamplingFields(_Lenient):
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
+    max_tokens: U32 | None = None
+    temperature: F32 | None = None
+    top_p: F32 | None = None
+    seed: U64 | None = None
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    n: int | None = None
+    frequency_penalty: F32 | None = None
+    presence_penalty: F32 | None = None
+    n: U32 | None = None
     logit_bias: Any = None
     # vLLM's extension, as on the TGI routes: keep generating past EOS
     ignore_eos: bool = False
@@ -171,9 +174,9 @@ class _SamplingFields(_Lenient):
 
 class ChatRequest(_SamplingFields):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: U32 | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: U32 | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     tool_prompt: str | None = None
@@ -194,9 +197,9 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str]
     suffix: str | None = None
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    repetition_penalty: float | None = None
+    logprobs: U32 | None = None
+    best_of: U64 | None = None
+    repetition_penalty: F32 | None = None
 
     @field_validator("echo", mode="before")
     @classmethod

@@ -76,11 +76,18 @@ def _no_tool() -> Tool:
 
 def _function_schema(tool: Tool) -> dict[str, Any]:
     """One branch: `_name` first (so a stream learns the name first), then the tool's
-    own properties and required names; no other keys, as TGI's schema has it."""
-    parameters = tool.function.parameters
-    properties: dict[str, Any] = {"_name": {"type": "string", "const": tool.function.name}}
-    properties.update(parameters.get("properties") or {})
-    required = ["_name", *(parameters.get("required") or [])]
+    own properties and required names; no other keys, as TGI's schema has it. Raises
+    `ToolError` for properties that are no object or required names that are no list
+    of strings (TGI drops them silently; the grammar would not be the tool's)."""
+    name, parameters = tool.function.name, tool.function.parameters
+    own_properties = parameters.get("properties") or {}
+    if not isinstance(own_properties, dict):
+        raise ToolError(f"tool `{name}`: `parameters.properties` must be an object")
+    own_required = parameters.get("required") or []
+    if not isinstance(own_required, list) or not all(isinstance(r, str) for r in own_required):
+        raise ToolError(f"tool `{name}`: `parameters.required` must be an array of names")
+    properties: dict[str, Any] = {"_name": {"type": "string", "const": name}, **own_properties}
+    required = ["_name", *own_required]
     schema: dict[str, Any] = {
         "type": "object",
         "properties": properties,
