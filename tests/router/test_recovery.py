@@ -286,3 +286,61 @@ async def test_an_engine_that_dies_while_idle_is_restarted_before_the_next_reque
     assert [e.token.id for e in events] == expected_tokens(
         byte_tokenizer.encode("after"), 3, len(byte_tokenizer)
     )
+
+
+async def test_an_engine_that_dies_during_a_drain_is_not_restarted(
+    byte_tokenizer: Any, make_engine_state: Any
+) -> None:
+    gate = threading.Event()
+    engine = DyingEngine(len(byte_tokenizer), gate=gate)
+    state = make_engine_state(engine, max_batch_size=1)
+    router = state.router
+    router.start()
+    try:
+        running = submit(state, "running", max_new_tokens=30)
+        queued = submit(state, "queued", max_new_tokens=5)
+        stream = running.events()
+        gate.set()
+        await first_token(stream)
+        drained = asyncio.ensure_future(router.drain(timeout_s=30))
+        await asyncio.sleep(0)
+        engine.die.set()
+        failed = [(await collect(stream))[-1], (await collect(queued))[-1]]
+        assert await drained == 0
+    finally:
+        await router.stop()
+    assert all(isinstance(e, ErrorEvent) and e.error_type == "unhealthy" for e in failed)
+    assert engine.restarts == 0 and router.restarts == 0 and not router.healthy
+
+
+async def test_a_router_loop_that_raises_fails_its_requests_instead_of_hanging(
+    byte_tokenizer: Any, make_state: Any
+) -> None:
+    class Broken:
+        """A policy that breaks on its first schedule (a bug, say)."""
+
+        def __init__(self, policy: Any) -> None:
+            self._policy = policy
+
+        def schedule(self, *args: Any) -> Any:
+            raise RuntimeError("policy bug")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._policy, name)
+
+    def broken_policy(config: Any, capabilities: Any, limits: Any, report: Any) -> Any:
+        from tgi.router.policies import ContinuousPolicy
+
+        return Broken(ContinuousPolicy.from_capabilities(capabilities, limits))
+
+    state = make_state(custom_policy=broken_policy)
+    router = state.router
+    router.start()
+    try:
+        events = await collect(submit(state, "x", max_new_tokens=3))
+        with pytest.raises(BackendUnavailable, match="policy bug"):
+            submit(state, "y", max_new_tokens=3)
+    finally:
+        await router.stop()
+    assert isinstance(events[-1], ErrorEvent) and events[-1].error_type == "unhealthy"
+    assert router.fatal is not None and "router loop failed" in router.fatal

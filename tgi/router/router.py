@@ -33,7 +33,6 @@ cache, the worker restarts, and the queue is served again (`_recover`). More tha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -66,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 RESTART_WINDOW_S = 600.0  # restarts older than this no longer count toward max_restarts
 WATCH_S = 1.0  # how often an idle router checks that its engine still runs
+RESTART_PAUSE_S = 1.0  # between failed restart attempts
 _DRAIN_POLL_S = 0.05  # how often a draining router looks whether it is empty
 
 
@@ -184,7 +184,15 @@ class Router:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="tgi-router")
+            self._task = asyncio.get_running_loop().create_task(self._guarded(), name="tgi-router")
+
+    async def _guarded(self) -> None:
+        """`_run`, and if it ever raises, no request is left waiting for it."""
+        try:
+            await self._run()
+        except Exception as exc:
+            logger.exception("the router loop failed")
+            self._give_up(f"the router loop failed: {exc}")
 
     async def drain(self, timeout_s: float) -> int:
         """Shut down gently: refuse new requests (503, and /health fails), let the
@@ -220,23 +228,30 @@ class Router:
 
     async def stop(self) -> None:
         """Fail what is left, release its KV, and stop the loop."""
-        if self._task is not None:
-            # Let the step in flight finish: cancelling it could drop planned releases.
-            self._closing = True
-            self._wake.set()
-            await self._task
-            self._task = None
-        leftovers = list(self._waiting) + list(self._running.values())
-        for sequence in leftovers:
-            sequence.events.put_nowait(ErrorEvent("server is shutting down"))
-        self._waiting.clear()
-        ids = [*self._running, *self._take_release(), *self._to_forget]
-        self._running.clear()
-        self._policy.free(ids)
-        with contextlib.suppress(EngineDied):  # a dead engine holds nothing any more
-            self._kv = await self._in_engine(self._engine.release, ids)
-        await self._in_engine(self._engine.close)
-        self._thread.shutdown()
+        try:
+            if self._task is not None:
+                # Let the step in flight finish: cancelling it could drop planned releases.
+                self._closing = True
+                self._wake.set()
+                await self._task
+                self._task = None
+            leftovers = list(self._waiting) + list(self._running.values())
+            for sequence in leftovers:
+                if not sequence.done:
+                    sequence.events.put_nowait(ErrorEvent("server is shutting down"))
+            self._waiting.clear()
+            ids = [*self._running, *self._take_release(), *self._to_forget]
+            self._running.clear()
+            self._policy.free(ids)
+            try:
+                self._kv = await self._in_engine(self._engine.release, ids)
+            except Exception:  # a dead engine holds nothing; a failing one is closed next
+                logger.exception("releasing %d sequences at shutdown failed", len(ids))
+        finally:
+            try:
+                await self._in_engine(self._engine.close)
+            finally:
+                self._thread.shutdown()
 
     # ---- requests ---------------------------------------------------------------
 
@@ -245,7 +260,7 @@ class Router:
         `BackendUnavailable` once the router gave up on its engine or is draining."""
         if self.fatal is not None:
             raise BackendUnavailable(self.fatal)
-        if self._draining:
+        if self._draining or self._closing:
             raise BackendUnavailable("the server is shutting down")
         if len(self._waiting) + len(self._running) >= self._limits.max_concurrent_requests:
             self._metrics.request_failure.labels(err="overloaded").inc()
@@ -301,7 +316,7 @@ class Router:
         except Exception as exc:
             self._healthy = False
             raise BackendUnavailable(f"backend health check failed: {exc}") from exc
-        self._healthy = True
+        self._healthy = not self._draining  # a drain may have begun while it ran
 
     # ---- the loop ---------------------------------------------------------------
 
@@ -340,7 +355,7 @@ class Router:
         self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=WATCH_S)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             gone = self._engine.exited()
             if gone is not None:
                 await self._recover(EngineDied(gone))
@@ -489,9 +504,12 @@ class Router:
             len(running),
             len(queued),
         )
-        if self._closing:  # shutting down anyway: `stop` fails what is queued
-            return
         while True:
+            if self._closing or self._draining:  # shutting down: no new worker for it
+                for sequence in self._waiting:
+                    self._fail_unavailable(sequence, message)
+                self._waiting.clear()
+                return
             now = self._clock()
             while self._restarted_at and now - self._restarted_at[0] > RESTART_WINDOW_S:
                 self._restarted_at.popleft()
@@ -508,11 +526,12 @@ class Router:
             except Exception as exc:
                 logger.error("restarting the engine failed: %s", exc)
                 died = exc
+                await asyncio.sleep(RESTART_PAUSE_S)  # a device may need a moment to free
                 continue
             break
         self._kv = KVUsage(frozenset(), 0, report.kv.total_tokens)
         self._restarting = False
-        self._healthy = True
+        self._healthy = not self._draining
         self.restarts += 1
         self._metrics.engine_restarts.inc()
         self._metrics.engine_healthy.set(1)
@@ -524,11 +543,15 @@ class Router:
         )
 
     def _give_up(self, reason: str) -> None:
-        """No engine any more: fail everything queued, stop the loop, tell the server."""
+        """No engine any more: fail everything queued or running, stop the loop, tell
+        the server."""
         self.fatal = reason
+        self._healthy = False
+        self._metrics.engine_healthy.set(0)
         logger.critical("giving up: %s", reason)
-        for sequence in self._waiting:
-            self._fail_unavailable(sequence, f"Request failed: {reason}")
+        for sequence in [*self._waiting, *self._running.values()]:
+            if not sequence.done:
+                self._fail_unavailable(sequence, f"Request failed: {reason}")
         self._waiting.clear()
         self._closing = True
         if self.on_fatal is not None:

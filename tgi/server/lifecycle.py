@@ -5,9 +5,10 @@ to `timeout_graceful_shutdown`, then cancels what is left (a stream would end mi
 without a final or error event) and finally re-raises the signal it caught (exit 143
 after a SIGTERM). `DrainingServer` keeps the first steps and changes the rest:
 
-    SIGTERM / Ctrl-C ─► router.drain(timeout): new requests 503, /health 503, the
-                        running and queued ones go on; at the timeout each one left
-                        ends with an error event
+    SIGTERM / Ctrl-C ─► uvicorn closes the listener (new connections are refused) and
+                        router.drain(timeout): a request read but not yet queued gets
+                        a 503, the running and queued ones go on; at the timeout each
+                        one left ends with an error event
                      ─► uvicorn waits for connections (timeout + a margin: the drain
                         ends them first), then the lifespan stops the router and the
                         engine worker

@@ -11,7 +11,9 @@ a peer that dies is an end of file at once, not a silence. Both are far below a
 forward (tens of ms on the CPU). Every wait is sliced
 (`POLL_S`) so the caller can check its peer between slices: a worker that died, or a
 front process that went away, is noticed within a slice instead of at a timeout; a
-closed peer is noticed at once (end of file).
+closed peer is noticed at once (end of file). The front's socket has OS-level send and
+receive timeouts (`IO_TIMEOUT_S`) for the two waits that cannot be sliced: a write to a
+worker that stopped reading, and the rest of a message that stopped half-way.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +33,7 @@ from tgi.backend import wire
 __all__ = ["POLL_S", "Channel", "ChannelClosed", "ChannelListener", "ChannelTimeout"]
 
 POLL_S = 0.1  # how often a wait checks its peer
+IO_TIMEOUT_S = 60  # the longest one write, or the rest of a message, may take
 
 
 class ChannelTimeout(TimeoutError):
@@ -57,7 +61,7 @@ def _wait(
 
 class ChannelListener:
     """The front process's end before its worker connects: a socket path in a private
-    directory (one per worker incarnation), removed on close."""
+    directory (one per worker incarnation), removed once the worker connected."""
 
     def __init__(self) -> None:
         self._directory = tempfile.mkdtemp(prefix="tgi-engine-")
@@ -84,9 +88,15 @@ class ChannelListener:
         try:
             _wait(ready, timeout_s, peer_alive)
         finally:
-            self._socket.close()
-        accepted[0].setblocking(True)  # Connection reads and writes the raw descriptor
-        return Channel(Connection(accepted[0].detach()), self._directory)
+            self.close()  # the path served its purpose: nothing is left behind on disk
+        connected = accepted[0]
+        connected.setblocking(True)  # Connection reads and writes the raw descriptor
+        # A write to a peer that stopped reading, or a message that stops half-way,
+        # fails after this long instead of blocking the engine thread for good.
+        timeout = struct.pack("ll", int(IO_TIMEOUT_S), 0)
+        connected.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+        connected.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+        return Channel(Connection(connected.detach()))
 
     def close(self) -> None:
         self._socket.close()
@@ -96,9 +106,8 @@ class ChannelListener:
 class Channel:
     """One connected end; `connect` is the worker's way in."""
 
-    def __init__(self, connection: Connection, directory: str | None = None) -> None:
+    def __init__(self, connection: Connection) -> None:
         self._connection = connection
-        self._directory = directory  # the front's socket directory, removed on close
 
     @classmethod
     def connect(cls, address: str) -> Channel:
@@ -132,5 +141,3 @@ class Channel:
 
     def close(self) -> None:
         self._connection.close()
-        if self._directory is not None:
-            shutil.rmtree(self._directory, ignore_errors=True)

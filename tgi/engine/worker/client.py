@@ -179,6 +179,10 @@ class WorkerEngine:
                 [sys.executable, "-m", "tgi.engine.worker", listener.address],
                 stdin=subprocess.DEVNULL,
                 env=os.environ.copy(),
+                # its own session: a signal to the server's process group (Ctrl-C, a
+                # supervisor's SIGTERM) reaches the server, which stops the worker after
+                # its drain; the worker still dies with the server (PR_SET_PDEATHSIG)
+                start_new_session=True,
             )
             self._dead = None
             logger.info("engine worker started: pid %d", self._process.pid)
