@@ -156,17 +156,8 @@ def build_state(prepared: Prepared, metrics: Metrics | None = None) -> ServerSta
 
 def worker_start(prepared: Prepared, eos_token_ids: frozenset[int]) -> StartWorker:
     """What an engine worker needs to build the same backend as this process would."""
-    config, files = prepared.config, prepared.model
-    return StartWorker(
-        config_json=config.model_dump_json(),
-        backend=prepared.selected.name,
-        model_id=files.model_id,
-        model_kind=files.kind,
-        model_path=str(files.path),
-        architecture=files.architecture,
-        max_position_embeddings=files.max_position_embeddings,
-        sha=files.sha,
-        eos_token_ids=tuple(sorted(eos_token_ids)),
+    return StartWorker.for_model(
+        prepared.config.model_dump_json(), prepared.selected.name, prepared.model, eos_token_ids
     )
 
 

@@ -23,9 +23,8 @@ from tgi.engine.worker.messages import StartWorker
 from tgi.errors import ConfigError
 from tgi.launcher import Prepared, build_state, prepare, worker_start
 from tgi.router.request import ErrorEvent, Event, FinalEvent, TokenEvent
-from tgi.router.router import RequestHandle
-from tgi.router.validation import ClientParameters
 from tgi.server.state import ServerState
+from tgi.testing.requests import collect, submit
 from tgi.testing.tiny_models import build_tiny_model
 
 PROMPTS = ("hello world", "a second, longer prompt of some words", "x")
@@ -65,17 +64,6 @@ def serve(model_dir: Path) -> Iterator[Any]:
     yield factory
     for state in states:  # a test that failed before stopping its router leaves no worker
         state.router.engine.close()
-
-
-def submit(state: ServerState, prompt: str, **params: Any) -> RequestHandle:
-    return state.router.submit(state.validator.validate(prompt, ClientParameters(**params)))
-
-
-async def collect(events: Any) -> list[Event]:
-    async def drain() -> list[Event]:
-        return [event async for event in events]
-
-    return await asyncio.wait_for(drain(), timeout=60)
 
 
 def token_ids(events: list[Event]) -> list[int]:

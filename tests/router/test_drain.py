@@ -10,22 +10,9 @@ from typing import Any
 import pytest
 
 from tgi.errors import BackendUnavailable
-from tgi.router.request import ErrorEvent, Event, FinalEvent
-from tgi.router.router import RequestHandle
-from tgi.router.validation import ClientParameters
-from tgi.server.state import ServerState
+from tgi.router.request import ErrorEvent, FinalEvent
 from tgi.testing.fake_backend import FakeBackend, expected_tokens
-
-
-def submit(state: ServerState, prompt: str, **params: Any) -> RequestHandle:
-    return state.router.submit(state.validator.validate(prompt, ClientParameters(**params)))
-
-
-async def collect(handle: RequestHandle) -> list[Event]:
-    async def drain() -> list[Event]:
-        return [event async for event in handle.events()]
-
-    return await asyncio.wait_for(drain(), timeout=30)
+from tgi.testing.requests import collect, submit
 
 
 async def test_a_drain_refuses_new_requests_and_lets_running_ones_finish(

@@ -16,11 +16,9 @@ from tgi.engine.local import LocalEngine
 from tgi.engine.protocol import EngineDescription, EngineDied, EngineStats
 from tgi.engine.results import StepResult
 from tgi.errors import BackendError, BackendUnavailable
-from tgi.router.request import ErrorEvent, Event, FinalEvent, TokenEvent
-from tgi.router.router import RequestHandle
-from tgi.router.validation import ClientParameters
-from tgi.server.state import ServerState
+from tgi.router.request import ErrorEvent, FinalEvent, TokenEvent
 from tgi.testing.fake_backend import FakeBackend, expected_tokens
+from tgi.testing.requests import collect, submit
 
 
 class DyingEngine:
@@ -90,20 +88,6 @@ class DyingEngine:
 
     def close(self) -> None:
         pass
-
-
-def submit(state: ServerState, prompt: str, **params: Any) -> RequestHandle:
-    return state.router.submit(state.validator.validate(prompt, ClientParameters(**params)))
-
-
-async def collect(events: RequestHandle | Any) -> list[Event]:
-    """The remaining events of a handle or of an events() iterator, bounded in time."""
-    stream = events.events() if isinstance(events, RequestHandle) else events
-
-    async def drain() -> list[Event]:
-        return [event async for event in stream]
-
-    return await asyncio.wait_for(drain(), timeout=30)
 
 
 async def first_token(stream: Any) -> TokenEvent:

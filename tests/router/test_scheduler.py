@@ -10,24 +10,9 @@ import pytest
 
 from tgi.errors import Overloaded
 from tgi.router.request import ErrorEvent, FinalEvent, FinishReason, TokenEvent
-from tgi.router.router import RequestHandle, Router
-from tgi.router.validation import ClientParameters
+from tgi.router.router import Router
 from tgi.testing.fake_backend import FakeBackend, expected_tokens
-
-
-async def collect(handle: RequestHandle | Any) -> list[Any]:
-    """All remaining events of a handle (or of an events() iterator), bounded in time."""
-    events = handle.events() if isinstance(handle, RequestHandle) else handle
-
-    async def drain() -> list[Any]:
-        return [event async for event in events]
-
-    return await asyncio.wait_for(drain(), timeout=60)
-
-
-def submit(state: Any, prompt: str, **params: Any) -> RequestHandle:
-    request = state.validator.validate(prompt, ClientParameters(**params))
-    return state.router.submit(request)
+from tgi.testing.requests import collect, submit
 
 
 async def wait_until(condition: Any, router: Router) -> None:

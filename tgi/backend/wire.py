@@ -25,7 +25,7 @@ Usage:
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import msgspec
 
@@ -49,27 +49,11 @@ from tgi.engine.worker.messages import (
 )
 from tgi.errors import BackendError
 
-__all__ = ["MESSAGE_TYPES", "Message", "WireError", "decode", "decode_any", "encode"]
+__all__ = ["MESSAGE_TYPES", "Message", "MessageT", "WireError", "decode", "decode_any", "encode"]
 
 # Every type that may cross: the router sends Limits and StepPlans; the engine answers
 # with Capabilities, a WarmupReport, StepResults and KVUsage; the worker channel adds
 # its start-up, release and query messages and their answers.
-MESSAGE_TYPES: tuple[type, ...] = (
-    Capabilities,
-    KVUsage,
-    Limits,
-    StepPlan,
-    StepResult,
-    WarmupReport,
-    StartWorker,
-    WorkerReady,
-    Release,
-    Query,
-    Done,
-    EngineStats,
-    WorkerFailure,
-)
-
 Message = (
     Capabilities
     | KVUsage
@@ -85,22 +69,8 @@ Message = (
     | EngineStats
     | WorkerFailure
 )
-M = TypeVar(
-    "M",
-    Capabilities,
-    KVUsage,
-    Limits,
-    StepPlan,
-    StepResult,
-    WarmupReport,
-    StartWorker,
-    WorkerReady,
-    Release,
-    Query,
-    Done,
-    EngineStats,
-    WorkerFailure,
-)
+MESSAGE_TYPES: tuple[type, ...] = get_args(Message)
+MessageT = TypeVar("MessageT", bound=Message)
 
 
 class WireError(BackendError):
@@ -125,7 +95,7 @@ def encode(message: Message) -> bytes:
     return _ENCODER.encode((kind.__name__, CONTRACT_VERSION, message))
 
 
-def decode(data: bytes, kind: type[M]) -> M:
+def decode(data: bytes, kind: type[MessageT]) -> MessageT:
     """The `kind` message `data` holds, typed and validated field by field.
 
     Raises `WireError` when `data` is not msgpack, holds another message, comes from
@@ -133,7 +103,7 @@ def decode(data: bytes, kind: type[M]) -> M:
     """
     if kind not in _DECODERS:
         raise TypeError(f"{kind.__name__} does not cross the wire; expect one of {_names()}")
-    message: M = decode_any(data, (kind,))
+    message: MessageT = decode_any(data, (kind,))
     return message
 
 

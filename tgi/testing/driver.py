@@ -30,24 +30,22 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 
 from tgi.backend import wire as wire_format
 from tgi.backend.contract import (
     Backend,
-    Capabilities,
     KVCapacity,
     KvLayout,
     KVUsage,
-    Limits,
     NewSequence,
     RunningSequence,
     StepOutput,
     StepPlan,
     WarmupReport,
 )
+from tgi.backend.wire import MessageT
 from tgi.engine.protocol import Engine
 from tgi.engine.results import StepResult
 from tgi.router.paging import BlockPool, BlockTable, block_hashes
@@ -58,10 +56,9 @@ __all__ = ["Chunk", "Driver", "round_trip"]
 
 # A chunk of a prompt for `Driver.step`: its token ids, and whether it is the last one.
 Chunk = tuple[Sequence[int], bool]
-M = TypeVar("M", Capabilities, KVUsage, Limits, StepPlan, StepResult, WarmupReport)
 
 
-def round_trip(message: M) -> M:
+def round_trip(message: MessageT) -> MessageT:
     """`message` encoded and decoded by `tgi.backend.wire`; asserts nothing changed."""
     back = wire_format.decode(wire_format.encode(message), type(message))
     assert back == message, f"the wire changed {type(message).__name__}: {message} -> {back}"

@@ -18,11 +18,13 @@ Everything here is plain frozen data that `tgi.backend.wire` encodes field by fi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from tgi.backend.contract import Capabilities
-from tgi.models.source import ModelKind
+from tgi.models.source import ModelFiles, ModelKind
 
 __all__ = ["Done", "Query", "Release", "StartWorker", "WorkerFailure", "WorkerReady"]
 
@@ -42,6 +44,34 @@ class StartWorker:
     eos_token_ids: tuple[int, ...]  # for grammar matchers compiled in the worker
     rank: int = 0
     world_size: int = 1
+
+    @classmethod
+    def for_model(
+        cls, config_json: str, backend: str, files: ModelFiles, eos_token_ids: Iterable[int]
+    ) -> StartWorker:
+        """The message for `files` (a `ModelFiles` crosses as its fields)."""
+        return cls(
+            config_json=config_json,
+            backend=backend,
+            model_id=files.model_id,
+            model_kind=files.kind,
+            model_path=str(files.path),
+            architecture=files.architecture,
+            max_position_embeddings=files.max_position_embeddings,
+            sha=files.sha,
+            eos_token_ids=tuple(sorted(eos_token_ids)),
+        )
+
+    def model_files(self) -> ModelFiles:
+        """The `ModelFiles` the front process resolved, rebuilt in the worker."""
+        return ModelFiles(
+            model_id=self.model_id,
+            kind=self.model_kind,
+            path=Path(self.model_path),
+            architecture=self.architecture,
+            max_position_embeddings=self.max_position_embeddings,
+            sha=self.sha,
+        )
 
 
 @dataclass(frozen=True, slots=True)

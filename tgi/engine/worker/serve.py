@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from tgi.backend.contract import Backend, Limits, StepPlan
 from tgi.engine.core import EngineCore
@@ -134,19 +133,11 @@ def _load(start: StartWorker, config: object) -> tuple[Backend, EngineCore]:
     (with grammar matchers compiled here, from the grammars' source)."""
     from tgi.backend.manager import select_backend
     from tgi.config import ServeConfig
-    from tgi.models.source import ModelFiles
     from tgi.sampling.grammar import GrammarCompiler
 
     assert isinstance(config, ServeConfig)
     selected = select_backend(config.model_copy(update={"backend": start.backend}))
-    files = ModelFiles(
-        model_id=start.model_id,
-        kind=start.model_kind,
-        path=Path(start.model_path),
-        architecture=start.architecture,
-        max_position_embeddings=start.max_position_embeddings,
-        sha=start.sha,
-    )
+    files = start.model_files()
     backend = selected.create_backend(config, files, start.rank, start.world_size)
     grammars = None
     try:
