@@ -80,6 +80,30 @@ EngineProcess = Annotated[
 ]
 EngineStepTimeout = Annotated[float | None, _opt("engine_step_timeout", "--engine-step-timeout")]
 MaxEngineRestarts = Annotated[int | None, _opt("max_engine_restarts", "--max-engine-restarts")]
+NumShard = Annotated[int | None, _opt("num_shard", "--num-shard")]
+Sharded = Annotated[str | None, _opt("sharded", "--sharded")]
+
+
+def _at_least(name: str, flag: str, minimum: float) -> Any:
+    return typer.Option(flag, help=env_help(name), show_default=False, min=minimum)
+
+
+ApiKey = Annotated[str | None, _opt("api_key", "--api-key")]
+ApiKeyExempt = Annotated[str | None, _opt("api_key_exempt", "--api-key-exempt")]
+CorsAllowOrigin = Annotated[list[str] | None, _opt("cors_allow_origin", "--cors-allow-origin")]
+CorsAllowCredentials = Annotated[
+    bool | None,
+    _opt("cors_allow_credentials", "--cors-allow-credentials/--no-cors-allow-credentials"),
+]
+CorsAllowMethods = Annotated[str | None, _opt("cors_allow_methods", "--cors-allow-methods")]
+CorsAllowHeaders = Annotated[str | None, _opt("cors_allow_headers", "--cors-allow-headers")]
+KeepAliveTimeout = Annotated[int | None, _at_least("keep_alive_timeout", "--keep-alive-timeout", 1)]
+HeaderReadTimeout = Annotated[
+    float | None, _at_least("header_read_timeout", "--header-read-timeout", 0.001)
+]
+MaxConnections = Annotated[int | None, _at_least("max_connections", "--max-connections", 1)]
+OtlpEndpoint = Annotated[str | None, _opt("otlp_endpoint", "--otlp-endpoint")]
+OtlpServiceName = Annotated[str | None, _opt("otlp_service_name", "--otlp-service-name")]
 BackendOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -133,10 +157,32 @@ def serve(
     engine_process: EngineProcess = None,
     engine_step_timeout: EngineStepTimeout = None,
     max_engine_restarts: MaxEngineRestarts = None,
+    num_shard: NumShard = None,
+    sharded: Sharded = None,
+    api_key: ApiKey = None,
+    api_key_exempt: ApiKeyExempt = None,
+    cors_allow_origin: CorsAllowOrigin = None,
+    cors_allow_credentials: CorsAllowCredentials = None,
+    cors_allow_methods: CorsAllowMethods = None,
+    cors_allow_headers: CorsAllowHeaders = None,
+    keep_alive_timeout: KeepAliveTimeout = None,
+    header_read_timeout: HeaderReadTimeout = None,
+    max_connections: MaxConnections = None,
+    otlp_endpoint: OtlpEndpoint = None,
+    otlp_service_name: OtlpServiceName = None,
     backend_option: BackendOption = None,
 ) -> None:
     """Serve a model over TGI's HTTP API (the embedded SmolLM2 when no --model-id)."""
     config = _config(dict(locals()))
+    from tgi.parallel.env import rank_environment
+
+    job = rank_environment(config.environ)
+    if job is not None and job.rank != 0:
+        # under torchrun: this process is the engine worker of its rank; rank 0's
+        # process serves HTTP and tells it what to load
+        from tgi.engine.worker.serve import serve_follower
+
+        raise typer.Exit(serve_follower(config.environ))
     from tgi.launcher import run_server
     from tgi.logs import setup_logging
 

@@ -16,9 +16,9 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from tgi.errors import ConfigError
 
@@ -149,6 +149,55 @@ def _kv_cache_dtype(text: str) -> str:
         raise ValueError(f"expected one of {choices}; got {text!r}") from None
 
 
+class Secret(str):
+    """A str that logs as `'***'`: `--api-key` is logged with every other setting at
+    start-up (`ServeConfig.log_summary`), and log pipelines keep what they are sent."""
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(cls, core_schema.str_schema())
+
+
+def _secret(text: str) -> Secret:
+    if not text.strip():
+        raise ValueError("expected a non-empty key")
+    return Secret(text.strip())
+
+
+def _names(text: str | Iterable[str]) -> tuple[str, ...]:
+    """'a, b,,c' -> ('a', 'b', 'c'); a repeated CLI flag's list is split the same way."""
+    texts = [text] if isinstance(text, str) else list(text)
+    return tuple(part.strip() for item in texts for part in item.split(",") if part.strip())
+
+
+# a comma list setting: from the environment, or a repeatable (or comma-list) flag
+Names = Annotated[tuple[str, ...], BeforeValidator(_names)]
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text.strip())
+        if value <= 0:
+            raise ValueError(f"must be positive, got {text!r}")
+        return value
+
+    return parse
+
+
+def _otlp_endpoint(text: str) -> str:
+    import importlib.util
+
+    # checked here, before a model loads, rather than when the app is built
+    if importlib.util.find_spec("opentelemetry.sdk") is None:
+        raise ValueError("OpenTelemetry traces need the otel extra: pip install 'tgi-server[otel]'")
+    return text.strip()
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "model_id",
@@ -240,6 +289,22 @@ SETTINGS: tuple[Setting, ...] = (
         3,
         "Engine worker restarts allowed within ten minutes; one more stops the server "
         "(exit status 3).",
+    ),
+    Setting(
+        "num_shard",
+        ("NUM_SHARD",),
+        int,
+        1,
+        "Tensor-parallel ranks to split the model over (one worker process each); under "
+        "torchrun, WORLD_SIZE.",
+    ),
+    Setting(
+        "sharded",
+        ("SHARDED",),
+        _bool,
+        None,
+        "TGI's switch: true needs --num-shard above 1 (TGI would count the GPUs; tgi does "
+        "not guess), false refuses it; unset follows --num-shard.",
     ),
     Setting(
         "backend",
@@ -370,6 +435,86 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "Threads for CPU compute; default the cores this process may use.",
     ),
+    Setting(
+        "api_key",
+        ("API_KEY",),
+        _secret,
+        None,
+        "Requests must carry `Authorization: Bearer <key>` (else 401), except those to "
+        "--api-key-exempt paths.",
+    ),
+    Setting(
+        "api_key_exempt",
+        ("TGI_API_KEY_EXEMPT",),
+        _names,
+        ("/health", "/ping", "/metrics"),
+        "Paths served without --api-key (comma list; probes and scrapers need them).",
+    ),
+    Setting(
+        "cors_allow_origin",
+        ("CORS_ALLOW_ORIGIN",),
+        _names,
+        (),
+        "Origins browsers may call from (repeatable or comma list; * for any); unset "
+        "sends no CORS headers.",
+    ),
+    Setting(
+        "cors_allow_credentials",
+        ("TGI_CORS_ALLOW_CREDENTIALS",),
+        _bool,
+        False,
+        "Let browsers send credentials (cookies, Authorization) cross-origin.",
+    ),
+    Setting(
+        "cors_allow_methods",
+        ("TGI_CORS_ALLOW_METHODS",),
+        _names,
+        ("GET", "POST"),
+        "Methods a CORS preflight allows (comma list).",
+    ),
+    Setting(
+        "cors_allow_headers",
+        ("TGI_CORS_ALLOW_HEADERS",),
+        _names,
+        ("content-type", "authorization", "x-request-id"),
+        "Request headers a CORS preflight allows (comma list).",
+    ),
+    Setting(
+        "keep_alive_timeout",
+        ("TGI_KEEP_ALIVE_TIMEOUT",),
+        _positive(int),
+        5,
+        "Seconds an idle keep-alive connection stays open after a response.",
+    ),
+    Setting(
+        "header_read_timeout",
+        ("TGI_HEADER_READ_TIMEOUT",),
+        _positive(float),
+        10.0,
+        "Seconds a connection may take to send a request's headers before it is closed "
+        "(slow or half-open clients).",
+    ),
+    Setting(
+        "max_connections",
+        ("TGI_MAX_CONNECTIONS",),
+        _positive(int),
+        None,
+        "Open connections (or requests) past which new requests get 503; unset: no cap.",
+    ),
+    Setting(
+        "otlp_endpoint",
+        ("OTLP_ENDPOINT",),
+        _otlp_endpoint,
+        None,
+        "OTLP gRPC collector to send OpenTelemetry traces to (needs the otel extra).",
+    ),
+    Setting(
+        "otlp_service_name",
+        ("OTLP_SERVICE_NAME",),
+        str,
+        "text-generation-inference.router",
+        "service.name of the traces.",
+    ),
 )
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -393,6 +538,8 @@ class ServeConfig(BaseModel):
     engine_process: bool = True
     engine_step_timeout: float = 600.0
     max_engine_restarts: int = 3
+    num_shard: int = 1
+    sharded: bool | None = None
     backend: str | None = None
     hostname: str = "0.0.0.0"
     port: int = 3000
@@ -418,6 +565,17 @@ class ServeConfig(BaseModel):
     huggingface_hub_cache: str | None = None
     cache_dir: str | None = None
     cpu_threads: int | None = None
+    api_key: Secret | None = None
+    api_key_exempt: Names = ("/health", "/ping", "/metrics")
+    cors_allow_origin: Names = ()
+    cors_allow_credentials: bool = False
+    cors_allow_methods: Names = ("GET", "POST")
+    cors_allow_headers: Names = ("content-type", "authorization", "x-request-id")
+    keep_alive_timeout: int = 5
+    header_read_timeout: float = 10.0
+    max_connections: int | None = None
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "text-generation-inference.router"
     # `--backend-option KEY=VALUE` as given, untyped: only the chosen backend's declared
     # flags (`BackendOptions.flags`) say what KEY means (`resolve_backend_options`)
     backend_option_args: dict[str, str] = {}
@@ -517,6 +675,41 @@ def resolve_config(cli_values: Mapping[str, Any], environ: Mapping[str, str]) ->
         **values, backend_option_args=option_args, sources=sources, environ=dict(environ)
     )
     _check_ranges(config)
+    return _resolve_sharding(config)
+
+
+def _resolve_sharding(config: ServeConfig) -> ServeConfig:
+    """--num-shard against --sharded and against a job launched by torchrun, whose
+    WORLD_SIZE is the shard count."""
+    from tgi.parallel.env import rank_environment
+
+    try:
+        job = rank_environment(config.environ)
+    except ValueError as exc:
+        raise ConfigError(f"torch.distributed variables: {exc}") from None
+    if job is not None:
+        if config.source_of("num_shard") != "default" and config.num_shard != job.world_size:
+            raise ConfigError(
+                f"--num-shard {config.num_shard} ({config.source_of('num_shard')}) but this "
+                f"process is one of WORLD_SIZE={job.world_size} ranks (torchrun); leave "
+                "--num-shard unset or make them equal"
+            )
+        config = config.with_values("env WORLD_SIZE", num_shard=job.world_size)
+    if config.num_shard < 1:
+        raise ConfigError(
+            f"--num-shard must be positive, got {config.num_shard} "
+            f"({config.source_of('num_shard')})"
+        )
+    if config.sharded is False and config.num_shard > 1:
+        raise ConfigError(
+            f"--sharded false ({config.source_of('sharded')}) contradicts --num-shard "
+            f"{config.num_shard} ({config.source_of('num_shard')})"
+        )
+    if config.sharded is True and config.num_shard == 1:
+        raise ConfigError(
+            f"--sharded true ({config.source_of('sharded')}) needs --num-shard N with N > 1: "
+            "tgi does not guess how many devices to split over"
+        )
     return config
 
 

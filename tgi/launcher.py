@@ -7,6 +7,7 @@ not a model load.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +29,10 @@ from tgi.engine.protocol import Engine
 from tgi.engine.thread import EngineThread
 from tgi.engine.worker.client import WorkerEngine
 from tgi.engine.worker.messages import StartWorker
-from tgi.errors import BackendError
+from tgi.errors import BackendError, ConfigError
 from tgi.metrics import Metrics
 from tgi.models.source import ModelFiles, inspect_model, materialize
+from tgi.parallel.env import rank_environment
 from tgi.router.policies import (
     ContinuousPolicy,
     PagedPolicy,
@@ -88,7 +90,35 @@ def prepare(config: ServeConfig) -> Prepared:
     config = derive_limits(config, info.max_position_embeddings)
     config.log_summary()
     files = materialize(info, config)
+    job = rank_environment(config.environ)
+    if job is not None and job.world_size > 1 and selected.options.parallelism != "ranks":
+        raise ConfigError(
+            f"this process is one of WORLD_SIZE={job.world_size} ranks (torchrun), but backend "
+            f"{selected.name!r} does not split a model over ranks (parallelism "
+            f"{selected.options.parallelism!r}); run it as one process"
+        )
+    if config.num_shard > 1 and selected.options.parallelism == "ranks":
+        _check_shards(config, files)
     return Prepared(config=config, selected=selected, model=files)
+
+
+def _check_shards(config: ServeConfig, files: ModelFiles) -> None:
+    """Refuse a shard count the model cannot split over, before any weight loads and
+    without needing the ranks: `--num-shard` with the engine in this process, or a
+    model whose heads, KV heads or MLP the count does not divide."""
+    if not config.engine_process:
+        raise ConfigError(
+            f"--num-shard {config.num_shard} runs one engine worker per rank; it cannot be "
+            f"combined with --no-engine-process ({config.source_of('engine_process')})"
+        )
+    from tgi.models.llama import ARCHITECTURES, LlamaSpec
+    from tgi.parallel.sharding import check_shardable
+    from tgi.weights import open_checkpoint
+
+    if files.architecture not in ARCHITECTURES:
+        return  # the backend names what it cannot shard when it loads
+    hf_config, _ = open_checkpoint(files.path)
+    check_shardable(LlamaSpec.from_hf(hf_config), config.num_shard, quantize=config.quantize)
 
 
 def eos_token_ids(tokenizer: Any, model: ModelFiles) -> frozenset[int]:
@@ -126,8 +156,14 @@ def build_state(prepared: Prepared, metrics: Metrics | None = None) -> ServerSta
     engine: Engine
     if config.engine_process:
         start = worker_start(prepared, eos)
+        job = rank_environment(config.environ)
+        launched_by_torchrun = job is not None and job.world_size > 1
         engine = engine_thread.call(
-            lambda: WorkerEngine.spawn(start, step_timeout_s=config.engine_step_timeout)
+            lambda: WorkerEngine.spawn(
+                start,
+                step_timeout_s=config.engine_step_timeout,
+                external_ranks=launched_by_torchrun,
+            )
         )
     else:
         backend = engine_thread.call(prepared.selected.create_backend, config, files)
@@ -155,10 +191,14 @@ def build_state(prepared: Prepared, metrics: Metrics | None = None) -> ServerSta
 
 
 def worker_start(prepared: Prepared, eos_token_ids: frozenset[int]) -> StartWorker:
-    """What an engine worker needs to build the same backend as this process would."""
-    return StartWorker.for_model(
+    """What an engine worker needs to build the same backend as this process would;
+    one worker per rank when the backend shards by ranks."""
+    start = StartWorker.for_model(
         prepared.config.model_dump_json(), prepared.selected.name, prepared.model, eos_token_ids
     )
+    if prepared.selected.options.parallelism == "ranks":
+        start = dataclasses.replace(start, world_size=prepared.config.num_shard)
+    return start
 
 
 def assemble_state(
@@ -412,6 +452,7 @@ def run_server(config: ServeConfig) -> None:
     import uvicorn
 
     from tgi.server.app import create_app
+    from tgi.server.connections import uvicorn_options
     from tgi.server.lifecycle import DrainingServer, check_port
 
     check_port(config.hostname, config.port)
@@ -428,7 +469,7 @@ def run_server(config: ServeConfig) -> None:
         described.pid,
     )
     server = DrainingServer(
-        uvicorn.Config(app, host=state.config.hostname, port=state.config.port, log_config=None),
+        uvicorn.Config(app, **uvicorn_options(state.config)),
         state.router,
         drain_timeout_s=state.config.shutdown_timeout,
     )

@@ -102,6 +102,7 @@ def test_json_is_a_list_of_objects() -> None:
                 "quantize": ["int4", "int8"],
                 "dtypes": ["bfloat16", "float16", "float32"],
                 "kv_cache_dtypes": ["float32"],
+                "parallelism": "none",
                 "flags": [
                     {"name": "engine", "help": "paged or generic", "type": "str", "env": None}
                 ],

@@ -730,6 +730,7 @@ def test_options_are_asked_once_after_the_probe_and_default_when_not_implemented
         "quantize": ["int4", "int8"],
         "dtypes": ["bfloat16", "float16", "float32"],
         "kv_cache_dtypes": ["bfloat16", "float16", "float32"],
+        "parallelism": "none",
         "flags": [],
     }
 
@@ -805,6 +806,24 @@ def test_a_backend_without_quantization_says_it_offers_none(install) -> None:
         "--quantize int8 (cli) is not offered by backend 'neuron' (it offers: none); "
         "no installed backend offers it"
     )
+
+
+def test_num_shard_is_refused_by_a_backend_that_does_not_split_models(install) -> None:
+    manager = manager_with(
+        install,
+        OptionsPlugin("single", BackendOptions(), priority=100),
+        OptionsPlugin("ranked", BackendOptions(parallelism="ranks")),
+    )
+    config = resolve_config({"num_shard": 2}, {})
+
+    with pytest.raises(ConfigError) as raised:
+        manager.select_backend(config).validate_config(config)
+    assert str(raised.value) == (
+        "--num-shard 2 (cli): backend 'single' serves from one device and does not split "
+        "a model over several; leave --num-shard at 1"
+    )
+    ranked = resolve_config({"num_shard": 2, "backend": "ranked"}, {})
+    assert manager.select_backend(ranked).validate_config(ranked).num_shard == 2
 
 
 def test_offered_values_pass_and_the_plugin_sees_them(install) -> None:

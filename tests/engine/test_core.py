@@ -148,15 +148,14 @@ def test_tokens_sampled_on_the_device_are_taken_as_they_are() -> None:
     assert [(s, t) for s, t, _ in result.tokens] == [(1, successor(3)), (2, successor(8))]
 
 
-def test_a_failed_step_fails_new_prompts_and_recomputes_running_rows() -> None:
+def test_a_failed_step_retries_its_rows_once_as_suspects() -> None:
     backend = SuccessorBackend(fail_on_step=2)
     engine = EngineCore(backend)
     engine.run(StepPlan(new=(new(1, (2,)),)))
     failed = engine.run(StepPlan(new=(new(2, (5,)),), running=(decode(1, 1),)))
-    # the new prompt is to blame; the generating sequence is recomputed, not failed
-    assert set(failed.errors) == {2} and "injected failure" in failed.errors[2]
-    assert failed.recompute == [1]
-    assert set(backend.released) >= {1, 2} and engine.num_tracked == 1
+    # nothing says which row raised: both are recomputed (tests/engine/test_step_retry.py)
+    assert not failed.errors and failed.recompute == [2, 1]
+    assert set(backend.released) >= {1, 2} and engine.num_tracked == 1  # 2 sampled nothing
     # a plan made before the failure was known still decodes sequence 1: dropped
     after = engine.run(StepPlan(new=(new(3, (7,)),), running=(decode(1, 2),)))
     assert [s for s, _, _ in after.tokens] == [3]
@@ -168,13 +167,13 @@ def test_a_failed_step_fails_new_prompts_and_recomputes_running_rows() -> None:
     assert [t for _, t, _ in resumed.tokens] == [successor(pending)]
 
 
-def test_a_failed_step_without_new_prompts_fails_every_row() -> None:
+def test_a_failed_one_row_step_fails_its_row() -> None:
     backend = SuccessorBackend(fail_on_step=3)
     engine = EngineCore(backend)
-    engine.run(StepPlan(new=(new(1, (2,)), new(2, (4,)))))
-    engine.run(StepPlan(running=(decode(1, 1), decode(2, 1))))
-    failed = engine.run(StepPlan(running=(decode(1, 2), decode(2, 2))))
-    assert set(failed.errors) == {1, 2} and not failed.recompute
+    engine.run(StepPlan(new=(new(1, (2,)),)))
+    engine.run(StepPlan(running=(decode(1, 1),)))
+    failed = engine.run(StepPlan(running=(decode(1, 2),)))
+    assert set(failed.errors) == {1} and not failed.recompute
     assert engine.num_tracked == 0
 
 

@@ -26,6 +26,9 @@ from tgi.testing.tiny_models import build_tiny_model
 
 SHA_A = "a" * 40
 SHA_B = "b" * 40
+# Cache-only resolution: online, a hub id missing from the cache is downloaded
+# (tests/models/test_hub_download.py covers that against a fake hub).
+OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
 
 # --- local directories --------------------------------------------------------------
@@ -248,7 +251,8 @@ def test_hub_cache_default_follows_hf_home_from_config_environ(
     with pytest.raises(ModelNotFound, match=re.escape(f"not in the Hugging Face cache at {other}")):
         inspect_model(
             make_config(
-                {"HF_HOME": str(hf_home), "HUGGINGFACE_HUB_CACHE": str(other)}, model_id="org/tiny"
+                {"HF_HOME": str(hf_home), "HUGGINGFACE_HUB_CACHE": str(other), **OFFLINE},
+                model_id="org/tiny",
             )
         )
 
@@ -256,7 +260,7 @@ def test_hub_cache_default_follows_hf_home_from_config_environ(
 def test_absent_hub_id_says_no_download(tmp_path: Path, make_config: Callable) -> None:
     cache = tmp_path / "empty-hub"
     with pytest.raises(ModelNotFound) as caught:
-        inspect_model(make_config(model_id="org/absent", huggingface_hub_cache=str(cache)))
+        inspect_model(make_config(OFFLINE, model_id="org/absent", huggingface_hub_cache=str(cache)))
     message = str(caught.value)
     assert (
         f"hub model 'org/absent' (revision main) is not in the Hugging Face cache at {cache}"
@@ -275,7 +279,9 @@ def test_absent_hub_revision(
     make_hub_snapshot(cache, "org/tiny", tiny_llama_source, SHA_A)
     with pytest.raises(ModelNotFound, match=re.escape("'org/tiny' (revision v9) is not in the")):
         inspect_model(
-            make_config(model_id="org/tiny", revision="v9", huggingface_hub_cache=str(cache))
+            make_config(
+                OFFLINE, model_id="org/tiny", revision="v9", huggingface_hub_cache=str(cache)
+            )
         )
 
 
@@ -286,7 +292,7 @@ def test_incomplete_hub_snapshot(
     snapshot = make_hub_snapshot(cache, "org/tiny", tiny_llama_source, SHA_A)
     (snapshot / "model.safetensors").unlink()
     with pytest.raises(ModelNotFound, match=r"is in the cache at .* but incomplete: .*no weights"):
-        inspect_model(make_config(model_id="org/tiny", huggingface_hub_cache=str(cache)))
+        inspect_model(make_config(OFFLINE, model_id="org/tiny", huggingface_hub_cache=str(cache)))
 
 
 def test_invalid_hub_id(make_config: Callable) -> None:

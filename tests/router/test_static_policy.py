@@ -306,7 +306,7 @@ async def test_a_cancelled_request_frees_its_slot_for_the_next_one(
     assert leaver.seq_id in backend.released
 
 
-async def test_a_failed_rebuild_fails_the_newcomer_and_recomputes_the_rows_it_rewrote(
+async def test_a_failed_rebuild_recomputes_the_newcomer_and_the_rows_it_rewrote(
     make_state: Any, byte_tokenizer: Any
 ) -> None:
     backend = StaticFakeBackend(len(byte_tokenizer), rebuild=True, fail_prefill_call=2)
@@ -322,7 +322,9 @@ async def test_a_failed_rebuild_fails_the_newcomer_and_recomputes_the_rows_it_re
         after = await collect(submit(state, "third", max_new_tokens=4))
     finally:
         await state.router.stop()
-    assert isinstance(joined[-1], ErrorEvent) and "injected" in joined[-1].message
+    # the failure was the step's, not one row's: both are retried once and finish
+    second = expected_tokens(byte_tokenizer.encode("second"), 5, len(byte_tokenizer))
+    assert isinstance(joined[-1], FinalEvent) and [e.token.id for e in joined] == second
     # "first" lost its KV with the failed step; it is recomputed, not failed
     assert isinstance(rest[-1], FinalEvent)
     alone = expected_tokens(byte_tokenizer.encode("first"), 50, len(byte_tokenizer))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pluggy
 
@@ -85,6 +85,11 @@ class BackendOptions:
     dtypes: frozenset[str] = FLOAT_DTYPES  # --dtype values it computes in
     kv_cache_dtypes: frozenset[str] = frozenset()  # --kv-cache-dtype values; none by default
     flags: tuple[BackendFlag, ...] = ()  # its own settings
+    # What --num-shard N > 1 means for it: "ranks", the core starts one worker process
+    # per rank and the backend builds its slice for the rank it is given; "internal", the
+    # backend splits the model itself (Neuron's tp_degree) and maps --num-shard onto its
+    # own setting in `tgi_validate_config`, one worker; "none", --num-shard > 1 is refused.
+    parallelism: Literal["none", "ranks", "internal"] = "none"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready view for `tgi backends --json`."""
@@ -92,6 +97,7 @@ class BackendOptions:
             "quantize": sorted(self.quantize),
             "dtypes": sorted(self.dtypes),
             "kv_cache_dtypes": sorted(self.kv_cache_dtypes),
+            "parallelism": self.parallelism,
             "flags": [
                 {"name": f.name, "help": f.help, "type": f.type.__name__, "env": f.env}
                 for f in self.flags
@@ -144,9 +150,11 @@ def tgi_backend_create(  # type: ignore[empty-body]
 ) -> Backend:
     """Build the backend and load the weights; called on the chosen backend only.
 
-    Called once per rank, in that rank's process: `rank` in [0, world_size). Today tgi
-    serves from one process, so rank 0 of world size 1. `rank` and `world_size` are
-    opt-in: a hookimpl that takes only `(config, model)` keeps working.
+    Called once per rank, in that rank's worker process: `rank` in [0, world_size).
+    world_size is `--num-shard` for a backend whose options declare
+    `parallelism="ranks"` (build rank `rank`'s slice; the rank group is
+    `tgi.parallel.rank_group()`, joined before this call), else 1. `rank` and
+    `world_size` are opt-in: a hookimpl that takes only `(config, model)` keeps working.
     """
     ...
 

@@ -390,6 +390,7 @@ class SelectedBackend:
         that do offer it) and for a bad or unknown `--backend-option`.
         """
         self._check_offered(config)
+        self._check_parallelism(config)
         config = resolve_backend_options(config, self.name, self.options.flags)
         adjusted = self._call("tgi_validate_config", config=config)
         if adjusted is None:
@@ -409,6 +410,14 @@ class SelectedBackend:
                     plugin=self.name,
                 )
         return adjusted
+
+    def _check_parallelism(self, config: ServeConfig) -> None:
+        if config.num_shard > 1 and self.options.parallelism == "none":
+            raise ConfigError(
+                f"--num-shard {config.num_shard} ({config.source_of('num_shard')}): backend "
+                f"{self.name!r} serves from one device and does not split a model over "
+                "several; leave --num-shard at 1"
+            )
 
     def _check_offered(self, config: ServeConfig) -> None:
         for field_name, flag, attribute in _OFFERED:

@@ -7,7 +7,8 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -67,6 +68,28 @@ def _rates(text: str) -> list[float]:
         return [float(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
         raise typer.BadParameter(f"--request-rate takes numbers or inf: {text!r}") from None
+
+
+# what the bench extra installs (import names): a missing one is a missing extra
+_BENCH_EXTRA_MODULES = frozenset({"httpx", "zmq", "rich", "matplotlib"})
+
+
+@contextmanager
+def _bench_extra(command: str) -> Iterator[None]:
+    """Turn the ModuleNotFoundError of a module the bench extra installs into an error
+    that says which extra to install (exit status 1)."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in _BENCH_EXTRA_MODULES:
+            raise
+        typer.echo(
+            f"error: `tgi bench {command}` needs the bench extra ({missing} is not "
+            "installed): pip install 'tgi-server[bench]'",
+            err=True,
+        )
+        raise typer.Exit(1) from None
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -168,8 +191,12 @@ def serve(
 ) -> None:
     """Load a server with streamed requests and report TTFT, TPOT, ITL, latency, throughput."""
     _setup_logging(verbose)
-    from tgi.bench.dataset import load_tokenizer
-    from tgi.bench.serve import build_levels, run_serve
+    with _bench_extra("serve"):
+        from tgi.bench.dataset import load_tokenizer
+        from tgi.bench.serve import build_levels, run_serve
+
+        if plot is not None:  # found out now, not after the run
+            import matplotlib  # noqa: F401
 
     try:
         slo = SLO.parse(goodput or [])
@@ -321,7 +348,8 @@ def compare(
     if plot is not None:
         from tgi.bench.plot import plot_serve
 
-        plot_serve(merged, plot, title)
+        with _bench_extra("compare --plot"):
+            plot_serve(merged, plot, title)
         _console.print(f"plot: {plot}")
 
 
@@ -396,13 +424,14 @@ def engine(
     if plot is not None:
         from tgi.bench.plot import plot_engine
 
-        plot_engine(
-            [result.label],
-            [[lv.batch_size for lv in levels]],
-            [[lv.prefill_ms.p50 for lv in levels]],
-            [[lv.decode_step_ms.p50 for lv in levels]],
-            plot,
-        )
+        with _bench_extra("engine --plot"):
+            plot_engine(
+                [result.label],
+                [[lv.batch_size for lv in levels]],
+                [[lv.prefill_ms.p50 for lv in levels]],
+                [[lv.decode_step_ms.p50 for lv in levels]],
+                plot,
+            )
         _console.print(f"plot: {plot}")
 
 

@@ -71,6 +71,9 @@ class EngineCore:
         # Released by a failed step: a plan made before the failure was known (planned
         # ahead) may still name them in `finished`; the backend must not hear it twice.
         self._released: set[int] = set()
+        # Retried after a failed multi-row step, until they sample a token: one that
+        # fails again is to blame (`_blame`).
+        self._suspects: set[int] = set()
 
     @property
     def num_tracked(self) -> int:
@@ -89,6 +92,7 @@ class EngineCore:
         ids = list(seq_ids)
         self._backend.release(ids)
         self._forget(ids)
+        self._suspects.difference_update(ids)
         return self._backend.kv_usage()
 
     def run(self, plan: StepPlan) -> StepResult:
@@ -99,6 +103,8 @@ class EngineCore:
             plan = self._without_released(plan)
         self._forget(plan.finished)
         self._forget(plan.forgotten)
+        if self._suspects:
+            self._suspects.difference_update((*plan.finished, *plan.forgotten))
         self._released.difference_update(plan.forgotten)
         plan = self._prepare(plan)
         if plan.new or plan.running:
@@ -227,6 +233,7 @@ class EngineCore:
             state.num_sampled += len(tokens)
             state.last_token = tokens[-1][0]
             state.fed = None
+            self._suspects.discard(row.seq_id)  # it ran: no longer under suspicion
             result.tokens.extend((row.seq_id, token, logprob) for token, logprob in tokens)
 
     def _verify(
@@ -267,14 +274,16 @@ class EngineCore:
             cursor += len(drafts)
 
     def _fail(self, plan: StepPlan, exc: Exception, result: StepResult) -> None:
-        """The forward failed: every row's KV is undefined and is dropped. Rows of new
-        prompts (sequences that sampled nothing yet) fail; sequences already generating
-        keep their sampler state and are recomputed, unless the step had no new prompt
-        to blame, in which case they fail too (a one-kind step fails whole, as before)."""
+        """The forward failed: every row's KV is undefined and is dropped (released).
+
+        Which rows get the error and which are recomputed is `_blame`'s rule. A
+        recomputed row that generated already keeps its sampler state (held=False until
+        it comes back new); one that sampled nothing starts afresh. The router then
+        admits at most one suspect per step (`Router._admissible`), so a recomputed row
+        runs without the others it failed beside."""
         ids = [row.seq_id for row in plan.rows]
         logger.exception("step %d failed for %d rows", plan.step_index, len(ids))
-        generating = {i for i in ids if self._tracked[i].num_sampled > 0}
-        innocent = generating if len(generating) < len(ids) else set()  # someone to blame
+        retried = self._blame(ids)
         # The step may have failed before it dropped its finished and preempted ones.
         dropped = [*ids, *plan.finished, *plan.preempted]
         try:
@@ -282,12 +291,31 @@ class EngineCore:
         except Exception:  # nothing more to do for them; reconciliation reports strays
             logger.exception("releasing the rows of failed step %d failed", plan.step_index)
         self._released.update(ids)
-        self._forget([i for i in ids if i not in innocent])
-        for seq_id in innocent:
-            self._tracked[seq_id].held = False
+        self._forget([i for i in ids if i not in retried or not self._tracked[i].num_sampled])
+        for seq_id in retried:
+            if seq_id in self._tracked:
+                self._tracked[seq_id].held = False
+        self._suspects.difference_update(i for i in ids if i not in retried)
+        self._suspects.update(retried)
         message = f"Request failed during generation: {exc}"
-        result.errors.update({seq_id: message for seq_id in ids if seq_id not in innocent})
-        result.recompute.extend(i for i in ids if i in innocent)
+        result.errors.update({seq_id: message for seq_id in ids if seq_id not in retried})
+        result.recompute.extend(i for i in ids if i in retried)
+
+    def _blame(self, ids: list[int]) -> set[int]:
+        """The rows of a failed step that are retried (recomputed) once; the others fail.
+
+        NOTE: one row's parameters or tokens must not fail its neighbours, and a failed
+        step does not say which row raised. So a row fails only when it was alone in
+        the step, or was a suspect already (it failed beside others before and was
+        retried since, without them: it failed again, so it is to blame). Every other
+        row of a failed multi-row step is retried and becomes a suspect, until it
+        samples a token. Each failure fails a row or makes the non-suspect rows
+        suspects, and suspects run one per step, so a persistent failure cannot loop:
+        at worst every row ends, one suspect per failed step.
+        """
+        if len(ids) == 1:
+            return set()
+        return {seq_id for seq_id in ids if seq_id not in self._suspects}
 
 
 def _device_sampled(output: StepOutput) -> SampledTokens:

@@ -21,9 +21,9 @@ from typing import Protocol, runtime_checkable
 
 from tgi.backend.contract import Capabilities, KVUsage, Limits, StepPlan, WarmupReport
 from tgi.engine.results import StepResult
-from tgi.errors import BackendUnavailable
+from tgi.errors import BackendError, BackendUnavailable
 
-__all__ = ["Engine", "EngineDescription", "EngineDied", "EngineStats"]
+__all__ = ["Engine", "EngineDescription", "EngineDied", "EngineStats", "RestartImpossible"]
 
 
 class EngineDied(BackendUnavailable):
@@ -31,6 +31,11 @@ class EngineDied(BackendUnavailable):
 
     The router fails the requests in flight with a 503 and restarts the engine.
     """
+
+
+class RestartImpossible(BackendError):
+    """The engine cannot be started again from this process (its ranks belong to
+    torchrun); the router gives up at once instead of retrying."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,8 @@ from tgi.models.attention import AttentionOp
 from tgi.models.rope import RopeSpec, Rotary, apply_rotary
 
 if TYPE_CHECKING:
+    from tgi.parallel.group import ShardGroup
+    from tgi.parallel.sharding import ShardPlan
     from tgi.weights import TensorSource
 
 logger = logging.getLogger(__name__)
@@ -173,6 +175,7 @@ class LlamaLayer(nn.Module):
             spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias
         )
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.group: ShardGroup | None = None  # sharded: o_proj and down_proj sum over ranks
 
     def forward(
         self,
@@ -190,23 +193,43 @@ class LlamaLayer(nn.Module):
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # slices: no Python split()
         v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = attention(self.index, q, k, v, metadata)  # [N, H, D]
-        hidden = hidden + self.o_proj(out.reshape(num_tokens, -1))
+        attended = self.o_proj(out.reshape(num_tokens, -1))
+        if self.group is not None:
+            self.group.all_reduce_(attended)  # row-parallel: each rank's heads' share
+        hidden = hidden + attended
         gate_up = self.gate_up_proj(self.post_attention_layernorm(hidden))
         size = self.intermediate_size
-        return hidden + self.down_proj(F.silu(gate_up[:, :size]) * gate_up[:, size:])
+        mlp = self.down_proj(F.silu(gate_up[:, :size]) * gate_up[:, size:])
+        if self.group is not None:
+            self.group.all_reduce_(mlp)
+        return hidden + mlp
 
 
 class LlamaForCausalLM(nn.Module):
-    """Embedding, decoder layers, final norm and LM head over a flat batch of tokens."""
+    """Embedding, decoder layers, final norm and LM head over a flat batch of tokens.
 
-    def __init__(self, spec: LlamaSpec) -> None:
+    Sharded (`shard` given), it is one rank's slice (tgi.parallel.sharding's NOTE): `spec`
+    has this rank's heads and MLP columns, the embedding and head this rank's rows of the
+    padded vocabulary; the forward takes part in the rank group's collectives and every
+    rank returns the whole vocabulary's logits.
+    """
+
+    def __init__(self, spec: LlamaSpec, shard: tuple[ShardPlan, ShardGroup] | None = None) -> None:
         super().__init__()
         self.spec = spec
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.shard = shard
+        vocab_rows = spec.vocab_size
+        if shard is not None:
+            vocab_rows = shard[0].vocab[1] - shard[0].vocab[0]
+        self.embed_tokens = nn.Embedding(vocab_rows, spec.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = nn.Linear(spec.hidden_size, vocab_rows, bias=False)
         self.rotary = Rotary(spec.rope)
+        if shard is not None:
+            for layer in self.layers:
+                assert isinstance(layer, LlamaLayer)
+                layer.group = shard[1]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -221,26 +244,47 @@ class LlamaForCausalLM(nn.Module):
         logits_index: torch.Tensor | None = None,  # [M] flat indices wanting logits; None: all
     ) -> torch.Tensor:  # [M, V] float32
         """Run the step; the attention op stores each layer's k/v as a side effect."""
-        hidden = self.embed_tokens(input_ids)  # [N, hidden]
+        hidden = self._embed(input_ids)  # [N, hidden]
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, attention, metadata)
         if logits_index is not None:
             hidden = hidden.index_select(0, logits_index)  # [M, hidden]
-        return self.lm_head(self.norm(hidden)).float()
+        logits = self.lm_head(self.norm(hidden)).float()
+        if self.shard is None:
+            return logits
+        plan, group = self.shard
+        return group.all_gather_last(logits)[:, : plan.vocab_size]
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.shard is None:
+            return self.embed_tokens(input_ids)
+        plan, group = self.shard
+        start, stop = plan.vocab
+        inside = (input_ids >= start) & (input_ids < stop)
+        local = torch.where(inside, input_ids - start, 0)
+        hidden = self.embed_tokens(local) * inside.unsqueeze(-1).to(self.dtype)
+        return group.all_reduce_(hidden)  # each id's row lives on exactly one rank
 
     @classmethod
     def from_tensors(
-        cls, spec: LlamaSpec, tensors: TensorSource, dtype: torch.dtype
+        cls,
+        spec: LlamaSpec,
+        tensors: TensorSource,
+        dtype: torch.dtype,
+        shard: tuple[ShardPlan, ShardGroup] | None = None,
     ) -> LlamaForCausalLM:
         """Build from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...).
 
         The model is made on the meta device and every parameter assigned from the fused
-        checkpoint tensors, so no random init runs and nothing is held twice.
+        checkpoint tensors, so no random init runs and nothing is held twice. With
+        `shard`, only this rank's slices are read (`tgi.parallel.sharding`).
         """
+        local = shard[0].local_spec(spec) if shard is not None else spec
         with torch.device("meta"):
-            model = cls(spec)
-        state = _fused_state(spec, tensors, dtype)
+            model = cls(local, shard)
+        reader = _SliceReader(tensors, dtype, shard[0] if shard is not None else None)
+        state = _fused_state(spec, reader)
         missing = set(model.state_dict()) - set(state)
         if spec.tie_word_embeddings or "lm_head.weight" not in state:
             missing.discard("lm_head.weight")
@@ -253,50 +297,118 @@ class LlamaForCausalLM(nn.Module):
         return model.eval().requires_grad_(False)
 
 
-def _fused_state(
-    spec: LlamaSpec, tensors: TensorSource, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Map HF names onto this module's, concatenating q/k/v and gate/up."""
+class _SliceReader:
+    """Checkpoint tensors in the model's dtype: whole, or this rank's slice of them."""
 
-    def get(name: str) -> torch.Tensor:
-        return tensors.get(name).to(dtype)
+    def __init__(self, tensors: TensorSource, dtype: torch.dtype, plan: ShardPlan | None):
+        self.tensors, self.dtype, self.plan = tensors, dtype, plan
 
-    def cat(names: list[str]) -> torch.Tensor:
-        return torch.cat([get(name) for name in names], dim=0)
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
 
+    def whole(self, name: str) -> torch.Tensor:
+        """Replicated on every rank (norms)."""
+        return self.tensors.get(name).to(self.dtype)
+
+    def rows(self, name: str, span: tuple[int, int], unit: int = 1) -> torch.Tensor:
+        """Column-parallel: output rows [start * unit, stop * unit) on this rank."""
+        if self.plan is None:
+            return self.whole(name)
+        from tgi.weights import read_slice
+
+        start, stop = span
+        return read_slice(self.tensors, name, 0, start * unit, stop * unit).to(self.dtype)
+
+    def columns(self, name: str, span: tuple[int, int], unit: int = 1) -> torch.Tensor:
+        """Row-parallel: input columns [start * unit, stop * unit) on this rank."""
+        if self.plan is None:
+            return self.whole(name)
+        from tgi.weights import read_slice
+
+        start, stop = span
+        return read_slice(self.tensors, name, 1, start * unit, stop * unit).to(self.dtype)
+
+    def rank0_bias(self, name: str) -> torch.Tensor:
+        """A row-parallel layer's bias: added once, after the sum, so rank 0 holds it."""
+        bias = self.whole(name)
+        return bias if self.plan is None or self.plan.rank == 0 else torch.zeros_like(bias)
+
+
+def _fused_state(spec: LlamaSpec, reader: _SliceReader) -> dict[str, torch.Tensor]:
+    """Map HF names onto this module's, concatenating q/k/v and gate/up (this rank's
+    slices of each when sharded; see tgi.parallel.sharding's NOTE)."""
+    plan = reader.plan
+    full = (0, 1 << 62)  # unsharded spans are never used: `rows`/`columns` read whole
+    heads = plan.heads if plan else full
+    kv_heads = plan.kv_heads if plan else full
+    columns = plan.intermediate if plan else full
+    vocab = plan.vocab if plan else full
+    d = spec.head_dim
     state = {
-        "embed_tokens.weight": get("model.embed_tokens.weight"),
-        "norm.weight": get("model.norm.weight"),
+        "embed_tokens.weight": reader.rows("model.embed_tokens.weight", vocab),
+        "norm.weight": reader.whole("model.norm.weight"),
     }
-    if not spec.tie_word_embeddings and "lm_head.weight" in tensors:
-        state["lm_head.weight"] = get("lm_head.weight")
+    if not spec.tie_word_embeddings and "lm_head.weight" in reader:
+        state["lm_head.weight"] = reader.rows("lm_head.weight", vocab)
+
+    def qkv(hf: str, suffix: str) -> torch.Tensor:
+        return torch.cat(
+            [
+                reader.rows(f"{hf}self_attn.q_proj.{suffix}", heads, d),
+                reader.rows(f"{hf}self_attn.k_proj.{suffix}", kv_heads, d),
+                reader.rows(f"{hf}self_attn.v_proj.{suffix}", kv_heads, d),
+            ]
+        )
+
+    def gate_up(hf: str, suffix: str) -> torch.Tensor:
+        return torch.cat(
+            [
+                reader.rows(f"{hf}mlp.gate_proj.{suffix}", columns),
+                reader.rows(f"{hf}mlp.up_proj.{suffix}", columns),
+            ]
+        )
+
     for i in range(spec.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        attn = [f"{hf}self_attn.{p}_proj" for p in ("q", "k", "v")]
-        state[ours + "qkv_proj.weight"] = cat([f"{name}.weight" for name in attn])
+        state[ours + "qkv_proj.weight"] = qkv(hf, "weight")
         if spec.qkv_bias:
-            state[ours + "qkv_proj.bias"] = cat([f"{name}.bias" for name in attn])
-        state[ours + "o_proj.weight"] = get(f"{hf}self_attn.o_proj.weight")
+            state[ours + "qkv_proj.bias"] = qkv(hf, "bias")
+        state[ours + "o_proj.weight"] = reader.columns(f"{hf}self_attn.o_proj.weight", heads, d)
         if spec.o_bias:
-            state[ours + "o_proj.bias"] = get(f"{hf}self_attn.o_proj.bias")
-        mlp = [f"{hf}mlp.gate_proj", f"{hf}mlp.up_proj"]
-        state[ours + "gate_up_proj.weight"] = cat([f"{name}.weight" for name in mlp])
-        state[ours + "down_proj.weight"] = get(f"{hf}mlp.down_proj.weight")
+            state[ours + "o_proj.bias"] = reader.rank0_bias(f"{hf}self_attn.o_proj.bias")
+        state[ours + "gate_up_proj.weight"] = gate_up(hf, "weight")
+        state[ours + "down_proj.weight"] = reader.columns(f"{hf}mlp.down_proj.weight", columns)
         if spec.mlp_bias:
-            state[ours + "gate_up_proj.bias"] = cat([f"{name}.bias" for name in mlp])
-            state[ours + "down_proj.bias"] = get(f"{hf}mlp.down_proj.bias")
+            state[ours + "gate_up_proj.bias"] = gate_up(hf, "bias")
+            state[ours + "down_proj.bias"] = reader.rank0_bias(f"{hf}mlp.down_proj.bias")
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            state[f"{ours}{norm}.weight"] = get(f"{hf}{norm}.weight")
+            state[f"{ours}{norm}.weight"] = reader.whole(f"{hf}{norm}.weight")
     return state
 
 
-def load_llama(path: Path | Any, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """Load a Llama-family checkpoint: a model dir, a `ModelFiles`, or a `.gguf` file."""
+def load_llama(
+    path: Path | Any,
+    dtype: torch.dtype = torch.float32,
+    *,
+    group: ShardGroup | None = None,
+    quantize: str | None = None,
+) -> LlamaForCausalLM:
+    """Load a Llama-family checkpoint: a model dir, a `ModelFiles`, or a `.gguf` file.
+
+    With `group` of more than one rank, load this rank's shard; ConfigError (before any
+    tensor is read) when the model does not split over that many ranks.
+    """
     from tgi.weights import open_checkpoint
 
     config, tensors = open_checkpoint(path)
     spec = LlamaSpec.from_hf(config)
-    return LlamaForCausalLM.from_tensors(spec, tensors, dtype)
+    if group is None or group.world_size == 1:
+        return LlamaForCausalLM.from_tensors(spec, tensors, dtype)
+    from tgi.parallel.sharding import check_shardable, plan_shard
+
+    check_shardable(spec, group.world_size, quantize=quantize)
+    plan = plan_shard(spec, group.rank, group.world_size)
+    return LlamaForCausalLM.from_tensors(spec, tensors, dtype, (plan, group))
 
 
 def quantize_model_(

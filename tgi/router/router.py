@@ -37,12 +37,12 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tgi.backend.contract import KVUsage, StepPlan
-from tgi.engine.protocol import Engine, EngineDied, EngineStats
+from tgi.engine.protocol import Engine, EngineDied, EngineStats, RestartImpossible
 from tgi.engine.results import StepResult
 from tgi.engine.thread import EngineThread
 from tgi.errors import BackendUnavailable, Overloaded
@@ -149,6 +149,9 @@ class Router:
         self._to_release: list[int] = []  # ended: named in the next plan's `finished`
         self._to_forget: list[int] = []  # preempted, then ended: sampler state only
         self._releasing: set[int] = set()  # named in plans still in flight
+        # Retried after a failed multi-row step, until they get a token: at most one of
+        # them may run at a time (`_admissible`; the engine blames one that fails again).
+        self._suspects: set[int] = set()
         self._overlap = overlap
         self.overlapped_steps = 0  # steps planned while the previous one ran
         self._wake = asyncio.Event()
@@ -163,6 +166,8 @@ class Router:
         self.restarts = 0  # engine restarts so far
         self.fatal: str | None = None  # why the router gave up on the engine, if it did
         self.on_fatal: Callable[[str], None] | None = None  # e.g. stop the HTTP server
+        # each step the engine ran, with its round trip in seconds (e.g. a trace span)
+        self.on_step: Callable[[StepPlan, float], None] | None = None
         metrics.kv_capacity_tokens.set(initial_kv.capacity_tokens)
         metrics.engine_healthy.set(1)
 
@@ -394,6 +399,8 @@ class Router:
             errors = {row.seq_id: message for row in plan.rows}
             return StepResult(errors=errors, kv=self._kv, step_index=plan.step_index)
         self._metrics.engine_step_overhead.observe(max(round_trip_s - result.engine_s, 0.0))
+        if self.on_step is not None:
+            self.on_step(plan, round_trip_s)
         return result
 
     def _timed_run(self, plan: StepPlan) -> tuple[StepResult, float]:
@@ -439,7 +446,7 @@ class Router:
         finished = self._take_release()  # before scheduling: newcomers may take their room
         # Every running sequence holds KV; those whose last token is already in flight
         # (`needs_rows` False) get no row from the policy.
-        schedule = self._policy.schedule(list(self._running.values()), self._waiting)
+        schedule = self._policy.schedule(list(self._running.values()), self._admissible())
         step_index = next(self._step_index)
         self._move(schedule, step_index)
         forgotten, self._to_forget = tuple(self._to_forget), []
@@ -451,6 +458,25 @@ class Router:
             forgotten=forgotten,
             step_index=step_index,
         )
+
+    def _admissible(self) -> Sequence[SequenceState]:
+        """The waiting queue as far as the policy may admit from it this step: all of
+        it, unless it holds suspects (rows retried after a failed step, see
+        `EngineCore._blame`). Then it ends before the first suspect while another one
+        runs, else before the second: a suspect never shares a step with another
+        suspect, so the one that fails again is the one to blame, and the innocent rows
+        of a failed step run without their offender."""
+        if not self._suspects:
+            return self._waiting
+        live = {*self._running, *(sequence.seq_id for sequence in self._waiting)}
+        self._suspects &= live  # ended (cancelled, failed) while suspected
+        suspect_runs = any(seq_id in self._suspects for seq_id in self._running)
+        for index, sequence in enumerate(self._waiting):
+            if sequence.seq_id in self._suspects:
+                if suspect_runs:
+                    return list(itertools.islice(self._waiting, index))
+                suspect_runs = True
+        return self._waiting
 
     def _move(self, schedule: Schedule, step_index: int) -> None:
         """Preempted sequences go back to the front of the queue, admitted ones run."""
@@ -497,6 +523,7 @@ class Router:
         self._to_release.clear()
         self._to_forget.clear()
         self._releasing.clear()
+        self._suspects.clear()  # the new engine suspects no one either
         self._policy.reset()
         logger.error(
             "%s; %d requests failed with 503, %d queued wait for a restart",
@@ -523,6 +550,9 @@ class Router:
             self._restarted_at.append(now)
             try:
                 report = await self._in_engine(self._engine.restart)
+            except RestartImpossible as exc:  # nothing to retry: fail what waits, stop
+                self._give_up(str(exc))
+                return
             except Exception as exc:
                 logger.error("restarting the engine failed: %s", exc)
                 died = exc
@@ -565,9 +595,9 @@ class Router:
 
     def _requeue(self, sequences: list[SequenceState]) -> None:
         """Sequences whose KV a failed step dropped go back to the front of the queue,
-        in admission order, to be recomputed as after a preemption; those whose client
-        left are only forgotten, and those the backend could not recompute in one
-        piece fail."""
+        in admission order, to be recomputed as after a preemption, as suspects (see
+        `_admissible`); those whose client left are only forgotten, and those the
+        backend could not recompute in one piece fail."""
         if not sequences:
             return
         self._policy.free([sequence.seq_id for sequence in sequences])
@@ -585,6 +615,7 @@ class Router:
                 )
             else:
                 requeued.append(sequence)
+                self._suspects.add(sequence.seq_id)  # as the engine does: see _admissible
         for sequence in reversed(requeued):
             self._waiting.appendleft(sequence)
         if requeued:
@@ -647,6 +678,7 @@ class Router:
             sequence = self._running.get(seq_id)
             if sequence is None or sequence.cancelled:
                 continue  # ended earlier in this step, or its client went away
+            self._suspects.discard(seq_id)  # it ran: the engine cleared it too
             if seq_id in result.prompt_logprobs and not sequence.tokens:
                 sequence.prefill = self._prefill_tokens(sequence, result.prompt_logprobs[seq_id])
             top = result.top_tokens.get(seq_id)
@@ -691,6 +723,7 @@ class Router:
         was lost): free what the policy gave it, drop the engine's sampler state."""
         self._policy.free([sequence.seq_id])
         self._to_forget.append(sequence.seq_id)
+        self._suspects.discard(sequence.seq_id)
         sequence.done = True
         sequence.events.put_nowait(ErrorEvent(message))
         self._metrics.request_failure.labels(err="generation").inc()

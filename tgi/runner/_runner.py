@@ -159,7 +159,19 @@ class PagedModelRunner:
     def _allocate(self, limits: Limits) -> _Warm:
         """The pool the device's budget allows, its attention backend, empty tables."""
         block_size, bytes_per_token = self.block_size, self.bytes_per_token
-        num_blocks = self.device.num_blocks(limits, block_size, bytes_per_token)
+        shard = self._model.shard if self._model is not None else None
+        try:
+            num_blocks = self.device.num_blocks(limits, block_size, bytes_per_token)
+        except BackendError:
+            if shard is None:
+                raise
+            shard[1].min_int(-1)  # the other ranks must not wait for this one
+            raise
+        if shard is not None:
+            # every rank holds the same sequences: the pool is what the tightest one fits
+            num_blocks = shard[1].min_int(num_blocks)
+            if num_blocks < 0:
+                raise BackendError("another rank cannot size its KV pool (see its log)")
         capacity_tokens = num_blocks * block_size
         if capacity_tokens < limits.max_total_tokens:
             raise BackendError(

@@ -65,6 +65,7 @@ __all__ = [
     "advance",
     "bitmask_to_allowed",
     "canonical",
+    "closed_objects",
     "fill_bitmasks",
     "grammar_bitmask",
 ]
@@ -197,7 +198,11 @@ class GrammarCompiler:
         matcher_cls = llguidance.LLMatcher
         if kind == JSON:
             try:
-                source = matcher_cls.grammar_from_json_schema(text, defaults=_JSON_OPTIONS)
+                closed = json.dumps(closed_objects(json.loads(text)))
+            except RecursionError:
+                raise GrammarError("the schema nests too deeply") from None
+            try:
+                source = matcher_cls.grammar_from_json_schema(closed, defaults=_JSON_OPTIONS)
             except ValueError as exc:
                 raise GrammarError(str(exc)) from None
         else:
@@ -238,6 +243,50 @@ def canonical(grammar: object) -> tuple[str, str]:
     if not isinstance(value, dict | bool):
         raise GrammarUnsupported("a JSON schema must be an object")
     return JSON, json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+# Keywords whose value is one subschema, a list of them, or a name -> subschema map.
+_ONE_SCHEMA = (
+    "additionalProperties", "items", "additionalItems", "contains", "not", "if", "then",
+    "else", "propertyNames", "unevaluatedItems", "unevaluatedProperties",
+)  # fmt: skip
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema: Any, *, composed: bool = False) -> Any:
+    """`schema` with `"additionalProperties": false` on every object schema that lists
+    `properties` and says nothing about other keys; a new value, the caller's untouched.
+
+    Why: JSON Schema allows unlisted keys by default, and llguidance (1.9) has no option
+    to refuse them, so a small model may add keys until `max_new_tokens` and the JSON
+    never closes. TGI (outlines) and OpenAI's strict mode allow only the listed
+    properties. An explicit `additionalProperties` (or `unevaluatedProperties`) is kept.
+    Members of an `allOf` (`composed`) and a schema with an `allOf` of its own are left
+    open: their properties add up across the branches, which closing one would forbid.
+    """
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            closed[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        elif key == "allOf" and isinstance(value, list):
+            closed[key] = [closed_objects(sub, composed=True) for sub in value]
+        elif key in _ONE_SCHEMA or key in _SCHEMA_LISTS:
+            closed[key] = closed_objects(value)
+        else:
+            closed[key] = value  # a keyword's data (enum, const, default, ...), not a schema
+    open_keys = ("additionalProperties", "unevaluatedProperties", "allOf")
+    if (
+        isinstance(schema.get("properties"), dict)
+        and not composed
+        and not any(key in schema for key in open_keys)
+    ):
+        closed["additionalProperties"] = False
+    return closed
 
 
 def _describe(error: str) -> str:

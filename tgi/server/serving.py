@@ -26,6 +26,7 @@ from tgi.errors import BackendUnavailable, GenerationError, InvalidRequest, Over
 from tgi.router.request import ErrorEvent, FinalEvent, GenerationRequest
 from tgi.router.router import RequestHandle
 from tgi.router.validation import ClientParameters
+from tgi.server.access import note_final, note_validation
 from tgi.server.schemas import ErrorResponse
 from tgi.server.state import ServerState
 
@@ -103,7 +104,9 @@ async def validate(
         request = await on_validation_workers(state, validate_request, inputs, params)
     except InvalidRequest as exc:
         raise refuse_request(state, str(exc)) from None
-    state.metrics.request_validation_duration.observe(time.perf_counter() - started)
+    validation_s = time.perf_counter() - started
+    state.metrics.request_validation_duration.observe(validation_s)
+    note_validation(validation_s)
     state.metrics.request_max_new_tokens.observe(request.stopping.max_new_tokens)
     return request
 
@@ -119,6 +122,14 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a finished future's exception as seen. Without this, a failure that nobody
+    awaits (the client already left, or another request failed first) is logged as
+    "exception was never retrieved", with a traceback, when it is collected."""
+    if not future.cancelled():
+        future.exception()
+
+
 async def final_events(handles: list[RequestHandle], request: Request) -> list[FinalEvent]:
     """Wait for the end of non-streamed requests. The first failure cancels the others
     (TGI's `try_join_all`), and so does the client going away."""
@@ -126,6 +137,7 @@ async def final_events(handles: list[RequestHandle], request: Request) -> list[F
     async def consume(handle: RequestHandle) -> FinalEvent:
         async for event in handle.events():
             if isinstance(event, FinalEvent):
+                note_final(event)
                 return event
             if isinstance(event, ErrorEvent):
                 if event.error_type == "unhealthy":  # the engine died: TGI's 503
@@ -134,22 +146,28 @@ async def final_events(handles: list[RequestHandle], request: Request) -> list[F
         raise GenerationError("Incomplete generation")
 
     results = [asyncio.ensure_future(consume(handle)) for handle in handles]
-    everything: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*results))
+    for result in results:
+        result.add_done_callback(_retrieve)
     disconnect: asyncio.Future[Any] = asyncio.ensure_future(_wait_for_disconnect(request))
+    finished = False
     try:
-        await asyncio.wait({everything, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {*results, disconnect}
+        while not disconnect.done():
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for result in results:
+                if result in done and result.exception() is not None:
+                    raise result.exception()  # type: ignore[misc]
+            if all(result.done() for result in results):
+                finished = True
+                return [result.result() for result in results]
+        raise GenerationError("client disconnected")
     finally:
         disconnect.cancel()
-    if everything.done() and not everything.cancelled() and everything.exception() is None:
-        return list(everything.result())
-    for result in results:
-        result.cancel()
-    for handle in handles:
-        handle.cancel()
-    if everything.done() and not everything.cancelled():
-        raise everything.exception()  # type: ignore[misc]
-    everything.cancel()
-    raise GenerationError("client disconnected")
+        if not finished:  # a failure, the client leaving, or this task cancelled
+            for result in results:
+                result.cancel()
+            for handle in handles:
+                handle.cancel()
 
 
 def response_headers(state: ServerState, event: FinalEvent, started: float) -> dict[str, str]:

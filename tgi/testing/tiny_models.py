@@ -63,6 +63,7 @@ def build_tiny_model(
     num_kv_heads: int = 2,
     max_position_embeddings: int = 512,
     max_shard_size: str | None = None,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Save a random `architecture` model with its tokenizer to `path`; return `path`.
 
@@ -86,7 +87,7 @@ def build_tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         **extra,
     )
     torch.manual_seed(seed)

@@ -17,7 +17,13 @@ import torch
 from tgi.errors import ConfigError
 from tgi.weights.safetensors import SafetensorsCheckpoint
 
-__all__ = ["DictTensors", "SafetensorsCheckpoint", "TensorSource", "open_checkpoint"]
+__all__ = [
+    "DictTensors",
+    "SafetensorsCheckpoint",
+    "TensorSource",
+    "open_checkpoint",
+    "read_slice",
+]
 
 
 class TensorSource(Protocol):
@@ -46,6 +52,37 @@ class DictTensors:
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+
+def read_slice(tensors: TensorSource, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Rows (`dim` 0) or columns (`dim` 1) [start, stop) of tensor `name`; rows past its
+    end come back as zeros (a vocabulary padded to a multiple of the shard count).
+
+    A source with `get_slice` (memory-mapped safetensors) reads only the slice."""
+    size = _dim_size(tensors, name, dim)
+    # the part inside the tensor (empty for a slice wholly past its end)
+    inside_start, inside_stop = min(start, size), min(stop, size)
+    get_slice = getattr(tensors, "get_slice", None)
+    if get_slice is not None:
+        part: torch.Tensor = get_slice(name, dim, inside_start, inside_stop)
+    else:
+        part = tensors.get(name).narrow(dim, inside_start, inside_stop - inside_start)
+    missing = (stop - start) - (inside_stop - inside_start)
+    if missing:
+        shape = list(part.shape)
+        shape[dim] = missing
+        part = torch.cat([part, part.new_zeros(shape)], dim=dim)
+    return part
+
+
+def _dim_size(tensors: TensorSource, name: str, dim: int) -> int:
+    shape = getattr(tensors, "shape", None)
+    if shape is not None:
+        return int(shape(name)[dim])
+    return int(tensors.get(name).shape[dim])
 
 
 def open_checkpoint(path: Path | Any) -> tuple[dict[str, Any], TensorSource]:

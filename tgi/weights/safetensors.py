@@ -49,6 +49,25 @@ class SafetensorsCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor; KeyError naming the tensor and the directory when absent."""
+        tensor: torch.Tensor = self._handle(name).get_tensor(name)
+        return tensor
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file's header (nothing read)."""
+        return tuple(self._view(name).get_shape())
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (`dim` 0) or columns (`dim` 1) [start, stop) of one tensor, reading only
+        those bytes from the map where the layout allows (a rank's shard)."""
+        view = self._view(name)
+        tensor: torch.Tensor = view[start:stop] if dim == 0 else view[:, start:stop]
+        return tensor
+
+    def _view(self, name: str) -> Any:
+        return self._handle(name).get_slice(name)
+
+    def _handle(self, name: str) -> Any:
+        """The open map of the file holding `name`; KeyError when no file does."""
         file = self._where.get(name)
         if file is None:
             raise KeyError(f"{name} is not in the checkpoint at {self.model_dir}")
@@ -57,8 +76,7 @@ class SafetensorsCheckpoint:
             from safetensors import safe_open
 
             handle = self._handles[file] = safe_open(str(file), framework="pt")
-        tensor: torch.Tensor = handle.get_tensor(name)
-        return tensor
+        return handle
 
     def close(self) -> None:
         """Drop the file maps; tensors already read stay valid."""

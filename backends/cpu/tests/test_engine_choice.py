@@ -76,13 +76,15 @@ def test_bad_pairings_are_config_errors() -> None:
 
 def test_create_builds_each_engine(model_dir: Path, restore_threads: None) -> None:
     files = model_files("tiny", model_dir, "Qwen2ForCausalLM")
-    paged = plugin.tgi_backend_create(config=_config(), model=files)
+    paged = plugin.tgi_backend_create(config=_config(), model=files, rank=0, world_size=1)
     assert isinstance(paged, PagedCpuBackend) and paged.dtype == torch.float32
     # Both engines size KV from config.kv_cache_memory, not from a MemAvailable share.
     block_bytes = paged.bytes_per_token * BLOCK_SIZE
     assert paged.warmup(LIMITS).kv.total_tokens == KV_BYTES // block_bytes * BLOCK_SIZE
     paged.close()
-    generic = plugin.tgi_backend_create(config=_config("generic"), model=files)
+    generic = plugin.tgi_backend_create(
+        config=_config("generic"), model=files, rank=0, world_size=1
+    )
     assert isinstance(generic, TransformersCpuBackend)
     assert generic.warmup(LIMITS).kv.total_tokens == KV_BYTES // generic.bytes_per_token
     generic.close()
@@ -91,7 +93,9 @@ def test_create_builds_each_engine(model_dir: Path, restore_threads: None) -> No
 def test_create_quantizes_the_paged_engine(model_dir: Path, restore_threads: None) -> None:
     pytest.importorskip("tgi.models.quantize", reason="engineer C's quantize module")
     files = model_files("tiny", model_dir, "Qwen2ForCausalLM")
-    backend = plugin.tgi_backend_create(config=_config(quantize="int8"), model=files)
+    backend = plugin.tgi_backend_create(
+        config=_config(quantize="int8"), model=files, rank=0, world_size=1
+    )
     assert isinstance(backend, PagedCpuBackend)
     model = backend._require_model()
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())

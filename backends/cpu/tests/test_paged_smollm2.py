@@ -107,3 +107,25 @@ def test_mixed_steps_match_generate(
         tokens = driver.tokens(seq)
         assert tokens == expected[seq][1][: len(tokens)], f"seq {seq}"
     assert min(len(driver.tokens(seq)) for seq in expected) >= 8
+
+
+def test_three_shards_match_generate_alone_and_in_a_mixed_batch(
+    model_dir: Path, expected: dict[int, tuple[list[int], list[int]]]
+) -> None:
+    """`--num-shard 3` (9 heads and 3 KV heads: one KV head per rank) in three processes
+    over gloo: the greedy tokens of transformers, for one prompt alone and for all three
+    prefilled in one step and decoded together."""
+    from tgi.testing.ranks import greedy_on_ranks
+
+    prompts = [expected[seq_id][0] for seq_id in sorted(expected)]
+    run = greedy_on_ranks(
+        3,
+        "tgi_backend_cpu.paged:PagedCpuBackend",
+        model_dir,
+        prompts,
+        NUM_NEW,
+        dtype=torch.float32,
+        num_threads=1,
+    )
+    assert run.alone == expected[0][1]
+    assert run.tokens == [expected[seq_id][1] for seq_id in sorted(expected)]

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     from tgi.config import ServeConfig
     from tgi.models.source import ModelFiles
+    from tgi.parallel.group import ShardGroup
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +84,12 @@ class CpuDevice:
         kv_cache_memory: int | None = None,
         dense_kv_bytes: int | None = None,
         meminfo: Path = MEMINFO,
+        host_ranks: int = 1,
     ) -> None:
-        """`kv_cache_memory`: the pool's budget in bytes, None: a share of MemAvailable;
-        `dense_kv_bytes`: the dense copy's budget, None: as many bytes as the pool, 0: off."""
+        """`kv_cache_memory`: the pool's budget in bytes, None: a share of MemAvailable
+        (split between the `host_ranks` ranks on this host); `dense_kv_bytes`: the dense
+        copy's budget, None: as many bytes as the pool, 0: off."""
+        self.host_ranks = host_ranks
         self.kv_dtype = kv_dtype
         self.quantize = quantize
         self.kv_cache_memory = kv_cache_memory
@@ -106,9 +110,14 @@ class CpuDevice:
         bytes_per_block = bytes_per_token * block_size
         if limits.max_batch_total_tokens is not None:
             num_blocks = -(-limits.max_batch_total_tokens // block_size)
-            check_kv_fits(limits.max_batch_total_tokens, num_blocks * bytes_per_block, self.meminfo)
+            # every rank on this host allocates its pool from the same memory
+            host_bytes = num_blocks * bytes_per_block * self.host_ranks
+            check_kv_fits(limits.max_batch_total_tokens, host_bytes, self.meminfo)
             return num_blocks
         budget, source = kv_budget_bytes(self.kv_cache_memory, self.meminfo, KV_MEMORY_FRACTION)
+        if self.kv_cache_memory is None and self.host_ranks > 1:
+            budget //= self.host_ranks
+            source = f"{source}, split between {self.host_ranks} ranks on this host"
         logger.info("paged cpu engine KV budget %d bytes (%s)", budget, source)
         return budget // bytes_per_block
 
@@ -140,11 +149,13 @@ class PagedCpuBackend:
         quantize: str | None = None,
         dense_kv_bytes: int | None = None,
         meminfo: Path = MEMINFO,
+        group: ShardGroup | None = None,
     ) -> None:
         """Load a Llama-family checkpoint (dir, ModelFiles or .gguf); quantize if asked.
 
         `kv_cache_memory` is the pool's budget in bytes (`ServeConfig.kv_cache_memory`);
-        None sizes the pool from MemAvailable at warmup.
+        None sizes the pool from MemAvailable at warmup. `group`: load this rank's shard
+        (`tgi.parallel`); every rank's budget is its own, the pool the smallest.
         """
         if quantize is not None and quantize not in ("int8", "int4"):
             raise ConfigError(f"--quantize {quantize} is not supported by the cpu backend")
@@ -152,7 +163,7 @@ class PagedCpuBackend:
             torch.set_num_threads(num_threads)
         started = time.perf_counter()
         try:
-            loaded = load_llama(model, dtype)
+            loaded = load_llama(model, dtype, group=group, quantize=quantize)
         except (OSError, KeyError, ValueError) as exc:
             raise BackendError(f"cannot load a Llama-family model from {model}: {exc}") from exc
         self.spec = loaded.spec
@@ -164,6 +175,7 @@ class PagedCpuBackend:
             kv_cache_memory=kv_cache_memory,
             dense_kv_bytes=dense_kv_bytes,
             meminfo=meminfo,
+            host_ranks=_host_ranks(group),
         )
         self.runner = PagedModelRunner(loaded, self.device, block_size=BLOCK_SIZE)
         logger.info(
@@ -178,12 +190,28 @@ class PagedCpuBackend:
         )
 
     @classmethod
-    def from_config(cls, config: ServeConfig, model: ModelFiles) -> PagedCpuBackend:
-        """Choose dtype, KV dtype and threads from `config` and the host, then load."""
+    def from_config(
+        cls, config: ServeConfig, model: ModelFiles, *, world_size: int = 1
+    ) -> PagedCpuBackend:
+        """Choose dtype, KV dtype and threads from `config` and the host, then load; with
+        several ranks, this process's shard over the rank group its worker joined."""
+        group = None
+        if world_size > 1:
+            from tgi.parallel import rank_group
+
+            group = rank_group()
+            if group is None or group.world_size != world_size:
+                raise BackendError(
+                    f"rank of {world_size} created outside a rank group (tgi.parallel)"
+                )
         cpu = read_cpu_info()
         asked = config.dtype if config.source_of("dtype") != "backend cpu" else None
         dtype = choose_dtype(asked, cpu, quantized=config.quantize is not None)
         threads, threads_why = choose_threads(config.cpu_threads, cpu)
+        if world_size > 1 and config.source_of("cpu_threads") in ("default", "backend cpu"):
+            # the ranks share this host's cores: oversubscribed threads slow every step
+            threads = max(1, threads // world_size)
+            threads_why = f"{threads_why}, shared by {world_size} ranks"
         logger.info("paged cpu engine computes in %s because %s", dtype.dtype, dtype.reason)
         logger.info("paged cpu engine uses %d threads (%s)", threads, threads_why)
         kv_dtype = _DTYPES[config.kv_cache_dtype] if config.kv_cache_dtype else None
@@ -194,6 +222,7 @@ class PagedCpuBackend:
             num_threads=threads,
             kv_cache_memory=config.kv_cache_memory,
             quantize=config.quantize,
+            group=group,
         )
 
     @property
@@ -229,3 +258,13 @@ class PagedCpuBackend:
 
     def _require_model(self) -> LlamaForCausalLM:
         return self.runner.model
+
+
+def _host_ranks(group: ShardGroup | None) -> int:
+    """Ranks sharing this host's memory: torchrun's LOCAL_WORLD_SIZE, else all of them."""
+    if group is None:
+        return 1
+    import os
+
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(local) if local.isdigit() and int(local) > 0 else group.world_size

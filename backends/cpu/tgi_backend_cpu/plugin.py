@@ -100,7 +100,10 @@ def tgi_backend_probe() -> BackendProbe:
 def tgi_backend_options() -> BackendOptions:
     """int8/int4 weight-only kernels (paged engine); compute and KV in any float dtype."""
     return BackendOptions(
-        quantize=frozenset({"int8", "int4"}), dtypes=FLOAT_DTYPES, kv_cache_dtypes=FLOAT_DTYPES
+        quantize=frozenset({"int8", "int4"}),
+        dtypes=FLOAT_DTYPES,
+        kv_cache_dtypes=FLOAT_DTYPES,
+        parallelism="ranks",  # --num-shard: one worker per rank, gloo between them
     )
 
 
@@ -145,15 +148,24 @@ def tgi_validate_config(config: ServeConfig) -> ServeConfig | None:
 
 
 @hookimpl
-def tgi_backend_create(config: ServeConfig, model: ModelFiles) -> Backend:
-    """Load `model` into the paged engine where its architecture allows, else the generic one."""
+def tgi_backend_create(
+    config: ServeConfig, model: ModelFiles, rank: int, world_size: int
+) -> Backend:
+    """Load `model` into the paged engine where its architecture allows, else the generic
+    one; with several ranks, this rank's shard (paged engine only)."""
     architecture = getattr(model, "architecture", None)
     engine = choose_engine(config, architecture)
-    logger.info("cpu backend engine: %s for %s", engine, architecture)
+    logger.info("cpu engine: %s for %s, rank %d of %d", engine, architecture, rank, world_size)
+    if world_size > 1 and engine != "paged":
+        raise ConfigError(
+            f"--num-shard {world_size} splits a model in the cpu backend's paged engine, "
+            f"which runs {', '.join(sorted(PAGED_ARCHITECTURES))}; this model is "
+            f"{architecture}"
+        )
     if engine == "paged":
         from tgi_backend_cpu.paged import PagedCpuBackend
 
-        return PagedCpuBackend.from_config(config, model)
+        return PagedCpuBackend.from_config(config, model, world_size=world_size)
     from tgi_backend_cpu.backend import TransformersCpuBackend
 
     return TransformersCpuBackend.from_config(config, model)

@@ -100,6 +100,23 @@ def test_export_parameters_fall_back_to_the_launcher_flags_then_defaults(tiny_mo
     )
 
 
+def test_num_shard_is_the_tp_degree_of_an_export_and_starts_no_ranks(tiny_model: Path) -> None:
+    config = config_for(tiny_model, num_shard=2)
+    plan = resolve_plan(config, tiny_model, 512)
+    assert plan.export and plan.shape.num_cores == 2
+    assert resolve_plan(config_for(tiny_model), tiny_model, 512).shape.num_cores is None
+    from tgi_backend_neuron.plugin import tgi_backend_options
+
+    assert tgi_backend_options().parallelism == "internal"  # one worker, not one per rank
+
+
+def test_a_torchrun_job_of_several_processes_is_refused(tiny_model: Path) -> None:
+    """Neuron splits a model inside one process: N torchrun ranks would each load it."""
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    with pytest.raises(ConfigError, match="does not split a model over ranks"):
+        launcher.prepare(config_for(tiny_model, torchrun, backend="neuron"))
+
+
 def test_the_variant_with_the_exact_batch_size_serves(exported: ExportedFactory) -> None:
     root = exported("root", batch_size=8, sequence_length=128)
     (root / "bs4").mkdir()
@@ -163,6 +180,12 @@ BAD = [
         {"HF_NUM_CORES": "8"},
         r"HF_NUM_CORES 8 \(env HF_NUM_CORES\) does not match the compiled num_cores 2",
         id="HF_NUM_CORES",
+    ),
+    pytest.param(
+        {"num_shard": 4},
+        {},
+        r"--num-shard 4 \(cli\) does not match the compiled num_cores 2",
+        id="num-shard",
     ),
     pytest.param(
         {},

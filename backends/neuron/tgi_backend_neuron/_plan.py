@@ -67,11 +67,18 @@ def _wanted(config: ServeConfig, options: NeuronOptions) -> dict[str, list[Wante
     total_source = config.source_of("max_total_tokens")
     add("sequence_length", config.max_total_tokens, "--max-total-tokens", total_source)
     add("num_cores", options.num_cores, "HF_NUM_CORES", options.source("num_cores"))
+    add("num_cores", _shards(config), "--num-shard", config.source_of("num_shard"))
     cast_source = options.source("auto_cast_type")
     add("auto_cast_type", options.auto_cast_type, "HF_AUTO_CAST_TYPE", cast_source)
     if _user_dtype(config) is not None:
         add("auto_cast_type", config.dtype, "--dtype", config.source_of("dtype"))
     return wanted
+
+
+def _shards(config: ServeConfig) -> int | None:
+    """--num-shard when the user set it: the NeuronCores (tp degree) to compile for; the
+    model is split inside the Neuron runtime, by one process (`parallelism="internal"`)."""
+    return config.num_shard if config.source_of("num_shard") != "default" else None
 
 
 def _user_dtype(config: ServeConfig) -> str | None:
@@ -106,7 +113,7 @@ def _export_shape(
     return CompiledShape(
         batch_size=batch_size,
         sequence_length=length,
-        num_cores=options.num_cores,
+        num_cores=options.num_cores or _shards(config),
         auto_cast_type=options.auto_cast_type or _user_dtype(config),
         continuous_batching=continuous,
         max_context_length=length,
@@ -177,6 +184,16 @@ def check_config(config: ServeConfig, plan: NeuronPlan) -> ServeConfig:
     """`config` with the Neuron defaults filled in; ConfigError for what cannot run."""
     shape = plan.shape
     _check_export_params(plan)
+    shards = _shards(config)
+    if not plan.export and None not in (shards, shape.num_cores) and shards != shape.num_cores:
+        raise _fail(
+            "--num-shard",
+            shards,
+            config.source_of("num_shard"),
+            f"does not match the compiled num_cores {shape.num_cores} ({shape.where})",
+            f"leave --num-shard unset or set it to {shape.num_cores}, or export the model "
+            f"again with num_cores={shards}",
+        )
     if shape.on_device_sampling:
         raise ConfigError(
             f"the model was exported with on_device_sampling ({shape.where}): its graph "

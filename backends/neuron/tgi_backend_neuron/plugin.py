@@ -94,6 +94,7 @@ def tgi_backend_options() -> BackendOptions:
         quantize=frozenset(),
         dtypes=frozenset(AUTO_CAST_TYPES.values()),
         kv_cache_dtypes=frozenset(),
+        parallelism="internal",  # --num-shard is the compiled tp degree (HF_NUM_CORES)
     )
 
 

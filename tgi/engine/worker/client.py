@@ -12,6 +12,13 @@ the same: the worker is killed if it is not dead yet and the call raises
     warmup:  Limits ──► ◄── WarmupReport      (kept: a restart warms with the same
                                                 limits and must report the same room)
     step:    StepPlan ──► ◄── StepResult
+
+With several ranks (`StartWorker.world_size` > 1) the engine is one worker per rank:
+rank 0 as above, the others `python -m tgi.engine.worker --follower`, all given
+torch.distributed's variables (a fresh loopback MASTER_PORT each start). Every one of
+them is watched; any one dying kills the rest and fails the engine, and a restart
+starts them all again. Under torchrun (`external_ranks`) the other ranks belong to
+torchrun: only rank 0 is started here, and a lost rank cannot be restarted.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ from collections.abc import Sequence
 from typing import Any, NoReturn, TypeVar
 
 from tgi.backend.contract import KVUsage, Limits, StepPlan, WarmupReport
-from tgi.engine.protocol import EngineDescription, EngineDied, EngineStats
+from tgi.engine.protocol import EngineDescription, EngineDied, EngineStats, RestartImpossible
 from tgi.engine.results import StepResult
 from tgi.engine.worker.channel import Channel, ChannelClosed, ChannelListener, ChannelTimeout
 from tgi.engine.worker.messages import (
+    EXIT_PEER_LOST,
     Done,
     Query,
     Release,
@@ -69,11 +77,14 @@ class WorkerEngine:
         *,
         step_timeout_s: float,
         start_timeout_s: float = 1800.0,
+        external_ranks: bool = False,
     ) -> None:
         self._start = start
         self._step_timeout_s = step_timeout_s
         self._start_timeout_s = start_timeout_s  # loading and warming a large model
-        self._process: subprocess.Popen[bytes] | None = None
+        self._external_ranks = external_ranks  # ranks > 0 started by torchrun, not here
+        self._process: subprocess.Popen[bytes] | None = None  # rank 0
+        self._followers: list[subprocess.Popen[bytes]] = []  # ranks 1.. started here
         self._channel: Channel | None = None
         self._description: EngineDescription | None = None
         self._limits: Limits | None = None
@@ -82,9 +93,11 @@ class WorkerEngine:
         self.restarts = 0
 
     @classmethod
-    def spawn(cls, start: StartWorker, *, step_timeout_s: float) -> WorkerEngine:
-        """Start the worker and wait until its backend has loaded."""
-        engine = cls(start, step_timeout_s=step_timeout_s)
+    def spawn(
+        cls, start: StartWorker, *, step_timeout_s: float, external_ranks: bool = False
+    ) -> WorkerEngine:
+        """Start the worker (each rank's) and wait until its backend has loaded."""
+        engine = cls(start, step_timeout_s=step_timeout_s, external_ranks=external_ranks)
         try:
             engine._spawn()
         except BaseException:
@@ -102,6 +115,13 @@ class WorkerEngine:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+    @property
+    def rank_pids(self) -> list[int]:
+        """The worker processes started here, rank 0 first (one unless sharded)."""
+        if self._process is None:
+            return []
+        return [self._process.pid, *(process.pid for process in self._followers)]
 
     def warmup(self, limits: Limits) -> WarmupReport:
         report = self._ask(limits, WarmupReport, self._start_timeout_s, "warmup")
@@ -124,18 +144,25 @@ class WorkerEngine:
         return self._ask(Query("stats"), EngineStats, self._step_timeout_s, "stats")
 
     def exited(self) -> str | None:
-        process = self._process
-        if process is None or self._dead is not None:
+        if self._process is None or self._dead is not None:
             return self._dead
-        code = process.poll()  # Popen.poll takes its own lock: safe beside the engine thread
-        if code is None:
-            return None
-        return f"the engine worker pid {process.pid} ended with {describe_exit(code)}"
+        for rank, process in self._ranks():
+            code = process.poll()  # Popen.poll takes its own lock: safe beside the thread
+            if code is not None:
+                name = _rank_name(rank, process)
+                return f"the engine worker {name} ended with {describe_exit(code)}"
+        return None
 
     def restart(self) -> WarmupReport:
         """A fresh worker, loaded and warmed with the first warmup's limits; it must
         offer at least the room the router's policy was built for."""
         assert self._limits is not None and self._report is not None, "restart before warmup"
+        if self._external_ranks:
+            raise RestartImpossible(
+                f"the engine's ranks belong to torchrun and rank 0's worker is gone "
+                f"({self._dead}; exit status {EXIT_PEER_LOST} means another rank went away "
+                "first: torchrun's failure summary names it); restart the job"
+            )
         self._stop_process()
         try:
             self._spawn()
@@ -174,18 +201,22 @@ class WorkerEngine:
 
     def _spawn(self) -> None:
         listener = ChannelListener()
+        world_size = self._start.world_size
+        environments = [os.environ.copy()]
+        if world_size > 1 and not self._external_ranks:
+            environments = _rank_environments(world_size)
         try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "tgi.engine.worker", listener.address],
-                stdin=subprocess.DEVNULL,
-                env=os.environ.copy(),
-                # its own session: a signal to the server's process group (Ctrl-C, a
-                # supervisor's SIGTERM) reaches the server, which stops the worker after
-                # its drain; the worker still dies with the server (PR_SET_PDEATHSIG)
-                start_new_session=True,
-            )
+            self._process = _start_process(listener.address, environments[0])
+            self._followers = [_start_process("--follower", env) for env in environments[1:]]
             self._dead = None
-            logger.info("engine worker started: pid %d", self._process.pid)
+            logger.info(
+                "engine worker started: pid %d%s",
+                self._process.pid,
+                f" (rank 0 of {world_size}; ranks 1.. pids "
+                f"{', '.join(str(p.pid) for p in self._followers) or 'started by torchrun'})"
+                if world_size > 1
+                else "",
+            )
             self._channel = listener.accept(
                 timeout_s=self._start_timeout_s, peer_alive=self._check_alive
             )
@@ -219,16 +250,29 @@ class WorkerEngine:
         return reply
 
     def _check_alive(self) -> None:
-        """Raise `EngineDied` when the worker process has exited."""
+        """Raise `EngineDied` when the worker process (any rank's) has exited; the other
+        ranks are killed: they cannot go on without it."""
         assert self._process is not None
-        code = self._process.poll()
-        if code is not None:
-            self._dead = f"pid {self._process.pid} ended with {describe_exit(code)}"
-            raise EngineDied(f"the engine worker {self._dead}")
+        for rank, process in self._ranks():
+            code = process.poll()
+            if code is not None:
+                self._dead = f"{_rank_name(rank, process)} ended with {describe_exit(code)}"
+                if self._followers:
+                    self._stop_process()
+                raise EngineDied(f"the engine worker {self._dead}")
+
+    def _ranks(self) -> list[tuple[int, subprocess.Popen[bytes]]]:
+        """(rank, process) of every worker started here, rank 0 last: when a follower
+        dies, rank 0 exits too (it lost its peer), and the follower is the one to name."""
+        assert self._process is not None
+        return [*enumerate(self._followers, start=1), (0, self._process)]
 
     def _exited(self) -> NoReturn:
-        """The worker closed its end: it is exiting; raise `EngineDied` with its status."""
+        """The worker closed its end: it is exiting; raise `EngineDied` with its status
+        (at once when another rank is already gone: rank 0 closes because it lost it)."""
         assert self._process is not None
+        if any(process.poll() is not None for process in self._followers):
+            self._check_alive()
         try:
             self._process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -239,19 +283,57 @@ class WorkerEngine:
     def _kill(self, why: str) -> NoReturn:
         """Kill a worker that stopped answering; raise `EngineDied` saying why."""
         assert self._process is not None
-        self._dead = f"pid {self._process.pid} was killed: {why}"
+        self._dead = f"{_rank_name(0, self._process)} was killed: {why}"
         logger.error("engine worker %s", self._dead)
         self._stop_process()
         raise EngineDied(f"the engine worker {self._dead}")
 
     def _stop_process(self) -> None:
-        if self._process is not None:
-            if self._process.poll() is None:
-                self._process.kill()
-            self._process.wait()
+        for process in [*(p for p in [self._process] if p is not None), *self._followers]:
+            if process.poll() is None:
+                process.kill()
+        for process in [*(p for p in [self._process] if p is not None), *self._followers]:
+            process.wait()
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+
+
+def _start_process(address: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`python -m tgi.engine.worker ADDRESS|--follower` with `env`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tgi.engine.worker", address],
+        stdin=subprocess.DEVNULL,
+        env=env,
+        # its own session: a signal to the server's process group (Ctrl-C, a
+        # supervisor's SIGTERM) reaches the server, which stops the worker after its
+        # drain; the worker still dies with the server (PR_SET_PDEATHSIG)
+        start_new_session=True,
+    )
+
+
+def _rank_environments(world_size: int) -> list[dict[str, str]]:
+    """torch.distributed's variables for ranks 0..N-1 on this host, a fresh port each."""
+    from tgi.parallel.env import free_port
+
+    port = str(free_port())
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    return [
+        {
+            **base,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        for rank in range(world_size)
+    ]
+
+
+def _rank_name(rank: int, process: subprocess.Popen[bytes]) -> str:
+    return f"pid {process.pid}" if rank == 0 else f"rank {rank} (pid {process.pid})"
 
 
 def _raised(failure: WorkerFailure) -> Exception:

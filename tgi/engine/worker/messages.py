@@ -26,7 +26,19 @@ from typing import Literal
 from tgi.backend.contract import Capabilities
 from tgi.models.source import ModelFiles, ModelKind
 
-__all__ = ["Done", "Query", "Release", "StartWorker", "WorkerFailure", "WorkerReady"]
+__all__ = [
+    "EXIT_PEER_LOST",
+    "EXIT_RANK_FAILED",
+    "Done",
+    "Query",
+    "Release",
+    "StartWorker",
+    "WorkerFailure",
+    "WorkerReady",
+]
+
+EXIT_PEER_LOST = 4  # a rank's exit status when another rank of its group went away
+EXIT_RANK_FAILED = 5  # ... when a call failed on it alone (its state left rank 0's)
 
 
 @dataclass(frozen=True, slots=True)

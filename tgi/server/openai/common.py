@@ -24,6 +24,7 @@ from tgi.router.request import (
 )
 from tgi.router.router import RequestHandle
 from tgi.router.validation import ClientParameters
+from tgi.server.access import note_final
 from tgi.server.openai.errors import describe, openai_error
 from tgi.server.serving import check_capacity, validate
 from tgi.server.state import ServerState
@@ -156,6 +157,8 @@ async def merged_events(
                     continue
                 if isinstance(event, TokenEvent):
                     pending[asyncio.ensure_future(anext(streams[index]))] = index
+                elif isinstance(event, FinalEvent):
+                    note_final(event)
                 yield index, event
     finally:
         busy = set(pending.values())

@@ -27,6 +27,7 @@ from tgi.errors import InvalidRequest, Overloaded, TgiError
 from tgi.router.request import ErrorEvent, FinalEvent
 from tgi.router.router import RequestHandle
 from tgi.router.validation import ClientParameters, Validator
+from tgi.server.access import note_final
 from tgi.server.errors import error_body
 from tgi.server.schemas import (
     CompatGenerateRequest,
@@ -178,6 +179,7 @@ async def _sse(handle: RequestHandle, *, details: bool, keep_alive_s: float) -> 
             response = StreamResponse.from_event(event, details=details)
             yield f"data: {response.model_dump_json()}\n\n"
             if isinstance(event, FinalEvent):
+                note_final(event)
                 return
     finally:
         if pending is not None and not pending.done():

@@ -58,6 +58,7 @@ async def info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
             "pid": engine.pid,
             "healthy": state.router.healthy,
             "restarts": state.router.restarts,
+            "num_shard": config.num_shard,  # ranks the model is split over
         },
         "batch": {
             "queue_size": stats.queue_size,

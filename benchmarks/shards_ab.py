@@ -1,0 +1,117 @@
+"""One shard against several, side by side in one run: `tgi serve --num-shard N`.
+
+    .venv/bin/python benchmarks/shards_ab.py                 # SmolLM2: 1 and 3 shards
+    .venv/bin/python benchmarks/shards_ab.py --shards 1,2 --model-id DIR
+
+starts on loopback one `tgi serve --backend cpu` per shard count (SmolLM2's 9 heads
+split over 3, not 2; give another model for other counts), each rank with its share of
+the `--threads` cores, then runs `tgi bench serve` closed-loop at each concurrency
+against each server, one server under load at a time, rounds interleaved with the order
+rotating, and writes `tgi bench compare`'s table (ratios to the first count's round 1):
+
+    benchmarks/results/<name>{.json,.md,.png}
+    benchmarks/results/<name>/<system>-r<N>-c<C>.json
+
+On a 2-core host this measures the cost of splitting (an all-reduce twice a layer over
+gloo), not a speed-up: the ranks share the same two cores. On a host with one device per
+rank (GPUs) the same script measures what tensor parallelism buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare_smollm2 import (
+    ROOT,
+    System,
+    _bench_command,
+    _free_port,
+    _ints,
+    _model_files,
+    _start,
+    _stop,
+    _tgi,
+    compare,
+)
+
+logger = logging.getLogger("shards_ab")
+
+
+def main() -> None:
+    today = datetime.date.today().isoformat()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=_ints, default=[1, 3])
+    parser.add_argument("--model-id", default=None, help="default: the embedded SmolLM2")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=_ints, default=[1, 16])
+    parser.add_argument("--num-prompts", type=_ints, default=[6, 32], help="per level")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--kv-cache-memory", default="512MiB")
+    parser.add_argument("--name", default=f"{today}-shards-ab")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "tgi-test")
+    parser.add_argument("--start-timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    _, checkpoint = _model_files(args.cache_dir)
+    model = [] if args.model_id is None else ["--model-id", args.model_id]
+    if args.model_id is not None:
+        checkpoint = Path(args.model_id)
+    total = args.input_len + args.output_len + 16
+    env = dict(os.environ, TGI_CACHE_DIR=str(args.cache_dir), TGI_BACKENDS="cpu")
+    systems = []
+    for shards in args.shards:
+        threads = max(1, args.threads // shards)  # the ranks share the host's cores
+        flags = [*model, "--num-shard", str(shards), "--cpu-threads", str(threads)]
+        name = f"{shards}-shard" + ("s" if shards > 1 else "")
+        systems.append(System(name, "tgi", _tgi(port := _free_port(), args, total, flags), port))
+    folder = args.out_dir / args.name
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    processes = []
+    outputs: list[Path] = []
+    try:
+        for system in systems:
+            processes.append(_start(system, env, args.start_timeout))
+        levels = list(zip(args.concurrency, args.num_prompts, strict=True))
+        for round_index in range(args.rounds):
+            shift = round_index % len(systems)
+            for system in [*systems[shift:], *systems[:shift]]:
+                label = dataclasses.replace(system, name=f"{system.name}-r{round_index + 1}")
+                for concurrency, num_prompts in levels:
+                    output = folder / f"{label.name}-c{concurrency}.json"
+                    command = _bench_command(
+                        label, checkpoint, args, concurrency, num_prompts, output
+                    )
+                    logger.info("%s: %s", label.name, " ".join(command))
+                    subprocess.run(command, check=True)
+                    outputs.append(output)
+    finally:
+        for process in processes:
+            _stop(process)
+    title = (
+        f"--num-shard {' vs '.join(map(str, args.shards))}: "
+        f"{args.model_id or 'SmolLM2-135M'}, {args.threads} cores shared, closed loop at "
+        f"{','.join(map(str, args.concurrency))} streams, {args.input_len}+{args.output_len} tokens"
+    )
+    compare(outputs, f"{systems[0].name}-r1", folder, title)
+    logger.info("done in %.0f s", time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    main()
