@@ -24,6 +24,7 @@ this process may use).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
@@ -262,6 +263,43 @@ def run_sweep(
                 logger.info("%s at c=%d: %s", system.name, concurrency, " ".join(command))
                 subprocess.run(command, check=True)
                 outputs.append(output)
+    finally:
+        for process in processes:
+            _stop(process)
+    return outputs
+
+
+def run_rounds(
+    systems: Sequence[System],
+    checkpoint: Path,
+    args: argparse.Namespace,
+    folder: Path,
+    env: dict[str, str],
+) -> list[Path]:
+    """`args.rounds` rounds of every level on every system, the order of systems rotating
+    from one round to the next; results are `{system}-r{round}-c{concurrency}.json`.
+
+    All servers stay up through the run and only one is under load at a time (see
+    `run_sweep`'s NOTE); the rounds show how much the host's load drifted meanwhile.
+    """
+    processes = []
+    outputs: list[Path] = []
+    try:
+        for system in systems:
+            processes.append(_start(system, env, args.start_timeout))
+        levels = list(zip(args.concurrency, args.num_prompts, strict=True))
+        for round_index in range(args.rounds):
+            shift = round_index % len(systems)
+            for system in [*systems[shift:], *systems[:shift]]:
+                label = dataclasses.replace(system, name=f"{system.name}-r{round_index + 1}")
+                for concurrency, num_prompts in levels:
+                    output = folder / f"{label.name}-c{concurrency}.json"
+                    command = _bench_command(
+                        label, checkpoint, args, concurrency, num_prompts, output
+                    )
+                    logger.info("%s: %s", label.name, " ".join(command))
+                    subprocess.run(command, check=True)
+                    outputs.append(output)
     finally:
         for process in processes:
             _stop(process)

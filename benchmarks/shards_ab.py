@@ -20,11 +20,9 @@ rank (GPUs) the same script measures what tensor parallelism buys.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,14 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_smollm2 import (
     ROOT,
     System,
-    _bench_command,
     _free_port,
     _ints,
     _model_files,
-    _start,
-    _stop,
     _tgi,
     compare,
+    run_rounds,
 )
 
 logger = logging.getLogger("shards_ab")
@@ -83,27 +79,7 @@ def main() -> None:
     folder = args.out_dir / args.name
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    processes = []
-    outputs: list[Path] = []
-    try:
-        for system in systems:
-            processes.append(_start(system, env, args.start_timeout))
-        levels = list(zip(args.concurrency, args.num_prompts, strict=True))
-        for round_index in range(args.rounds):
-            shift = round_index % len(systems)
-            for system in [*systems[shift:], *systems[:shift]]:
-                label = dataclasses.replace(system, name=f"{system.name}-r{round_index + 1}")
-                for concurrency, num_prompts in levels:
-                    output = folder / f"{label.name}-c{concurrency}.json"
-                    command = _bench_command(
-                        label, checkpoint, args, concurrency, num_prompts, output
-                    )
-                    logger.info("%s: %s", label.name, " ".join(command))
-                    subprocess.run(command, check=True)
-                    outputs.append(output)
-    finally:
-        for process in processes:
-            _stop(process)
+    outputs = run_rounds(systems, checkpoint, args, folder, env)
     title = (
         f"--num-shard {' vs '.join(map(str, args.shards))}: "
         f"{args.model_id or 'SmolLM2-135M'}, {args.threads} cores shared, closed loop at "

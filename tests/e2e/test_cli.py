@@ -8,11 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tgi.testing.servers import wait_healthy
 
 from .conftest import CACHE_DIR, free_port
 
@@ -131,7 +132,7 @@ def test_sigterm_lets_the_running_request_finish_then_exits_0(tmp_path: Path) ->
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_healthy(url, process, log_path)
+            wait_healthy(url, process, log_path)
             payload = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 200}}
             with (
                 httpx.Client(base_url=url, timeout=300) as client,
@@ -154,20 +155,6 @@ def test_sigterm_lets_the_running_request_finish_then_exits_0(tmp_path: Path) ->
     assert "Traceback" not in text
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"tgi serve exited: {log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)  # polling another process's port: nothing to await
-    pytest.fail("tgi serve never became healthy")
-
-
 @pytest.mark.slow
 @pytest.mark.smollm2
 def test_serve_answers_despite_a_broken_plugin_and_exits_3_when_its_worker_dies(
@@ -187,7 +174,7 @@ def test_serve_answers_despite_a_broken_plugin_and_exits_3_when_its_worker_dies(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process, tmp_path / "serve.log")
+        wait_healthy(url, process, tmp_path / "serve.log")
         prompt = (
             "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
         )

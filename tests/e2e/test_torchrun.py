@@ -7,28 +7,22 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from tgi.parallel.env import free_port
+from tgi.testing.servers import wait_healthy
 from tgi.testing.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "hello world"
 NEW_TOKENS = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _greedy_reference(model_dir: Path) -> list[int]:
@@ -50,7 +44,7 @@ def _greedy_reference(model_dir: Path) -> list[int]:
 
 def test_a_torchrun_job_serves_greedy_tokens_and_names_a_lost_rank(tmp_path: Path) -> None:
     model_dir = build_tiny_model(tmp_path / "llama", "llama", seed=1)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TGI_", "MAX_"))}
     env["TGI_BACKENDS"] = "cpu"
     log_path = tmp_path / "torchrun.log"
@@ -59,7 +53,7 @@ def test_a_torchrun_job_serves_greedy_tokens_and_names_a_lost_rank(tmp_path: Pat
             [
                 *(sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"),
                 *("--nproc-per-node", "2", "--master-addr", "127.0.0.1"),
-                *("--master-port", str(_free_port()), "-m", "tgi.cli", "serve"),
+                *("--master-port", str(free_port()), "-m", "tgi.cli", "serve"),
                 *("--model-id", str(model_dir), "--port", str(port), "--hostname", "127.0.0.1"),
                 *("--max-total-tokens", "128", "--dtype", "float32", "--cpu-threads", "1"),
                 *("--kv-cache-memory", "4MiB", "--cache-dir", str(tmp_path / "cache")),
@@ -71,7 +65,7 @@ def test_a_torchrun_job_serves_greedy_tokens_and_names_a_lost_rank(tmp_path: Pat
         )
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_healthy(url, job, log_path)
+            wait_healthy(url, job, log_path, timeout_s=180)
             answer = httpx.post(
                 f"{url}/generate",
                 json={
@@ -100,17 +94,3 @@ def _rank1_pid(log: Path) -> int:
         if "rank 1 of 2 loaded in pid" in line:
             return int(line.rsplit(" ", 1)[1])
     pytest.fail(f"rank 1 never loaded: {log.read_text()}")
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the torchrun job exited: {log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)  # polling another process's port: nothing to await
-    pytest.fail("the torchrun job never became healthy")

@@ -1,6 +1,7 @@
 """The engine in a worker process, for real: a tiny llama on the CPU backend served
 through `WorkerEngine`, killed, stopped and restarted (tests/router/test_recovery.py
-covers the router's side with an engine that only pretends to die)."""
+covers the router's side with an engine that only pretends to die); the same split over
+two ranks (`--num-shard 2`, two worker processes over gloo)."""
 
 from __future__ import annotations
 
@@ -232,3 +233,59 @@ async def test_a_worker_killed_while_idle_is_replaced_before_the_next_request(
         await router.stop()
     assert router.restarts == 1 and router.engine.description.pid != pid
     assert got == want
+
+
+async def test_two_shards_serve_the_tokens_of_one_and_stop_with_the_server(serve: Any) -> None:
+    one, two = serve(), serve(num_shard=2)
+    engine = two.router.engine
+    assert isinstance(engine, WorkerEngine) and len(engine.rank_pids) == 2
+    results = []
+    for state in (one, two):
+        state.router.start()
+        try:
+            results.append(await generate_all(state))
+        finally:
+            await state.router.stop()
+    assert results[0] == results[1]
+    assert all(len(tokens) == 12 for tokens in results[1])
+    assert not any(_alive(pid) for pid in engine.rank_pids), "a rank outlived stop()"
+
+
+async def test_rank_1_killed_mid_stream_gives_503s_and_every_rank_restarts(serve: Any) -> None:
+    state = serve(num_shard=2, max_batch_size=1)
+    router = state.router
+    engine = router.engine
+    assert isinstance(engine, WorkerEngine)
+    router.start()
+    try:
+        want = await generate_all(state)
+        before = engine.rank_pids
+        stream = submit(state, PROMPTS[0], max_new_tokens=80).events()
+        assert isinstance(await stream.__anext__(), TokenEvent)
+        os.kill(before[1], signal.SIGKILL)
+        started = time.monotonic()
+        failed = await collect(stream)
+        noticed = time.monotonic() - started
+        again = await generate_all(state)
+    finally:
+        await router.stop()
+    last = failed[-1]
+    assert isinstance(last, ErrorEvent) and last.error_type == "unhealthy"
+    assert "rank 1" in last.message and "SIGKILL" in last.message
+    assert noticed < 5
+    assert again == want
+    assert router.restarts == 1
+    assert not set(engine.rank_pids) & set(before)
+    assert not _alive(before[0]), "rank 0 of the dead set was left running"
+
+
+def test_a_shard_count_the_model_does_not_divide_is_refused_before_loading(
+    model_dir: Path,
+) -> None:
+    with pytest.raises(ConfigError, match=r"4 attention heads % 3 shards"):
+        prepare(configure(model_dir, num_shard=3))
+
+
+def test_shards_need_engine_workers(model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="--no-engine-process"):
+        prepare(configure(model_dir, num_shard=2, engine_process=False))
