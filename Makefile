@@ -60,7 +60,7 @@ $(COMPAT_STAMP): $(DEPS)
 ## The fast suite (core, CPU and emulated Neuron backends) on transformers 4.57.x.
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_BIN)/python -c 'import transformers; print("transformers", transformers.__version__)'
-	$(COMPAT_BIN)/python -m pytest -m "not slow" -p no:cacheprovider \
+	$(COMPAT_BIN)/python -m pytest -m "not slow and not once" -p no:cacheprovider \
 		tests backends/cpu/tests backends/neuron/tests
 
 ## The suite without the slow end-to-end runs on the real model.

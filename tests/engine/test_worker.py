@@ -86,6 +86,9 @@ async def test_a_worker_serves_the_tokens_of_the_in_process_engine(serve: Any) -
     described = worker.router.engine.description
     assert described.placement == "process" and described.pid != os.getpid()
     assert described.capabilities == local.router.engine.description.capabilities
+    # why the backend computes in its dtype crosses the process boundary (/info shows it)
+    assert described.dtype_reason == local.router.engine.description.dtype_reason
+    assert described.dtype_reason == "--dtype float32 was asked for"
     results = []
     for state in (local, worker):
         state.router.start()
@@ -235,6 +238,7 @@ async def test_a_worker_killed_while_idle_is_replaced_before_the_next_request(
     assert got == want
 
 
+@pytest.mark.once  # see pyproject.toml
 async def test_two_shards_serve_the_tokens_of_one_and_stop_with_the_server(serve: Any) -> None:
     one, two = serve(), serve(num_shard=2)
     engine = two.router.engine
@@ -251,6 +255,7 @@ async def test_two_shards_serve_the_tokens_of_one_and_stop_with_the_server(serve
     assert not any(_alive(pid) for pid in engine.rank_pids), "a rank outlived stop()"
 
 
+@pytest.mark.once  # see pyproject.toml
 async def test_rank_1_killed_mid_stream_gives_503s_and_every_rank_restarts(serve: Any) -> None:
     state = serve(num_shard=2, max_batch_size=1)
     router = state.router

@@ -23,6 +23,8 @@ from schemathesis.python import asgi  # noqa: E402
 from tgi.server.app import create_app  # noqa: E402
 from tgi.testing.fake_backend import FakePagedBackend  # noqa: E402
 
+pytestmark = pytest.mark.once  # see pyproject.toml
+
 MAX_EXAMPLES = 40
 
 

@@ -41,6 +41,9 @@ async def test_info_has_tgis_fields_and_the_backend(
     assert info["backend"] == "fake"
     assert info["backend_capabilities"]["batching"] == "continuous"
     assert info["backend_capabilities"]["kv_layout"] == "per_row"
+    engine = info["engine"]
+    assert (engine["placement"], engine["restarts"], engine["num_shard"]) == ("thread", 0, 1)
+    assert engine["dtype_reason"] is None  # the fake backend chooses no dtype
     assert info["batch"] == {
         "queue_size": 0,
         "current_size": 0,

@@ -23,9 +23,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from tgi.server.app import create_app
 from tgi.testing.fake_backend import FakePagedBackend
 from tgi.testing.paged import check_drained
+
+pytestmark = pytest.mark.once  # see pyproject.toml
 
 SEED = 17
 NUM_CLIENTS = 24  # concurrent clients ...

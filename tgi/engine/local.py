@@ -31,6 +31,7 @@ def describe_backend(backend: Backend, placement: str) -> EngineDescription:
         device_type=str(getattr(backend, "device_type", "") or ""),
         placement=placement,
         pid=os.getpid(),
+        dtype_reason=getattr(backend, "dtype_reason", None),
     )
 
 

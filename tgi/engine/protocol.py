@@ -47,6 +47,7 @@ class EngineDescription:
     device_type: str
     placement: str  # "thread" (in the HTTP process) or "process" (a worker)
     pid: int  # the process the backend runs in
+    dtype_reason: str | None = None  # why the backend chose its dtype, when it did
 
 
 @dataclass(frozen=True, slots=True)

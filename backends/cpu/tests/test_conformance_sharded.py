@@ -19,6 +19,8 @@ from tgi.engine.worker.messages import StartWorker
 from tgi.testing import BackendConformance
 from tgi.testing.worker import start_worker
 
+pytestmark = pytest.mark.once  # see pyproject.toml
+
 KV_CACHE_MEMORY = 4 * 2**20
 NUM_SHARD = 2
 

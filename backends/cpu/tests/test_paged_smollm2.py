@@ -129,3 +129,45 @@ def test_three_shards_match_generate_alone_and_in_a_mixed_batch(
     )
     assert run.alone == expected[0][1]
     assert run.tokens == [expected[seq_id][1] for seq_id in sorted(expected)]
+
+
+NEAR_TIE = 0.1  # transformers' top-2 logit margin under which bf16 rounding may pick either
+
+
+def test_bfloat16_matches_generate_in_bfloat16_up_to_near_ties(model_dir: Path) -> None:
+    """The dtype the backend may choose by measurement on a CPU with fast bf16: greedy
+    tokens equal transformers' `generate()` in bf16, alone and in a mixed batch, except
+    where transformers itself is at a near-tie: at the first token that differs, its
+    top-2 margin is under `NEAR_TIE` and our token is one of its top 2."""
+    import transformers
+
+    from tgi.testing.ranks import greedy_steps
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    prompts = [tokenizer(text)["input_ids"] for text in TEXTS]
+    backend = PagedCpuBackend(model_dir, dtype=torch.bfloat16)
+    try:
+        run = greedy_steps(backend, prompts, NUM_NEW)
+    finally:
+        backend.close()
+    for prompt, got in [(prompts[0], run.alone), *zip(prompts, run.tokens, strict=True)]:
+        with torch.inference_mode():
+            want = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=NUM_NEW,
+                min_new_tokens=NUM_NEW,
+                do_sample=False,
+            )[0, len(prompt) :].tolist()
+        if got == want:
+            continue
+        first = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt + want[:first]])).logits[0, -1].float()
+        top = torch.topk(logits, 2)
+        margin = float(top.values[0] - top.values[1])
+        assert margin < NEAR_TIE and got[first] in top.indices.tolist(), (
+            f"token {first}: ours {got[first]}, transformers {want[first]} "
+            f"(top-2 margin {margin:.3f})"
+        )

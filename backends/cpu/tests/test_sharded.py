@@ -14,6 +14,8 @@ from tgi.models.quantize import quantize_weight
 from tgi.testing.ranks import greedy_on_ranks, greedy_steps
 from tgi.testing.tiny_models import build_tiny_model
 
+pytestmark = pytest.mark.once  # see pyproject.toml
+
 FACTORY = "tgi_backend_cpu.paged:PagedCpuBackend"
 PROMPTS = ([1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [100, 200, 50, 60, 70, 80, 90, 10, 11])
 NEW_TOKENS = 8

@@ -33,6 +33,8 @@ from tgi.runner import DEFAULT_BLOCK_SIZE, KvPool, ModelForward, PagedModelRunne
 from tgi_backend_cpu._host import (
     KV_MEMORY_SETTING,
     MEMINFO,
+    CpuInfo,
+    DtypeChoice,
     check_kv_fits,
     choose_dtype,
     choose_threads,
@@ -168,6 +170,7 @@ class PagedCpuBackend:
             raise BackendError(f"cannot load a Llama-family model from {model}: {exc}") from exc
         self.spec = loaded.spec
         self.dtype = dtype
+        self.dtype_reason: str | None = None  # why this dtype, when the backend chose it
         self.kv_dtype = kv_dtype or dtype
         self.device = CpuDevice(
             kv_dtype=self.kv_dtype,
@@ -205,17 +208,21 @@ class PagedCpuBackend:
                     f"rank of {world_size} created outside a rank group (tgi.parallel)"
                 )
         cpu = read_cpu_info()
-        asked = config.dtype if config.source_of("dtype") != "backend cpu" else None
-        dtype = choose_dtype(asked, cpu, quantized=config.quantize is not None)
         threads, threads_why = choose_threads(config.cpu_threads, cpu)
         if world_size > 1 and config.source_of("cpu_threads") in ("default", "backend cpu"):
             # the ranks share this host's cores: oversubscribed threads slow every step
             threads = max(1, threads // world_size)
             threads_why = f"{threads_why}, shared by {world_size} ranks"
+        torch.set_num_threads(threads)  # before measuring: the dtype is timed as it will run
+        asked = config.dtype if config.source_of("dtype") != "backend cpu" else None
+        if asked is None and config.quantize is None:
+            dtype = _measured_dtype(config, model, cpu, threads, group)
+        else:
+            dtype = choose_dtype(asked, cpu, quantized=config.quantize is not None)
         logger.info("paged cpu engine computes in %s because %s", dtype.dtype, dtype.reason)
         logger.info("paged cpu engine uses %d threads (%s)", threads, threads_why)
         kv_dtype = _DTYPES[config.kv_cache_dtype] if config.kv_cache_dtype else None
-        return cls(
+        backend = cls(
             model.path,
             dtype=dtype.dtype,
             kv_dtype=kv_dtype,
@@ -224,6 +231,8 @@ class PagedCpuBackend:
             quantize=config.quantize,
             group=group,
         )
+        backend.dtype_reason = dtype.reason
+        return backend
 
     @property
     def capabilities(self) -> Capabilities:
@@ -268,3 +277,47 @@ def _host_ranks(group: ShardGroup | None) -> int:
 
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
     return int(local) if local.isdigit() and int(local) > 0 else group.world_size
+
+
+def _measured_dtype(
+    config: ServeConfig,
+    model: ModelFiles,
+    cpu: CpuInfo,
+    threads: int,
+    group: ShardGroup | None,
+) -> DtypeChoice:
+    """float32 or bfloat16, by timing this model's linears on this CPU (`_dtype_probe`'s
+    NOTE), cached; with several ranks rank 0 decides for all (they must agree)."""
+    from tgi.models.source import read_model_config
+    from tgi_backend_cpu._dtype_probe import cache_key, choose_by_measurement, time_step_linears
+
+    if group is not None and group.rank != 0:
+        name, reason = group.broadcast_bytes(None).decode().split("\n", 1)
+        return DtypeChoice(_DTYPES[name], reason)
+    spec = LlamaSpec.from_hf(read_model_config(Path(model.path)))
+    world = group.world_size if group is not None else 1
+    q, kv = spec.num_heads * spec.head_dim // world, 2 * spec.num_kv_heads * spec.head_dim
+    mlp = spec.intermediate_size // world
+    shapes = [
+        (q + kv // min(world, spec.num_kv_heads), spec.hidden_size, spec.num_layers),
+        (spec.hidden_size, q, spec.num_layers),
+        (2 * mlp, spec.hidden_size, spec.num_layers),
+        (spec.hidden_size, mlp, spec.num_layers),
+        (-(-spec.vocab_size // world), spec.hidden_size, 1),
+    ]
+    key = cache_key(
+        {
+            "cpu": cpu.model_name,
+            "flags": sorted(cpu.flags),
+            "torch": torch.__version__,
+            "threads": threads,
+            "shapes": shapes,
+        }
+    )
+    measurement = choose_by_measurement(
+        time_step_linears(shapes), config.resolved_cache_dir / "cpu-dtype" / key
+    )
+    choice = DtypeChoice(_DTYPES[measurement.dtype], measurement.reason())
+    if group is not None:
+        group.broadcast_bytes(f"{measurement.dtype}\n{choice.reason}".encode())
+    return choice

@@ -230,6 +230,7 @@ class WorkerEngine:
             device_type=ready.device_type,
             placement="process",
             pid=ready.pid,
+            dtype_reason=ready.dtype_reason,
         )
 
     def _ask(self, message: Any, answer: type[A], timeout_s: float, call: str) -> A:

@@ -94,6 +94,7 @@ class WorkerReady:
     dtype: str | None
     device_type: str
     pid: int
+    dtype_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,6 +112,7 @@ def serve(address: str, *, parent: int) -> int:
                 description.dtype,
                 description.device_type or start.backend,
                 os.getpid(),
+                description.dtype_reason,
             )
         )
         logger.info("backend %s loaded in pid %d", start.backend, os.getpid())
