@@ -29,7 +29,6 @@ import datetime
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,8 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from tgi.parallel.env import free_port  # a loopback port for each server
 
 logger = logging.getLogger("compare_smollm2")
 
@@ -58,12 +59,6 @@ class System:
     api: str  # `tgi bench serve --api`
     command: list[str]  # starts the server
     port: int
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _model_files(cache_dir: Path) -> tuple[Path, Path]:
@@ -143,7 +138,7 @@ def _systems(
     total = max(512, args.input_len + args.output_len + 16)
     systems = []
     for name in names:
-        port = _free_port()
+        port = free_port()
         if name == "tgi":
             systems.append(System(name, "tgi", _tgi(port, args, total), port))
         elif name in args.variants:
@@ -267,6 +262,37 @@ def run_sweep(
         for process in processes:
             _stop(process)
     return outputs
+
+
+def rounds_parser(
+    description: str,
+    *,
+    name: str,
+    rounds: int,
+    concurrency: list[int],
+    num_prompts: list[int],
+    output_len: int = 128,
+    warmup: int = 2,
+    kv_cache_memory: str = "1GiB",
+) -> argparse.ArgumentParser:
+    """The options of a `run_rounds` script (servers, load, where results go), with that
+    script's defaults; it adds its own."""
+    today = datetime.date.today().isoformat()
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--concurrency", type=_ints, default=concurrency)
+    parser.add_argument("--num-prompts", type=_ints, default=num_prompts, help="per level")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=output_len)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--kv-cache-memory", default=kv_cache_memory)
+    parser.add_argument("--name", default=f"{today}-{name}")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "tgi-test")
+    parser.add_argument("--start-timeout", type=float, default=600.0)
+    return parser
 
 
 def run_rounds(

@@ -31,12 +31,12 @@ from compare_smollm2 import (
     BIN,
     ROOT,
     System,
-    _free_port,
     _model_files,
     _start,
     _stop,
     _tgi,
     compare,
+    free_port,
 )
 
 logger = logging.getLogger("contract_ab")
@@ -124,14 +124,14 @@ def main() -> None:
     old_path = os.pathsep.join([str(tree), str(tree / "backends" / "cpu")])
     runs: list[tuple[System, dict[str, str]]] = [
         (
-            System("baseline", "tgi", _tgi(port := _free_port(), args, total), port),
+            System("baseline", "tgi", _tgi(port := free_port(), args, total), port),
             dict(base_env, PYTHONPATH=old_path),
         ),
-        (System("now", "tgi", _tgi(port := _free_port(), args, total), port), base_env),
+        (System("now", "tgi", _tgi(port := free_port(), args, total), port), base_env),
     ]
     if not args.no_variants:
         for name, flags in DEFAULT_VARIANTS.items():
-            port = _free_port()
+            port = free_port()
             runs.append((System(name, "tgi", _tgi(port, args, total, flags), port), base_env))
 
     folder = args.out_dir / args.name

@@ -16,8 +16,6 @@ table (ratios to thread-r1):
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import logging
 import os
 import sys
@@ -27,13 +25,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_smollm2 import (
-    ROOT,
     System,
-    _free_port,
-    _ints,
     _model_files,
     _tgi,
     compare,
+    free_port,
+    rounds_parser,
     run_rounds,
 )
 
@@ -48,21 +45,13 @@ SYSTEMS = {
 
 
 def main() -> None:
-    today = datetime.date.today().isoformat()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", type=_ints, default=[1, 32])
-    parser.add_argument("--num-prompts", type=_ints, default=[12, 64], help="per level")
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--kv-cache-memory", default="1GiB")
-    parser.add_argument("--name", default=f"{today}-engine-worker-ab")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "tgi-test")
-    parser.add_argument("--start-timeout", type=float, default=600.0)
+    parser = rounds_parser(
+        __doc__.splitlines()[0],
+        name="engine-worker-ab",
+        rounds=3,
+        concurrency=[1, 32],
+        num_prompts=[12, 64],
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -70,7 +59,7 @@ def main() -> None:
     total = args.input_len + args.output_len + 16
     env = dict(os.environ, TGI_CACHE_DIR=str(args.cache_dir), TGI_BACKENDS="cpu")
     systems = [
-        System(name, "tgi", _tgi(port := _free_port(), args, total, flags), port)
+        System(name, "tgi", _tgi(port := free_port(), args, total, flags), port)
         for name, flags in SYSTEMS.items()
     ]
     folder = args.out_dir / args.name

@@ -19,8 +19,6 @@ rank (GPUs) the same script measures what tensor parallelism buys.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import logging
 import os
 import sys
@@ -30,13 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_smollm2 import (
-    ROOT,
     System,
-    _free_port,
     _ints,
     _model_files,
     _tgi,
     compare,
+    free_port,
+    rounds_parser,
     run_rounds,
 )
 
@@ -44,23 +42,18 @@ logger = logging.getLogger("shards_ab")
 
 
 def main() -> None:
-    today = datetime.date.today().isoformat()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = rounds_parser(
+        __doc__.splitlines()[0],
+        name="shards-ab",
+        rounds=2,
+        concurrency=[1, 16],
+        num_prompts=[6, 32],
+        output_len=64,
+        warmup=1,
+        kv_cache_memory="512MiB",
+    )
     parser.add_argument("--shards", type=_ints, default=[1, 3])
     parser.add_argument("--model-id", default=None, help="default: the embedded SmolLM2")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--concurrency", type=_ints, default=[1, 16])
-    parser.add_argument("--num-prompts", type=_ints, default=[6, 32], help="per level")
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--kv-cache-memory", default="512MiB")
-    parser.add_argument("--name", default=f"{today}-shards-ab")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "tgi-test")
-    parser.add_argument("--start-timeout", type=float, default=600.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -75,7 +68,7 @@ def main() -> None:
         threads = max(1, args.threads // shards)  # the ranks share the host's cores
         flags = [*model, "--num-shard", str(shards), "--cpu-threads", str(threads)]
         name = f"{shards}-shard" + ("s" if shards > 1 else "")
-        systems.append(System(name, "tgi", _tgi(port := _free_port(), args, total, flags), port))
+        systems.append(System(name, "tgi", _tgi(port := free_port(), args, total, flags), port))
     folder = args.out_dir / args.name
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -7,7 +7,6 @@ is transformers' own `generate()` on the very same converted weights.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,17 +19,12 @@ import pytest
 from tgi.config import resolve_config, snapshot_environ
 from tgi.errors import ModelNotFound
 from tgi.launcher import build_state, prepare
+from tgi.parallel.env import free_port  # re-exported for the e2e modules
 from tgi.server.app import create_app
 from tgi.server.state import ServerState
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO / ".cache" / "tgi-test"  # shared with tests/models: converted once
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from tgi.parallel.env import free_port
+from tgi.testing.reference import ReferenceModel
 from tgi.testing.servers import wait_healthy
 from tgi.testing.tiny_models import build_tiny_model
 
@@ -28,18 +28,8 @@ NEW_TOKENS = 12
 def _greedy_reference(model_dir: Path) -> list[int]:
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    prompt = tokenizer(PROMPT)["input_ids"]
-    with torch.inference_mode():
-        ids = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-        )
-    return [int(t) for t in ids[0, len(prompt) :]]
+    prompt = transformers.AutoTokenizer.from_pretrained(model_dir)(PROMPT)["input_ids"]
+    return ReferenceModel(model_dir).greedy(prompt, NEW_TOKENS, stop_at_eos=False)
 
 
 def test_a_torchrun_job_serves_greedy_tokens_and_names_a_lost_rank(tmp_path: Path) -> None:

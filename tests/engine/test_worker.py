@@ -80,6 +80,15 @@ async def generate_all(state: ServerState, max_new_tokens: int = 12) -> list[lis
     ]
 
 
+async def generate_then_stop(state: ServerState) -> list[list[int]]:
+    """`generate_all` on a fresh router, stopped after (its worker closed)."""
+    state.router.start()
+    try:
+        return await generate_all(state)
+    finally:
+        await state.router.stop()
+
+
 async def test_a_worker_serves_the_tokens_of_the_in_process_engine(serve: Any) -> None:
     local, worker = serve(engine_process=False), serve()
     assert local.router.engine.description.placement == "thread"
@@ -89,13 +98,7 @@ async def test_a_worker_serves_the_tokens_of_the_in_process_engine(serve: Any) -
     # why the backend computes in its dtype crosses the process boundary (/info shows it)
     assert described.dtype_reason == local.router.engine.description.dtype_reason
     assert described.dtype_reason == "--dtype float32 was asked for"
-    results = []
-    for state in (local, worker):
-        state.router.start()
-        try:
-            results.append(await generate_all(state))
-        finally:
-            await state.router.stop()
+    results = [await generate_then_stop(state) for state in (local, worker)]
     assert results[0] == results[1]
     assert all(len(tokens) == 12 for tokens in results[1])
 
@@ -243,13 +246,7 @@ async def test_two_shards_serve_the_tokens_of_one_and_stop_with_the_server(serve
     one, two = serve(), serve(num_shard=2)
     engine = two.router.engine
     assert isinstance(engine, WorkerEngine) and len(engine.rank_pids) == 2
-    results = []
-    for state in (one, two):
-        state.router.start()
-        try:
-            results.append(await generate_all(state))
-        finally:
-            await state.router.stop()
+    results = [await generate_then_stop(state) for state in (one, two)]
     assert results[0] == results[1]
     assert all(len(tokens) == 12 for tokens in results[1])
     assert not any(_alive(pid) for pid in engine.rank_pids), "a rank outlived stop()"

@@ -297,6 +297,9 @@ class LlamaForCausalLM(nn.Module):
         return model.eval().requires_grad_(False)
 
 
+_Part = Literal["heads", "kv_heads", "intermediate", "vocab"]
+
+
 class _SliceReader:
     """Checkpoint tensors in the model's dtype: whole, or this rank's slice of them."""
 
@@ -310,23 +313,22 @@ class _SliceReader:
         """Replicated on every rank (norms)."""
         return self.tensors.get(name).to(self.dtype)
 
-    def rows(self, name: str, span: tuple[int, int], unit: int = 1) -> torch.Tensor:
-        """Column-parallel: output rows [start * unit, stop * unit) on this rank."""
+    def rows(self, name: str, part: _Part, unit: int = 1) -> torch.Tensor:
+        """Column-parallel: this rank's output rows, its `part` of them (`ShardPlan`'s
+        field: heads, kv_heads, intermediate, vocab) in units of `unit` rows."""
+        return self._slice(name, 0, part, unit)
+
+    def columns(self, name: str, part: _Part, unit: int = 1) -> torch.Tensor:
+        """Row-parallel: this rank's input columns, as `rows`."""
+        return self._slice(name, 1, part, unit)
+
+    def _slice(self, name: str, dim: int, part: _Part, unit: int) -> torch.Tensor:
         if self.plan is None:
             return self.whole(name)
         from tgi.weights import read_slice
 
-        start, stop = span
-        return read_slice(self.tensors, name, 0, start * unit, stop * unit).to(self.dtype)
-
-    def columns(self, name: str, span: tuple[int, int], unit: int = 1) -> torch.Tensor:
-        """Row-parallel: input columns [start * unit, stop * unit) on this rank."""
-        if self.plan is None:
-            return self.whole(name)
-        from tgi.weights import read_slice
-
-        start, stop = span
-        return read_slice(self.tensors, name, 1, start * unit, stop * unit).to(self.dtype)
+        start, stop = getattr(self.plan, part)
+        return read_slice(self.tensors, name, dim, start * unit, stop * unit).to(self.dtype)
 
     def rank0_bias(self, name: str) -> torch.Tensor:
         """A row-parallel layer's bias: added once, after the sum, so rank 0 holds it."""
@@ -337,34 +339,28 @@ class _SliceReader:
 def _fused_state(spec: LlamaSpec, reader: _SliceReader) -> dict[str, torch.Tensor]:
     """Map HF names onto this module's, concatenating q/k/v and gate/up (this rank's
     slices of each when sharded; see tgi.parallel.sharding's NOTE)."""
-    plan = reader.plan
-    full = (0, 1 << 62)  # unsharded spans are never used: `rows`/`columns` read whole
-    heads = plan.heads if plan else full
-    kv_heads = plan.kv_heads if plan else full
-    columns = plan.intermediate if plan else full
-    vocab = plan.vocab if plan else full
     d = spec.head_dim
     state = {
-        "embed_tokens.weight": reader.rows("model.embed_tokens.weight", vocab),
+        "embed_tokens.weight": reader.rows("model.embed_tokens.weight", "vocab"),
         "norm.weight": reader.whole("model.norm.weight"),
     }
     if not spec.tie_word_embeddings and "lm_head.weight" in reader:
-        state["lm_head.weight"] = reader.rows("lm_head.weight", vocab)
+        state["lm_head.weight"] = reader.rows("lm_head.weight", "vocab")
 
     def qkv(hf: str, suffix: str) -> torch.Tensor:
         return torch.cat(
             [
-                reader.rows(f"{hf}self_attn.q_proj.{suffix}", heads, d),
-                reader.rows(f"{hf}self_attn.k_proj.{suffix}", kv_heads, d),
-                reader.rows(f"{hf}self_attn.v_proj.{suffix}", kv_heads, d),
+                reader.rows(f"{hf}self_attn.q_proj.{suffix}", "heads", d),
+                reader.rows(f"{hf}self_attn.k_proj.{suffix}", "kv_heads", d),
+                reader.rows(f"{hf}self_attn.v_proj.{suffix}", "kv_heads", d),
             ]
         )
 
     def gate_up(hf: str, suffix: str) -> torch.Tensor:
         return torch.cat(
             [
-                reader.rows(f"{hf}mlp.gate_proj.{suffix}", columns),
-                reader.rows(f"{hf}mlp.up_proj.{suffix}", columns),
+                reader.rows(f"{hf}mlp.gate_proj.{suffix}", "intermediate"),
+                reader.rows(f"{hf}mlp.up_proj.{suffix}", "intermediate"),
             ]
         )
 
@@ -373,11 +369,12 @@ def _fused_state(spec: LlamaSpec, reader: _SliceReader) -> dict[str, torch.Tenso
         state[ours + "qkv_proj.weight"] = qkv(hf, "weight")
         if spec.qkv_bias:
             state[ours + "qkv_proj.bias"] = qkv(hf, "bias")
-        state[ours + "o_proj.weight"] = reader.columns(f"{hf}self_attn.o_proj.weight", heads, d)
+        state[ours + "o_proj.weight"] = reader.columns(f"{hf}self_attn.o_proj.weight", "heads", d)
         if spec.o_bias:
             state[ours + "o_proj.bias"] = reader.rank0_bias(f"{hf}self_attn.o_proj.bias")
         state[ours + "gate_up_proj.weight"] = gate_up(hf, "weight")
-        state[ours + "down_proj.weight"] = reader.columns(f"{hf}mlp.down_proj.weight", columns)
+        down = reader.columns(f"{hf}mlp.down_proj.weight", "intermediate")
+        state[ours + "down_proj.weight"] = down
         if spec.mlp_bias:
             state[ours + "gate_up_proj.bias"] = gate_up(hf, "bias")
             state[ours + "down_proj.bias"] = reader.rank0_bias(f"{hf}mlp.down_proj.bias")

@@ -13,6 +13,7 @@ step deadline, not by a collective's timer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -119,11 +120,11 @@ class ShardGroup:
             except Exception:  # best effort: the process is ending anyway
                 logger.debug("destroy_process_group failed", exc_info=True)
 
-    def _collective(self, run: object) -> None:
+    def _collective(self, run: Callable[[], object]) -> None:
         if self.broken is not None:
             raise PeerLost(f"rank {self.rank}: the rank group is broken ({self.broken})")
         try:
-            run()  # type: ignore[operator]
+            run()
         except (RuntimeError, dist.DistBackendError) as exc:
             self.broken = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             logger.error("rank %d lost its peers: %s", self.rank, self.broken)

@@ -27,8 +27,11 @@ class ReferenceModel:
         self.model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         self.vocab_size = int(self.model.config.get_text_config().vocab_size)
 
-    def greedy(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
-        """The new tokens of `generate(do_sample=False)`; fewer when it stops at EOS."""
+    def greedy(
+        self, prompt: Sequence[int], max_new_tokens: int, *, stop_at_eos: bool = True
+    ) -> list[int]:
+        """The new tokens of `generate(do_sample=False)`; fewer when it stops at EOS,
+        unless `stop_at_eos` is False (then always `max_new_tokens`)."""
         input_ids = torch.tensor([list(prompt)], dtype=torch.long)  # [1, n]
         config = self.model.generation_config
         pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
@@ -40,6 +43,7 @@ class ReferenceModel:
                 attention_mask=torch.ones_like(input_ids),
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=None if stop_at_eos else max_new_tokens,
                 pad_token_id=pad if pad is not None else 0,
             )
         return [int(token) for token in out[0, len(prompt) :]]

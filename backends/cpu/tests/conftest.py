@@ -4,7 +4,8 @@
 sends a new sequence its whole table and a running one only the blocks appended since,
 builds each `StepPlan`, and picks greedy tokens from the logits (accepting drafts the
 model confirms, as the speculative scheduler does). Tests get it through the
-`make_driver` fixture.
+`make_driver` fixture. `PagedCpuSuite` is the conformance suite on the paged engine, for
+the modules that run it (one shard, several).
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ from typing import Any
 
 import pytest
 import torch
+from tgi_backend_cpu.paged import PagedCpuBackend
+from tgi_backend_cpu.plugin import ENGINE_ENV
 
 from tgi.backend.contract import Backend, NewSequence, RunningSequence, StepOutput, StepPlan
+from tgi.config import snapshot_environ
+from tgi.engine.worker.messages import StartWorker
 from tgi.router.paging import BlockPool
+from tgi.testing import BackendConformance
+from tgi.testing.worker import start_worker
 
 
 @dataclass(slots=True)
@@ -220,3 +227,26 @@ def reference() -> Any:
         logits = staticmethod(reference_logits)
 
     return Reference
+
+
+KV_CACHE_MEMORY = 4 * 2**20  # a fixed pool, so the suites never size from free memory
+
+
+class PagedCpuSuite(BackendConformance):
+    """The conformance suite on the paged CPU engine in float32 (the reference's dtype),
+    its `worker` variant built by the plugin with `worker_settings` on top."""
+
+    worker_settings: dict[str, Any] = {}  # more `tgi serve` settings for the worker
+
+    @pytest.fixture
+    def backend_factory(self) -> Callable[[Path], Backend]:
+        return lambda model_dir: PagedCpuBackend(
+            model_dir, dtype=torch.float32, kv_cache_memory=KV_CACHE_MEMORY
+        )
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def worker_start(cls, model_dir: Path) -> StartWorker:
+        environ = {**snapshot_environ(), "TGI_BACKENDS": "cpu", ENGINE_ENV: "paged"}
+        settings = {"backend": "cpu", "dtype": "float32", "kv_cache_memory": KV_CACHE_MEMORY}
+        return start_worker(model_dir, cls.limits, {**settings, **cls.worker_settings}, environ)

@@ -14,6 +14,7 @@ from tgi_backend_cpu.paged import PagedCpuBackend
 
 from tgi.backend.contract import Limits
 from tgi.errors import ModelNotFound
+from tgi.testing.reference import ReferenceModel
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
@@ -40,23 +41,18 @@ def model_dir() -> Path:
 @pytest.fixture(scope="module")
 def expected(model_dir: Path) -> dict[int, tuple[list[int], list[int]]]:
     """seq_id -> (prompt, transformers' greedy continuation)."""
+    reference = ReferenceModel(model_dir, torch.float32)
+    prompts = [_tokenize(model_dir, text) for text in TEXTS]
+    return {
+        seq_id: (prompt, reference.greedy(prompt, NUM_NEW, stop_at_eos=False))
+        for seq_id, prompt in enumerate(prompts)
+    }
+
+
+def _tokenize(model_dir: Path, text: str) -> list[int]:
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    out: dict[int, tuple[list[int], list[int]]] = {}
-    for seq_id, text in enumerate(TEXTS):
-        prompt = tokenizer(text)["input_ids"]
-        with torch.inference_mode():
-            ids = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=NUM_NEW,
-                min_new_tokens=NUM_NEW,
-                do_sample=False,
-            )
-        out[seq_id] = (prompt, ids[0, len(prompt) :].tolist())
-    return out
+    return list(transformers.AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"])
 
 
 @pytest.fixture(scope="module")
@@ -139,32 +135,21 @@ def test_bfloat16_matches_generate_in_bfloat16_up_to_near_ties(model_dir: Path) 
     tokens equal transformers' `generate()` in bf16, alone and in a mixed batch, except
     where transformers itself is at a near-tie: at the first token that differs, its
     top-2 margin is under `NEAR_TIE` and our token is one of its top 2."""
-    import transformers
-
     from tgi.testing.ranks import greedy_steps
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    prompts = [tokenizer(text)["input_ids"] for text in TEXTS]
+    reference = ReferenceModel(model_dir, torch.bfloat16)
+    prompts = [_tokenize(model_dir, text) for text in TEXTS]
     backend = PagedCpuBackend(model_dir, dtype=torch.bfloat16)
     try:
         run = greedy_steps(backend, prompts, NUM_NEW)
     finally:
         backend.close()
     for prompt, got in [(prompts[0], run.alone), *zip(prompts, run.tokens, strict=True)]:
-        with torch.inference_mode():
-            want = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=NUM_NEW,
-                min_new_tokens=NUM_NEW,
-                do_sample=False,
-            )[0, len(prompt) :].tolist()
+        want = reference.greedy(prompt, NUM_NEW, stop_at_eos=False)
         if got == want:
             continue
         first = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
-        with torch.inference_mode():
-            logits = model(torch.tensor([prompt + want[:first]])).logits[0, -1].float()
+        logits = reference.prompt_logits([*prompt, *want[:first]])[-1]
         top = torch.topk(logits, 2)
         margin = float(top.values[0] - top.values[1])
         assert margin < NEAR_TIE and got[first] in top.indices.tolist(), (

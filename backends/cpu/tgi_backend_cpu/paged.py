@@ -289,21 +289,25 @@ def _measured_dtype(
     """float32 or bfloat16, by timing this model's linears on this CPU (`_dtype_probe`'s
     NOTE), cached; with several ranks rank 0 decides for all (they must agree)."""
     from tgi.models.source import read_model_config
+    from tgi.parallel.sharding import plan_shard
     from tgi_backend_cpu._dtype_probe import cache_key, choose_by_measurement, time_step_linears
 
     if group is not None and group.rank != 0:
         name, reason = group.broadcast_bytes(None).decode().split("\n", 1)
         return DtypeChoice(_DTYPES[name], reason)
     spec = LlamaSpec.from_hf(read_model_config(Path(model.path)))
-    world = group.world_size if group is not None else 1
-    q, kv = spec.num_heads * spec.head_dim // world, 2 * spec.num_kv_heads * spec.head_dim
-    mlp = spec.intermediate_size // world
-    shapes = [
-        (q + kv // min(world, spec.num_kv_heads), spec.hidden_size, spec.num_layers),
-        (spec.hidden_size, q, spec.num_layers),
-        (2 * mlp, spec.hidden_size, spec.num_layers),
-        (spec.hidden_size, mlp, spec.num_layers),
-        (-(-spec.vocab_size // world), spec.hidden_size, 1),
+    vocab_rows = spec.vocab_size
+    if group is not None:  # one rank's shapes: what each rank multiplies
+        plan = plan_shard(spec, 0, group.world_size)
+        spec, vocab_rows = plan.local_spec(spec), plan.vocab[1] - plan.vocab[0]
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    hidden, layers = spec.hidden_size, spec.num_layers
+    shapes = [  # (out, in, per step) of the fused linears, then the LM head
+        (q + 2 * kv, hidden, layers),
+        (hidden, q, layers),
+        (2 * spec.intermediate_size, hidden, layers),
+        (hidden, spec.intermediate_size, layers),
+        (vocab_rows, hidden, 1),
     ]
     key = cache_key(
         {

@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from tgi.backend import wire
 from tgi.backend.contract import Backend, Limits, StepPlan
@@ -46,6 +46,9 @@ from tgi.parallel import set_rank_group
 from tgi.parallel.env import rank_environment
 from tgi.parallel.group import PeerLost, ShardGroup
 from tgi.parallel.ranks import LeaderBackend, RankFailed, follow
+
+if TYPE_CHECKING:
+    from tgi.config import ServeConfig
 
 __all__ = ["EXIT_PEER_LOST", "main", "serve", "serve_follower"]
 
@@ -149,7 +152,7 @@ def serve_follower(environ: Mapping[str, str]) -> int:
         start = dataclasses.replace(start, rank=job.rank)
         error = ""
         try:
-            backend, _ = _load(start, config, group, grammars=False)
+            backend = _create_backend(start, config)  # it never samples: no engine core
         except Exception as exc:
             logger.exception("the backend failed to load")
             error = f"{type(exc).__name__}: {exc}"
@@ -236,30 +239,30 @@ def _call_name(message: object) -> str:
     return {Limits: "warmup", Release: "release"}.get(type(message), type(message).__name__)
 
 
-def _load(
-    start: StartWorker, config: object, group: ShardGroup | None, *, grammars: bool = True
-) -> tuple[Backend, EngineCore]:
-    """The backend the front process selected, built for this rank, and its engine core
-    (with grammar matchers compiled here, from the grammars' source; rank 0 only: the
-    others never sample). Rank 0 of several gets a `LeaderBackend` around its own."""
+def _create_backend(start: StartWorker, config: ServeConfig) -> Backend:
+    """The backend the front process selected, built for this rank."""
     from tgi.backend.manager import select_backend
-    from tgi.config import ServeConfig
+
+    selected = select_backend(config.model_copy(update={"backend": start.backend}))
+    return selected.create_backend(config, start.model_files(), start.rank, start.world_size)
+
+
+def _load(
+    start: StartWorker, config: ServeConfig, group: ShardGroup | None
+) -> tuple[Backend, EngineCore]:
+    """Rank 0's backend (a `LeaderBackend` around it when there are other ranks) and its
+    engine core, with grammar matchers compiled here from the grammars' source."""
     from tgi.sampling.grammar import GrammarCompiler
 
-    assert isinstance(config, ServeConfig)
-    selected = select_backend(config.model_copy(update={"backend": start.backend}))
-    files = start.model_files()
-    backend = selected.create_backend(config, files, start.rank, start.world_size)
-    if group is not None and start.rank == 0:
+    backend = _create_backend(start, config)
+    if group is not None:
         backend = LeaderBackend(backend, group)
-    if not grammars:
-        return backend, EngineCore(backend, None)
     compiler = None
     try:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(
-            files.path, trust_remote_code=config.trust_remote_code
+            start.model_path, trust_remote_code=config.trust_remote_code
         )
         compiler = GrammarCompiler.from_hf_tokenizer(tokenizer, start.eos_token_ids)
     except Exception:  # the front process refuses grammars it cannot compile either
