@@ -273,6 +273,7 @@ class LlamaForCausalLM(nn.Module):
         tensors: TensorSource,
         dtype: torch.dtype,
         shard: tuple[ShardPlan, ShardGroup] | None = None,
+        device: torch.device | str | None = None,
     ) -> LlamaForCausalLM:
         """Build from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...).
 
@@ -283,7 +284,7 @@ class LlamaForCausalLM(nn.Module):
         local = shard[0].local_spec(spec) if shard is not None else spec
         with torch.device("meta"):
             model = cls(local, shard)
-        reader = _SliceReader(tensors, dtype, shard[0] if shard is not None else None)
+        reader = _SliceReader(tensors, dtype, shard[0] if shard is not None else None, device)
         state = _fused_state(spec, reader)
         missing = set(model.state_dict()) - set(state)
         if spec.tie_word_embeddings or "lm_head.weight" not in state:
@@ -293,7 +294,7 @@ class LlamaForCausalLM(nn.Module):
         model.load_state_dict(state, strict=False, assign=True)
         if "lm_head.weight" not in state:
             model.lm_head.weight = model.embed_tokens.weight  # tied embeddings
-        model.rotary = Rotary(spec.rope)
+        model.rotary = Rotary(spec.rope, device)
         return model.eval().requires_grad_(False)
 
 
@@ -301,17 +302,25 @@ _Part = Literal["heads", "kv_heads", "intermediate", "vocab"]
 
 
 class _SliceReader:
-    """Checkpoint tensors in the model's dtype: whole, or this rank's slice of them."""
+    """Checkpoint tensors in the model's dtype, on its device: whole, or this rank's slice
+    of them. One tensor at a time goes to the device, so a GPU model never has a whole
+    host copy."""
 
-    def __init__(self, tensors: TensorSource, dtype: torch.dtype, plan: ShardPlan | None):
-        self.tensors, self.dtype, self.plan = tensors, dtype, plan
+    def __init__(
+        self,
+        tensors: TensorSource,
+        dtype: torch.dtype,
+        plan: ShardPlan | None,
+        device: torch.device | str | None = None,
+    ):
+        self.tensors, self.dtype, self.plan, self.device = tensors, dtype, plan, device
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
     def whole(self, name: str) -> torch.Tensor:
         """Replicated on every rank (norms)."""
-        return self.tensors.get(name).to(self.dtype)
+        return self.tensors.get(name).to(device=self.device, dtype=self.dtype)
 
     def rows(self, name: str, part: _Part, unit: int = 1) -> torch.Tensor:
         """Column-parallel: this rank's output rows, its `part` of them (`ShardPlan`'s
@@ -328,7 +337,8 @@ class _SliceReader:
         from tgi.weights import read_slice
 
         start, stop = getattr(self.plan, part)
-        return read_slice(self.tensors, name, dim, start * unit, stop * unit).to(self.dtype)
+        part_tensor = read_slice(self.tensors, name, dim, start * unit, stop * unit)
+        return part_tensor.to(device=self.device, dtype=self.dtype)
 
     def rank0_bias(self, name: str) -> torch.Tensor:
         """A row-parallel layer's bias: added once, after the sum, so rank 0 holds it."""
@@ -389,23 +399,25 @@ def load_llama(
     *,
     group: ShardGroup | None = None,
     quantize: str | None = None,
+    device: torch.device | str | None = None,
 ) -> LlamaForCausalLM:
     """Load a Llama-family checkpoint: a model dir, a `ModelFiles`, or a `.gguf` file.
 
     With `group` of more than one rank, load this rank's shard; ConfigError (before any
-    tensor is read) when the model does not split over that many ranks.
+    tensor is read) when the model does not split over that many ranks. `device`: where
+    the weights go, one tensor at a time (None: the CPU).
     """
     from tgi.weights import open_checkpoint
 
     config, tensors = open_checkpoint(path)
     spec = LlamaSpec.from_hf(config)
     if group is None or group.world_size == 1:
-        return LlamaForCausalLM.from_tensors(spec, tensors, dtype)
+        return LlamaForCausalLM.from_tensors(spec, tensors, dtype, device=device)
     from tgi.parallel.sharding import check_shardable, plan_shard
 
     check_shardable(spec, group.world_size, quantize=quantize)
     plan = plan_shard(spec, group.rank, group.world_size)
-    return LlamaForCausalLM.from_tensors(spec, tensors, dtype, (plan, group))
+    return LlamaForCausalLM.from_tensors(spec, tensors, dtype, (plan, group), device)
 
 
 def quantize_model_(

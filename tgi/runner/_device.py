@@ -4,8 +4,9 @@ NOTE: the runner (`tgi.runner.PagedModelRunner`) owns everything a step means: e
 sequence's block table, the step layout, one forward over every row, logits for the rows
 that want them. A backend owns what differs by device, through two small protocols:
 
-- `RunnerDevice`: where tensors live, how many KV blocks fit, how the pool is allocated,
-  what the model's linears become (quantization) and what runs a step (eager, compiled);
+- `RunnerDevice`: where tensors live and how a step's host tensors get there, how many KV
+  blocks fit, how the pool is allocated, what the model's linears become (quantization)
+  and what runs a step (eager, compiled, captured graphs after warmup);
 - `AttentionBackend`: the attention op the model calls per layer (writes k/v into the
   pool, attends), and `plan`, which turns the step's device-neutral `StepLayout` into the
   metadata that op reads (CPU: masks and dense rows for SDPA; CUDA: a FlashInfer plan).
@@ -21,7 +22,7 @@ import torch
 from tgi.models.attention import AttentionOp
 
 if TYPE_CHECKING:
-    from tgi.backend.contract import Limits
+    from tgi.backend.contract import Limits, StepConstraints
     from tgi.models.llama import LlamaForCausalLM, LlamaSpec
     from tgi.runner._kv import KvPool
     from tgi.runner._layout import StepLayout
@@ -64,6 +65,19 @@ class RunnerDevice(Protocol):
 
     def prepare_model(self, model: LlamaForCausalLM) -> ModelForward:
         """Once, before warmup: swap linears (quantize), compile; return what runs steps."""
+        ...
+
+    def upload(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The step's host tensors on `device`, in as few copies as it allows (a GPU: one
+        pinned, non-blocking copy, so planning never waits for the previous step)."""
+        ...
+
+    def prepare_steps(
+        self, forward: ModelForward, attention: AttentionBackend, limits: Limits
+    ) -> tuple[ModelForward, StepConstraints]:
+        """Once per warmup, after its forwards ran: what runs steps from now on (the same
+        `forward`, or one that replays captured graphs) and the step shapes the policy
+        should know (`StepConstraints.graph_batch_sizes`)."""
         ...
 
     def num_blocks(self, limits: Limits, block_size: int, bytes_per_token: int) -> int:

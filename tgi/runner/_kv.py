@@ -63,12 +63,30 @@ class BlockTables:
       with one `index_put_` when the tensor is next read, so steps that never read it
       (the CPU's dense decode) pay only the list appends.
 
+    - `device_tensor`: the same tensor on an accelerator (`device`), for its kernels; the
+      queued appends reach it with the host's, so a step copies only the block ids
+      appended since the last one, never a whole table.
+
     A freed row keeps its old ids until reused; readers only look at the columns a
     sequence's length covers. Rows and columns double when they run out.
     """
 
-    def __init__(self, max_blocks: int, num_rows: int = 64) -> None:
+    def __init__(
+        self,
+        max_blocks: int,
+        num_rows: int = 64,
+        device: torch.device | str | None = None,
+        *,
+        mirror: bool | None = None,
+    ) -> None:
+        """`device`: where kernels read the tables; `mirror`: keep a second copy there
+        (None: wherever `device` is not the CPU; True on the CPU tests the mirror)."""
         self._tensor = torch.zeros((max(num_rows, 1), max(max_blocks, 1)), dtype=torch.long)
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        if mirror is None:
+            mirror = self._device.type != "cpu"
+        # the device's copy; None where `tensor` is the one kernels read
+        self._mirror = self._tensor.to(self._device, copy=True) if mirror else None
         self._lists: dict[int, list[int]] = {}  # seq_id -> its block ids
         self._rows: dict[int, int] = {}  # seq_id -> its row of the tensor
         self._free_rows = list(range(self._tensor.shape[0] - 1, -1, -1))
@@ -115,15 +133,33 @@ class BlockTables:
     @property
     def tensor(self) -> torch.Tensor:
         """[rows, max_blocks] block ids, row `row(seq_id)` for each live sequence."""
-        if self._pending:
-            index = torch.tensor(list(self._pending), dtype=torch.long)  # [n, 2] (row, col)
-            widest = int(index[:, 1].max())
-            if widest >= self._tensor.shape[1]:
-                self._grow(cols=max(2 * self._tensor.shape[1], widest + 1))
-            ids = torch.tensor(list(self._pending.values()), dtype=torch.long)
-            self._tensor.index_put_((index[:, 0], index[:, 1]), ids)
-            self._pending = {}
+        self._flush()
         return self._tensor
+
+    @property
+    def device_tensor(self) -> torch.Tensor:
+        """`tensor` on the tables' device (the same tensor on the CPU)."""
+        self._flush()
+        return self._mirror if self._mirror is not None else self._tensor
+
+    def _flush(self) -> None:
+        """Write the queued appends: one `index_put_` here, one on the device."""
+        if not self._pending:
+            return
+        # [n, 3] (row, col, block id): one tensor, so the device gets one copy
+        writes = torch.tensor(
+            [(row, col, block) for (row, col), block in self._pending.items()], dtype=torch.long
+        )
+        self._pending = {}
+        widest = int(writes[:, 1].max())
+        if widest >= self._tensor.shape[1]:
+            self._grow(cols=max(2 * self._tensor.shape[1], widest + 1))
+        self._tensor.index_put_((writes[:, 0], writes[:, 1]), writes[:, 2])
+        if self._mirror is not None:
+            if self._device.type == "cuda":  # pinned: the copy does not wait for the GPU
+                writes = writes.pin_memory()
+            on_device = writes.to(self._device, non_blocking=True)
+            self._mirror.index_put_((on_device[:, 0], on_device[:, 1]), on_device[:, 2])
 
     def _grow(self, rows: int | None = None, cols: int | None = None) -> None:
         old_rows, old_cols = self._tensor.shape
@@ -131,4 +167,8 @@ class BlockTables:
         grown = self._tensor.new_zeros((new_rows, new_cols))
         grown[:old_rows, :old_cols] = self._tensor
         self._tensor = grown
+        if self._mirror is not None:
+            mirror = self._mirror.new_zeros((new_rows, new_cols))
+            mirror[:old_rows, :old_cols] = self._mirror
+            self._mirror = mirror
         self._free_rows[:0] = range(new_rows - 1, old_rows - 1, -1)

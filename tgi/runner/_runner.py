@@ -36,7 +36,6 @@ from tgi.backend.contract import (
     Limits,
     NewSequence,
     RunningSequence,
-    StepConstraints,
     StepOutput,
     StepPlan,
     WarmupReport,
@@ -96,7 +95,8 @@ class PagedModelRunner:
         self.device = device
         self.block_size = block_size
         self._model: LlamaForCausalLM | None = model
-        self._forward: ModelForward = device.prepare_model(model)
+        self._eager: ModelForward = device.prepare_model(model)
+        self._forward = self._eager  # after warmup: what the device's `prepare_steps` says
         self._lengths: dict[int, int] = {}  # seq_id -> tokens of it in KV
         self._warm: _Warm | None = None
 
@@ -123,6 +123,7 @@ class PagedModelRunner:
         started = time.perf_counter()
         self.release(list(self._lengths))
         self._warm = None  # free the old pool before allocating the new one
+        self._forward = self._eager
         self._warm = self._allocate(limits)
         capacity_tokens = self._warm.capacity.total_tokens
         num_tokens = min(
@@ -143,6 +144,9 @@ class PagedModelRunner:
             raise BackendError(f"warmup forward of {num_tokens} tokens failed: {exc}") from exc
         finally:
             self.release([-1])
+        self._forward, constraints = self.device.prepare_steps(
+            self._eager, self._warm.attention, limits
+        )
         seconds = time.perf_counter() - started
         logger.info(
             "paged runner warmup: %d-token prefill + decode in %.3f s; %d blocks of %d tokens "
@@ -154,7 +158,7 @@ class PagedModelRunner:
             self.bytes_per_token,
             self.device.kv_dtype,
         )
-        return WarmupReport(kv=self._warm.capacity, constraints=StepConstraints(), seconds=seconds)
+        return WarmupReport(kv=self._warm.capacity, constraints=constraints, seconds=seconds)
 
     def _allocate(self, limits: Limits) -> _Warm:
         """The pool the device's budget allows, its attention backend, empty tables."""
@@ -188,7 +192,9 @@ class PagedModelRunner:
             limits=limits,
             pool=pool,
             attention=self.device.attention(pool, self.spec, limits.max_total_tokens),
-            tables=BlockTables(-(-limits.max_total_tokens // block_size), num_rows),
+            tables=BlockTables(
+                -(-limits.max_total_tokens // block_size), num_rows, self.device.device
+            ),
             capacity=KVCapacity(
                 total_tokens=capacity_tokens,
                 bytes_per_token=bytes_per_token,
@@ -216,18 +222,15 @@ class PagedModelRunner:
         rows = StepRows()
         picks = self._take_rows(plan, rows, warm.tables)
         index, width, prompts = _logits_index(picks)
-        device = self.device.device
         try:
             # IndexError: a table shorter than its row's positions (a broken plan)
             layout = build_step(rows, warm.tables, self.block_size)
             metadata = warm.attention.plan(layout)
+            host = [layout.input_ids, layout.positions, *([index] if index is not None else [])]
+            input_ids, positions, *wanted = self.device.upload(host)
             with torch.inference_mode():
                 out = self._forward(
-                    layout.input_ids.to(device),
-                    layout.positions.to(device),
-                    warm.attention,
-                    metadata,
-                    index.to(device) if index is not None else None,
+                    input_ids, positions, warm.attention, metadata, wanted[0] if wanted else None
                 )  # [M, V]
         except (RuntimeError, IndexError) as exc:
             self.release(rows.seq_ids)
@@ -326,15 +329,11 @@ class PagedModelRunner:
         rows = StepRows()
         rows.append(0, 0, (0,))
         layout = build_step(rows, tables, self.block_size)
-        device = self.device.device
+        input_ids, positions = self.device.upload([layout.input_ids, layout.positions])
         try:
             with torch.inference_mode():
-                logits = self._forward(
-                    layout.input_ids.to(device),
-                    layout.positions.to(device),
-                    attention,
-                    attention.plan(layout),
-                )
+                # eager: the throwaway pool is not the one captured graphs read
+                logits = self._eager(input_ids, positions, attention, attention.plan(layout))
         except RuntimeError as exc:
             raise BackendError(f"health forward failed: {exc}") from exc
         if not bool(torch.isfinite(logits).all()):

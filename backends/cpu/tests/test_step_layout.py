@@ -216,3 +216,31 @@ def test_a_row_freed_and_reused_before_the_next_read_holds_only_its_new_table() 
     assert tables.tensor[row, 0].item() == 9
     tables.extend(2, [3])
     assert tables.tensor[row, :2].tolist() == [9, 3]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_device_copy_of_the_tables_follows_every_change(seed: int) -> None:
+    """`device_tensor` (a GPU's copy, mirrored on the CPU here) gets the same appends as
+    the host tensor, through adds, extends, removals, reused rows and grown tables."""
+    rng = random.Random(seed)
+    tables = BlockTables(max_blocks=2, num_rows=1, mirror=True)
+    assert tables.device_tensor is not tables.tensor
+    live: dict[int, list[int]] = {}
+    for step in range(60):
+        action = rng.random()
+        if action < 0.3 or not live:
+            seq_id = step
+            live[seq_id] = rng.sample(range(500), rng.randrange(1, 4))
+            tables.add(seq_id, live[seq_id])
+        elif action < 0.8:
+            seq_id = rng.choice(list(live))
+            more = rng.sample(range(500), rng.randrange(1, 3))
+            live[seq_id].extend(more)
+            tables.extend(seq_id, more)
+        else:
+            tables.remove(live.popitem()[0])
+        if rng.random() < 0.5:  # reads come at random points between changes
+            assert torch.equal(tables.device_tensor, tables.tensor)
+            for seq_id, blocks in live.items():
+                row = tables.device_tensor[tables.row(seq_id), : len(blocks)]
+                assert row.tolist() == blocks

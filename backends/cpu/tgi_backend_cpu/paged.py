@@ -23,6 +23,7 @@ from tgi.backend.contract import (
     KvLayout,
     KVUsage,
     Limits,
+    StepConstraints,
     StepOutput,
     StepPlan,
     WarmupReport,
@@ -106,6 +107,16 @@ class CpuDevice:
             # 128-token prefill of SmolLM2 in int4 (bf16) went from ~476 ms to 215-230 ms.
             quantize_model_(model, self.quantize, keep_prefill_weights=True)  # type: ignore[arg-type]
         return model
+
+    def upload(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Host tensors are already where the CPU computes."""
+        return list(tensors)
+
+    def prepare_steps(
+        self, forward: ModelForward, attention: Any, limits: Limits
+    ) -> tuple[ModelForward, StepConstraints]:
+        """Eager steps of any shape."""
+        return forward, StepConstraints()
 
     def num_blocks(self, limits: Limits, block_size: int, bytes_per_token: int) -> int:
         """Blocks the budget allows: the router's token count, else a byte budget."""
