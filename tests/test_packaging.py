@@ -1,10 +1,11 @@
 """Package metadata declares ranges; exact versions live in constraints.txt.
 
-`tgi-server` and its backends must install into a vendor's image (Neuron, Gaudi, ROCm)
-without replacing the torch it ships. The first tests read every pyproject; the last one
-builds the core's and the CPU backend's wheels and installs them, with dependency
-resolution but offline (every other dependency is a stub wheel), into a venv that
-already holds another supported torch: about 10 s, so it runs with the fast suite.
+`tgi-server` and its backends must install into a vendor's image (CUDA, ROCm, Neuron,
+Gaudi) without replacing the torch it ships. The first tests read every pyproject; the
+last one builds the wheels of the core and of the CPU, CUDA and ROCm backends and installs
+them, with dependency resolution but offline (every other dependency, nvidia-ml-py
+included, is a stub wheel), into a venv that already holds another supported torch:
+about 25 s, so it runs with the fast suite.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECTS = {
     "tgi-server": ROOT / "pyproject.toml",
     "tgi-backend-cpu": ROOT / "backends" / "cpu" / "pyproject.toml",
+    "tgi-backend-cuda": ROOT / "backends" / "cuda" / "pyproject.toml",
+    "tgi-backend-rocm": ROOT / "backends" / "rocm" / "pyproject.toml",
     "tgi-backend-neuron": ROOT / "backends" / "neuron" / "pyproject.toml",
     "tgi-backend-template": ROOT / "plugins" / "template" / "pyproject.toml",
 }
@@ -42,6 +45,13 @@ OPTIMUM_NEURON_PINS = {"torch": ("2.8.0", "2.8.1"), "transformers": ("4.57.1", "
 OPTIMUM_NEURON_PYTHONS = ("3.10", "3.11")
 # Another supported torch, as a vendor's image might hold: the wheel test's stand-in.
 VENDOR_TORCH = "2.8.0"
+# The backends whose wheels the install test builds: distribution -> (source, package)
+WHEEL_BACKENDS = {
+    "tgi-backend-cpu": (ROOT / "backends" / "cpu", "tgi_backend_cpu"),
+    "tgi-backend-cuda": (ROOT / "backends" / "cuda", "tgi_backend_cuda"),
+    "tgi-backend-rocm": (ROOT / "backends" / "rocm", "tgi_backend_rocm"),
+}
+BACKENDS = sorted(name for name in PYPROJECTS if name.startswith("tgi-backend-"))
 
 
 def project(name: str) -> dict:
@@ -92,12 +102,19 @@ def test_no_exact_pin_on_torch_or_transformers_or_any_runtime_dependency(name: s
     assert runtime == []
 
 
-@pytest.mark.parametrize("name", ["tgi-backend-cpu", "tgi-backend-neuron", "tgi-backend-template"])
+@pytest.mark.parametrize("name", BACKENDS)
 def test_backends_require_a_tgi_server_range_holding_this_version(name: str) -> None:
     [core] = [r for r in requirements(name) if r.name == "tgi-server"]
 
     assert tgi.__version__ in core.specifier
     assert any(spec.operator == "<" for spec in core.specifier), f"{core}: give an upper bound"
+
+
+def test_the_rocm_backend_requires_a_cuda_backend_range_holding_its_version() -> None:
+    [cuda] = [r for r in requirements("tgi-backend-rocm") if r.name == "tgi-backend-cuda"]
+
+    assert project("tgi-backend-cuda")["version"] in cuda.specifier
+    assert any(spec.operator == "<" for spec in cuda.specifier), f"{cuda}: give an upper bound"
 
 
 @pytest.mark.parametrize("name", ["tgi-server", "tgi-backend-neuron"])
@@ -199,17 +216,18 @@ def test_wheels_install_beside_a_vendors_torch_and_keep_it(tmp_path: Path) -> No
     wheels, index = tmp_path / "wheels", tmp_path / "index"
     wheels.mkdir()
     index.mkdir()
-    core = build_wheel(ROOT, ("pyproject.toml", "README.md", "tgi"), tmp_path / "src", wheels)
-    cpu = build_wheel(
-        ROOT / "backends" / "cpu", ("pyproject.toml", "tgi_backend_cpu"), tmp_path / "src", wheels
-    )
+    built = [build_wheel(ROOT, ("pyproject.toml", "README.md", "tgi"), tmp_path / "src", wheels)]
+    for source, package in WHEEL_BACKENDS.values():
+        built.append(build_wheel(source, ("pyproject.toml", package), tmp_path / "src", wheels))
+    ours = {"torch", "tgi-server", *WHEEL_BACKENDS}  # built above, or the vendor's torch
     # The index offers the vendor's torch and a newer one: an exact pin on the newer
     # one (or any range that refuses the vendor's) would make pip replace it.
     marker = "VENDOR_BUILD = True\n"
     write_wheel(index, "torch", VENDOR_TORCH, {"torch/__init__.py": marker})
     write_wheel(index, "torch", "2.13.0", {"torch/__init__.py": "VENDOR_BUILD = False\n"})
-    for requirement in {r.name: r for w in (core, cpu) for r in wheel_requirements(w)}.values():
-        if canonicalize_name(requirement.name) not in ("torch", "tgi-server"):
+    # Stubs for the rest (transformers, nvidia-ml-py, ...): pip resolves them, offline.
+    for requirement in {r.name: r for w in built for r in wheel_requirements(w)}.values():
+        if canonicalize_name(requirement.name) not in ours:
             module = canonicalize_name(requirement.name).replace("-", "_")
             version = version_inside(requirement.specifier)
             write_wheel(index, requirement.name, version, {f"{module}_stub/__init__.py": ""})
@@ -219,7 +237,7 @@ def test_wheels_install_beside_a_vendors_torch_and_keep_it(tmp_path: Path) -> No
     links = ("--no-index", "--find-links", str(index), "--find-links", str(wheels))
     pip(python, "install", *links, f"torch=={VENDOR_TORCH}")
 
-    pip(python, "install", *links, "tgi-server", "tgi-backend-cpu")
+    pip(python, "install", *links, "tgi-server", *WHEEL_BACKENDS)
 
     site = next(environment.glob("lib/python*/site-packages"))
     installed = {
@@ -229,7 +247,7 @@ def test_wheels_install_beside_a_vendors_torch_and_keep_it(tmp_path: Path) -> No
     torch_version = Version(installed["torch"].version)
     assert torch_version == Version(VENDOR_TORCH)
     assert (site / "torch" / "__init__.py").read_text() == marker  # the vendor's files
-    for name in ("tgi-server", "tgi-backend-cpu"):
+    for name in ("tgi-server", *WHEEL_BACKENDS):
         torch_requirements = [
             Requirement(text)
             for text in installed[name].requires or ()
