@@ -52,10 +52,12 @@ class ShardGroup:
     ) -> ShardGroup:
         """Form the default process group from the environment (MASTER_ADDR,
         MASTER_PORT: rank 0 hosts the store, or torchrun's agent already does); gloo for
-        CPU tensors, plus NCCL for CUDA ones where CUDA is present. Blocks until every
-        rank joined."""
+        CPU tensors, plus NCCL (RCCL on ROCm) for GPU ones wherever torch was built with
+        it: its communicator starts lazily, at the first collective on a GPU tensor, so a
+        CPU-only job never touches it. Blocks until every rank joined."""
         device = device or torch.device("cpu")
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        gpu = device.type == "cuda" or dist.is_nccl_available()
+        backend = "cpu:gloo,cuda:nccl" if gpu else "gloo"
         if not dist.is_initialized():
             dist.init_process_group(
                 backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout

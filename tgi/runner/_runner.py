@@ -144,9 +144,13 @@ class PagedModelRunner:
             raise BackendError(f"warmup forward of {num_tokens} tokens failed: {exc}") from exc
         finally:
             self.release([-1])
-        self._forward, constraints = self.device.prepare_steps(
-            self._eager, self._warm.attention, limits
-        )
+        try:
+            self._forward, constraints = self.device.prepare_steps(
+                self._eager, self._warm.attention, limits
+            )
+        except (RuntimeError, ValueError) as exc:  # capturing graphs failed
+            self._warm = None
+            raise BackendError(f"preparing steps after warmup failed: {exc}") from exc
         seconds = time.perf_counter() - started
         logger.info(
             "paged runner warmup: %d-token prefill + decode in %.3f s; %d blocks of %d tokens "
@@ -232,7 +236,7 @@ class PagedModelRunner:
                 out = self._forward(
                     input_ids, positions, warm.attention, metadata, wanted[0] if wanted else None
                 )  # [M, V]
-        except (RuntimeError, IndexError) as exc:
+        except (RuntimeError, IndexError, ValueError) as exc:
             self.release(rows.seq_ids)
             raise BackendError(f"forward of {len(rows.seq_ids)} rows failed: {exc}") from exc
         lengths = self._lengths
@@ -324,7 +328,7 @@ class PagedModelRunner:
         self._require_model()
         pool = self.device.allocate_kv(self.spec, 1, self.block_size)
         attention = self.device.attention(pool, self.spec, self.block_size)
-        tables = BlockTables(1, 1)
+        tables = BlockTables(1, 1, self.device.device)
         tables.add(0, (0,))
         rows = StepRows()
         rows.append(0, 0, (0,))

@@ -54,13 +54,16 @@ ATTENTION_ENV = "TGI_ATTENTION"
 Upload = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 
 
-def available_attention(device: torch.device | str, platform: GpuPlatform = CUDA) -> list[str]:
-    """The attention implementations usable on `device`, best first."""
+def available_attention(
+    device: torch.device | str, platform: GpuPlatform = CUDA, dtype: torch.dtype = torch.bfloat16
+) -> list[str]:
+    """The attention implementations usable on `device` for a `dtype` model, best first."""
     device = torch.device(device)
     usable = []
     for name in platform.attention:
         if name == "flashinfer":
             ok = device.type == "cuda" and importlib.util.find_spec("flashinfer") is not None
+            ok = ok and dtype in (torch.float16, torch.bfloat16)  # its kernels' dtypes
         elif name == "triton":
             # on a CPU only under the interpreter: the test mode's way to run the kernels
             interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -75,10 +78,13 @@ def available_attention(device: torch.device | str, platform: GpuPlatform = CUDA
 
 
 def choose_attention(
-    asked: str | None, device: torch.device | str, platform: GpuPlatform = CUDA
+    asked: str | None,
+    device: torch.device | str,
+    platform: GpuPlatform = CUDA,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[str, str]:
     """(implementation, why); ConfigError when `asked` is not usable here."""
-    usable = available_attention(device, platform)
+    usable = available_attention(device, platform, dtype)
     if asked:
         if asked not in platform.attention:
             raise ConfigError(
@@ -102,7 +108,7 @@ def choose_attention(
 
 def _why_not(name: str) -> str:
     if name == "flashinfer":
-        return "needs a CUDA device and flashinfer-python (the `flashinfer` extra)"
+        return "needs a CUDA device, an fp16/bf16 model and flashinfer-python (its extra)"
     if name == "triton":
         return "needs Triton and a GPU (on a CPU: TRITON_INTERPRET=1)"
     return "unavailable"
@@ -184,6 +190,9 @@ class KernelAttention:
             k = k / self.k_scale
         if self.v_scale != 1.0:
             v = v / self.v_scale
+        if pool.dtype.itemsize == 1:  # fp8 does not saturate: an outlier would turn NaN
+            largest = torch.finfo(pool.dtype).max
+            k, v = k.clamp(-largest, largest), v.clamp(-largest, largest)
         keys, values, k, v = (
             pool.keys[layer],
             pool.values[layer],
@@ -256,13 +265,22 @@ class FlashInferAttention(KernelAttention):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_dtype = q_dtype
         device = pool.keys[0].device
-        workspace = torch.empty(self.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        # one workspace per device, shared by every instance (health checks build their own)
+        workspace = _WORKSPACES.get(device)
+        if workspace is None:
+            workspace = torch.empty(self.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+            _WORKSPACES[device] = workspace
         windows = sorted(set(self.layer_windows), key=lambda w: -1 if w is None else w)
         self._prefill = {
             w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD") for w in windows
         }
+        # its CUDA-core decode kernels take query groups of 1, 2, 3, 4, 6 or 8 heads only
+        tensor_cores = num_heads // num_kv_heads not in (1, 2, 3, 4, 6, 8)
         self._decode = {
-            w: flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD") for w in windows
+            w: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "NHD", use_tensor_cores=tensor_cores
+            )
+            for w in windows
         }
 
     def plan(self, layout: StepLayout) -> PagedMetadata:
@@ -277,7 +295,8 @@ class FlashInferAttention(KernelAttention):
         )
         # the used pages of each row, flattened, gathered on the device (no host tables)
         total = int(indptr[-1])
-        pages_t = metadata.block_tables.new_tensor(pages)
+        # on the device, from its lengths: a copy of `pages` would wait for the device
+        pages_t = (metadata.seq_lens.to(torch.long) + size - 1) // size
         row_of = torch.repeat_interleave(
             torch.arange(metadata.num_rows, device=pages_t.device), pages_t, output_size=total
         )
@@ -335,6 +354,9 @@ class FlashInferAttention(KernelAttention):
         cache = (pool.keys[layer_index].view(shape), pool.values[layer_index].view(shape))
         wrapper = metadata.plans[self.layer_windows[layer_index]]
         return wrapper.run(q.contiguous(), cache, k_scale=self.k_scale, v_scale=self.v_scale)
+
+
+_WORKSPACES: dict[torch.device, torch.Tensor] = {}
 
 
 def _unused_kernel(*args: Any, **kwargs: Any) -> torch.Tensor:

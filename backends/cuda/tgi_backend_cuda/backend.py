@@ -34,6 +34,7 @@ from tgi.backend.contract import (
 )
 from tgi.errors import BackendError
 from tgi.models.llama import LlamaForCausalLM, load_llama
+from tgi.models.rope import Rotary
 from tgi.runner import DEFAULT_BLOCK_SIZE, PagedModelRunner
 from tgi_backend_cuda.attention import choose_attention
 from tgi_backend_cuda.device import GpuDevice, MemoryInfo
@@ -88,7 +89,9 @@ class CudaBackend:
         (None: TGI's default sizes, (): none); `attention`: None picks the best."""
         self.platform = platform
         self.dtype = model.dtype
-        self.attention_name, self.attention_reason = choose_attention(attention, device, platform)
+        self.attention_name, self.attention_reason = choose_attention(
+            attention, device, platform, model.dtype
+        )
         graph_sizes = parse_graph_sizes(None) if cuda_graphs is None else tuple(cuda_graphs)
         self.device = GpuDevice(
             device,
@@ -142,6 +145,7 @@ class CudaBackend:
     ) -> CudaBackend:
         """A model built elsewhere (random weights for a benchmark), moved if needed."""
         model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        model.rotary = Rotary(model.spec.rope, device)  # a plain object: .to() skips it
         return cls(model, device=device, **options)
 
     @classmethod
@@ -168,6 +172,9 @@ class CudaBackend:
                 )
         options = config.backend_options
         device = _device(options.get("device") or "cuda", rank)
+        if device.type == "cuda":
+            # graphs, Triton's launches and NCCL use the current device: this rank's GPU
+            torch.cuda.set_device(device)
         dtype = DTYPES[config.dtype or "bfloat16"]
         kv_dtype = KV_DTYPES[config.kv_cache_dtype] if config.kv_cache_dtype else None
         graphs = options.get("cuda_graphs")
@@ -211,7 +218,9 @@ class CudaBackend:
         self.runner.health()
 
     def close(self) -> None:
+        """Drop the pool, the graphs and the weights."""
         self.runner.close()
+        self.device.release()
         if self.device.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -118,15 +118,21 @@ class GpuDevice:
         )
         return self.graphed, StepConstraints(graph_batch_sizes=self.graph_sizes)
 
+    def release(self) -> None:
+        """Forget the graphs (they hold the old pool) and the model."""
+        self.graphed = None
+        self._model = None
+
     def num_blocks(self, limits: Limits, block_size: int, bytes_per_token: int) -> int:
         """Blocks for `--max-batch-total-tokens`, `--kv-cache-memory`, else what is left
         of the device after a profiling forward (module NOTE)."""
+        self.graphed = None  # a second warmup: the old graphs hold the old pool
         bytes_per_block = bytes_per_token * block_size
         if limits.max_batch_total_tokens is not None:
             return -(-limits.max_batch_total_tokens // block_size)
         if self.kv_cache_memory is not None:
             return self.kv_cache_memory // bytes_per_block
-        peak = self._profile_peak(limits)
+        peak = self._profile_peak(limits) + self._graph_bytes()
         free, total = self._memory_info()
         budget = kv_budget_bytes(
             free=free,
@@ -137,7 +143,7 @@ class GpuDevice:
         )
         logger.info(
             "%s KV budget %.2f GiB: %.2f GiB free of %.2f GiB, fraction %.2f, largest step "
-            "needs %.2f GiB",
+            "and graphs need %.2f GiB",
             self.platform.name,
             budget / 2**30,
             free / 2**30,
@@ -184,6 +190,12 @@ class GpuDevice:
         if self.device.type == "cpu":
             return TEST_MODE_MEMORY, TEST_MODE_MEMORY
         return torch.cuda.mem_get_info(self.device)
+
+    def _graph_bytes(self) -> int:
+        """What decode graphs will hold beyond the pool: their logits, [B_max, V] fp32."""
+        if not self.graph_sizes or self._model is None:
+            return 0
+        return max(self.graph_sizes) * self._model.spec.vocab_size * 4
 
     def _allocated(self) -> int:
         if self.device.type == "cpu":

@@ -134,7 +134,9 @@ class GraphedForward:
             ),
         )
         self.capture = device.type == "cuda"
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph | None] = {}
+        # every graph writes its logits here: one [B_max, V] buffer, not one per size
+        self.logits: torch.Tensor | None = None
         self.replays = 0  # steps that ran as a graph (or its CPU stand-in)
         self._capture_all(label)
 
@@ -164,6 +166,7 @@ class GraphedForward:
         """Warm each size eagerly (kernels compile outside capture), then capture it;
         largest first so the smaller graphs reuse its memory pool."""
         started = time.perf_counter()
+        device = self.static.slots.device
         pool_handle = torch.cuda.graph_pool_handle() if self.capture else None
         total = len(self.sizes)
         for done, size in enumerate(reversed(self.sizes), 1):
@@ -171,15 +174,18 @@ class GraphedForward:
             args = (self.static.input_ids[:size], self.static.positions[:size])
             metadata = self.metadata(size)
             with torch.inference_mode():
-                self.forward(*args, self.attention, metadata)
+                warm = self.forward(*args, self.attention, metadata)
+                if self.logits is None:
+                    largest = (self.sizes[-1], warm.shape[-1])
+                    self.logits = torch.empty(largest, dtype=warm.dtype, device=device)
                 if not self.capture:
-                    self.graphs[size] = (None, None)
+                    self.graphs[size] = None
                 else:
-                    torch.cuda.synchronize()
+                    torch.cuda.synchronize(device)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool_handle):
-                        output = self.forward(*args, self.attention, metadata)
-                    self.graphs[size] = (graph, output)
+                        self.logits[:size].copy_(self.forward(*args, self.attention, metadata))
+                    self.graphs[size] = graph
             bar = "#" * (20 * done // total)
             logger.info(
                 "%s [%-20s] %d/%d (batch %d) %.1f s",
@@ -219,8 +225,8 @@ class GraphedForward:
         static.block_tables[:rows, :width].copy_(metadata.block_tables)
         self._pad(rows, size)
         self.replays += 1
-        graph, output = self.graphs[size]
-        if graph is None or output is None:  # the CPU stand-in: same buffers, eager
+        graph = self.graphs[size]
+        if graph is None:  # the CPU stand-in: same buffers, eager
             with torch.inference_mode():
                 output = self.forward(
                     static.input_ids[:size],
@@ -230,4 +236,5 @@ class GraphedForward:
                 )
             return output[:rows]
         graph.replay()
-        return output[:rows].clone()  # the next replay overwrites the graph's output
+        assert self.logits is not None  # made before the first capture
+        return self.logits[:rows].clone()  # the next replay overwrites the buffer

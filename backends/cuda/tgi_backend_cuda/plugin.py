@@ -214,10 +214,11 @@ def validate_gpu_config(
             "memory in (0, 1]"
         )
     kv = config.kv_cache_dtype or ""
-    if gpu is not None and kv.startswith("fp8") and gpu.capability < FP8_KV_CAPABILITY:
+    if gpu is not None and kv.startswith("fp8") and not _fp8_kv(backend, gpu.capability):
+        needs = "gfx942 or gfx950" if backend == "rocm" else "compute capability 8.9 or newer"
         raise ConfigError(
             f"--kv-cache-dtype {kv} ({config.source_of('kv_cache_dtype')}) needs a GPU of "
-            f"compute capability 8.9 or newer; {gpu.describe()} is not"
+            f"{needs}; {gpu.describe()} is not"
         )
     if config.dtype is None:
         fast_bf16 = gpu is None or gpu.capability >= BF16_CAPABILITY
@@ -225,6 +226,14 @@ def validate_gpu_config(
             f"backend {backend}", dtype="bfloat16" if fast_bf16 else "float16"
         )
     return None
+
+
+def _fp8_kv(backend: str, capability: tuple[int, int]) -> bool:
+    """Whether Triton converts fp8 KV on this GPU: NVIDIA from sm_89 (Ada, Hopper); AMD's
+    capability is its gfx target (9, 4) for gfx942, where Triton's AMD fp8 starts."""
+    if backend == "rocm":
+        return capability[0] == 9 and capability[1] >= 4
+    return capability >= FP8_KV_CAPABILITY
 
 
 @hookimpl
