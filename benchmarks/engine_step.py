@@ -9,6 +9,7 @@ machine is shared.
 
     .venv/bin/python benchmarks/engine_step.py [--model DIR] [--rows 1,8,32]
         [--engines paged,generic] [--dtype float32|bfloat16] [--threads N]
+        [--decode-kernel]
 """
 
 from __future__ import annotations
@@ -38,17 +39,28 @@ def _timed(fn: Any, repeat: int) -> float:
 
 
 def _backend(
-    engine: str, model_dir: Path, dtype: torch.dtype, threads: int, quantize: str | None
+    engine: str,
+    model_dir: Path,
+    dtype: torch.dtype,
+    threads: int,
+    quantize: str | None,
+    decode_kernel: bool = False,
 ) -> Any:
     if engine == "paged":
+        from tgi_backend_cpu._native import load_decode_attention
         from tgi_backend_cpu.paged import PagedCpuBackend
 
+        kernel = None
+        if decode_kernel:
+            kernel, how = load_decode_attention(CACHE_DIR, "engine_step")
+            print(f"decode kernel: {how}")
         return PagedCpuBackend(
             model_dir,
             dtype=dtype,
             num_threads=threads,
             kv_cache_memory=2 * 2**30,
             quantize=quantize,
+            decode_kernel=kernel,
         )
     from tgi_backend_cpu.backend import TransformersCpuBackend
 
@@ -67,8 +79,9 @@ def run(
     dtype: torch.dtype,
     threads: int,
     quantize: str | None = None,
+    decode_kernel: bool = False,
 ) -> None:
-    backend = _backend(engine, model_dir, dtype, threads, quantize)
+    backend = _backend(engine, model_dir, dtype, threads, quantize, decode_kernel)
     limits = Limits(context + 64, context + 128, max(prompt, context) + 64, None, None)
     capacity = backend.warmup(limits).kv
     block_size = capacity.block_size
@@ -149,6 +162,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="paged only")
+    parser.add_argument(
+        "--decode-kernel", action="store_true", help="paged, bf16: the compiled decode kernel"
+    )
     args = parser.parse_args()
     model_dir = args.model
     if model_dir is None:
@@ -167,6 +183,7 @@ def main() -> None:
             getattr(torch, args.dtype),
             args.threads,
             args.quantize,
+            args.decode_kernel,
         )
 
 

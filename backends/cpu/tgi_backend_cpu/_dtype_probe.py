@@ -74,16 +74,27 @@ def time_step_linears(shapes: Sequence[tuple[int, int, int]]) -> Timer:
             for out, inp, times in shapes:
                 weight = torch.randn(out, inp, generator=generator).to(dtype)
                 x = torch.randn(rows, inp, generator=generator).to(dtype)
-                torch.nn.functional.linear(x, weight)  # fault in the weight, warm the kernel
+                linear = _linear_as_run(weight)
+                linear(x)  # fault in the weight, warm the kernel
                 samples = []
                 for _ in range(_REPEATS):
                     started = time.perf_counter()
-                    torch.nn.functional.linear(x, weight)
+                    linear(x)
                     samples.append(time.perf_counter() - started)
                 total += times * statistics.median(samples)
         return total
 
     return timer
+
+
+def _linear_as_run(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The linear the engine will run for `weight`: bf16 packed for oneDNN (`_packed`)."""
+    from tgi_backend_cpu._packed import pack_weight, packed_linear, packing_available
+
+    if weight.dtype == torch.bfloat16 and packing_available():
+        packed = pack_weight(weight)
+        return lambda x: packed_linear(x, packed, None)
+    return lambda x: torch.nn.functional.linear(x, weight)
 
 
 def choose_by_measurement(

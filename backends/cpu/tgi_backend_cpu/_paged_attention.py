@@ -19,6 +19,11 @@ The mask is causal by absolute position (so chunked prefill, cached prefixes and
 decode rows all work) and, per layer, limited to a sliding window. Padded keys are masked;
 padded queries attend to key 0 only and their outputs are dropped.
 
+With the compiled decode kernel (`_native`, bf16 models), decode rows skip SDPA and the
+dense copy altogether: the kernel reads each row's keys in place through its block table
+(`KernelMetadata`), and the steps left to SDPA (prompt chunks, drafts) gather from the
+pool, so no dense copy is kept at all.
+
 A mixed step (contract v2: a new prompt's chunk next to decode rows) is still one forward
 and one call of this op per layer, but its SDPA batch would pad every decode row to the
 chunk's length: 32 decode rows beside a 128-token chunk computed 33 x 128 queries per
@@ -30,7 +35,7 @@ splits such a step's attention in two groups, one-token rows and the others
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -38,8 +43,16 @@ import torch
 import torch.nn.functional as F
 
 from tgi.runner import KvPool, StepLayout, StepRows, build_step
+from tgi_backend_cpu._native import DecodeAttentionKernel
 
-__all__ = ["CpuPagedAttention", "DenseRows", "SplitMetadata", "StepMetadata", "plan_step"]
+__all__ = [
+    "CpuPagedAttention",
+    "DenseRows",
+    "KernelMetadata",
+    "SplitMetadata",
+    "StepMetadata",
+    "plan_step",
+]
 
 # A chunk at least this long next to one-token rows gets its attention apart from theirs.
 SPLIT_MIN_QUERIES = 8
@@ -62,34 +75,62 @@ class StepMetadata:
 
 
 @dataclass(frozen=True, slots=True)
+class KernelMetadata:
+    """A step of one-token rows for the compiled decode kernel: tables, not copies."""
+
+    slots: torch.Tensor  # [R] pool slot of each row's new token
+    tables: torch.Tensor  # [rows, max_blocks] the runner's block tables
+    table_rows: torch.Tensor  # [R] each step row's row of `tables`
+    seq_lens: torch.Tensor  # [R] keys of each row, its new one included
+    max_len: int
+
+
+def plan_kernel(layout: StepLayout) -> KernelMetadata:
+    """`KernelMetadata` of a step whose rows each bring one token."""
+    return KernelMetadata(
+        slots=layout.slots,
+        tables=layout.tables.tensor,
+        table_rows=layout.table_rows(),
+        seq_lens=layout.positions + 1,
+        max_len=layout.max_keys,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class SplitMetadata:
-    """A mixed step's attention as groups of rows, each with its own SDPA metadata."""
+    """A mixed step's attention as groups of rows, each with its own metadata."""
 
     slots: torch.Tensor  # [N] pool slot of each new token (written once, for all groups)
-    parts: tuple[tuple[torch.Tensor, StepMetadata], ...]  # ([n] flat token index, metadata)
+    # ([n] flat token index, metadata): SDPA's, or the decode kernel's for one-token rows
+    parts: tuple[tuple[torch.Tensor, StepMetadata | KernelMetadata], ...]
 
 
 def plan_split(
     layout: StepLayout,
     windows: Sequence[int | None],
     dense: tuple[list[int], int] | None = None,
-) -> StepMetadata | SplitMetadata:
+    decode: Callable[[StepLayout], KernelMetadata] | None = None,
+) -> StepMetadata | KernelMetadata | SplitMetadata:
     """`plan_step`, or one per group where one-token rows share the step with a chunk of
-    at least SPLIT_MIN_QUERIES tokens (see the module NOTE)."""
+    at least SPLIT_MIN_QUERIES tokens (see the module NOTE); `decode` plans one-token
+    rows for the compiled kernel instead (alone, or as a group of a mixed step)."""
     counts = layout.rows.counts
-    if layout.one_token or max(counts) < SPLIT_MIN_QUERIES or 1 not in counts:
+    if layout.one_token and decode is not None:
+        return decode(layout)
+    if layout.one_token or 1 not in counts or (max(counts) < SPLIT_MIN_QUERIES and decode is None):
         return plan_step(layout, windows, dense)
     row_of, _ = layout.token_rows()
     single_token = torch.tensor(counts, dtype=torch.long)[row_of] == 1  # [N]
     firsts = list(accumulate(counts, initial=0))
-    parts = []
+    parts: list[tuple[torch.Tensor, StepMetadata | KernelMetadata]] = []
     for group, tokens in (
         ([i for i, n in enumerate(counts) if n == 1], single_token),
         ([i for i, n in enumerate(counts) if n != 1], ~single_token),
     ):
         sub = _sub_layout(layout, group, firsts)
         sub_dense = None if dense is None else ([dense[0][i] for i in group], dense[1])
-        parts.append((tokens.nonzero().squeeze(1), plan_step(sub, windows, sub_dense)))
+        part = decode(sub) if decode is not None and sub.one_token else None
+        parts.append((tokens.nonzero().squeeze(1), part or plan_step(sub, windows, sub_dense)))
     return SplitMetadata(slots=layout.slots, parts=tuple(parts))
 
 
@@ -287,19 +328,28 @@ class CpuPagedAttention:
     """`tgi.runner.AttentionBackend` on the CPU: one SDPA call per layer over a `KvPool`."""
 
     def __init__(
-        self, pool: KvPool, layer_windows: Sequence[int | None], dense: DenseRows | None = None
+        self,
+        pool: KvPool,
+        layer_windows: Sequence[int | None],
+        dense: DenseRows | None = None,
+        kernel: DecodeAttentionKernel | None = None,
     ) -> None:
+        """`kernel`: decode rows run it (bf16 pools only); `dense` is then not read."""
+        if kernel is not None and pool.dtype != torch.bfloat16:
+            raise ValueError(f"the decode kernel reads bf16 KV, not {pool.dtype}")
         self.pool = pool
-        self.dense = dense
+        self.kernel = kernel
+        self.dense = dense if kernel is None else None
         self.layer_windows = tuple(layer_windows)
         self._capacity = 0  # slots the gather buffers hold
         self._buf_k = self._buf_v = torch.empty(0)
 
-    def plan(self, layout: StepLayout) -> StepMetadata | SplitMetadata:
-        """Dense rows for the step's sequences (where they fit), then the SDPA metadata
-        (per group of rows for a mixed step)."""
+    def plan(self, layout: StepLayout) -> StepMetadata | KernelMetadata | SplitMetadata:
+        """Dense rows for the step's sequences (where they fit), then the metadata of
+        SDPA or the decode kernel (per group of rows for a mixed step)."""
         dense = self.dense.assign(layout) if self.dense is not None else None
-        return plan_split(layout, self.layer_windows, dense)
+        decode = plan_kernel if self.kernel is not None else None
+        return plan_split(layout, self.layer_windows, dense, decode)
 
     def release(self, seq_ids: Sequence[int]) -> None:
         if self.dense is not None:
@@ -311,7 +361,7 @@ class CpuPagedAttention:
         q: torch.Tensor,  # [N, H, D]
         k: torch.Tensor,  # [N, KVH, D]
         v: torch.Tensor,
-        metadata: StepMetadata | SplitMetadata,
+        metadata: StepMetadata | KernelMetadata | SplitMetadata,
     ) -> torch.Tensor:  # [N, H, D]
         pool = self.pool
         pool_k, pool_v = pool.keys[layer_index], pool.values[layer_index]
@@ -322,7 +372,7 @@ class CpuPagedAttention:
             out = torch.empty_like(q)
             for index, part in metadata.parts:
                 # k/v are only read again where the dense rows take a copy of them
-                if part.dense_slots is not None:
+                if isinstance(part, StepMetadata) and part.dense_slots is not None:
                     k_part, v_part = k.index_select(0, index), v.index_select(0, index)
                 else:
                     k_part, v_part = k, v
@@ -337,9 +387,23 @@ class CpuPagedAttention:
         q: torch.Tensor,  # [n, H, D]
         k: torch.Tensor,  # [n, KVH, D], already in the pool
         v: torch.Tensor,
-        metadata: StepMetadata,
+        metadata: StepMetadata | KernelMetadata,
     ) -> torch.Tensor:  # [n, H, D]
         pool_k, pool_v = self.pool.keys[layer_index], self.pool.values[layer_index]
+        if isinstance(metadata, KernelMetadata):
+            assert self.kernel is not None  # only planned with a kernel
+            return self.kernel(
+                q,
+                pool_k,
+                pool_v,
+                metadata.tables,
+                metadata.table_rows,
+                metadata.seq_lens,
+                block_size=self.pool.block_size,
+                scale=q.shape[-1] ** -0.5,
+                window=self.layer_windows[layer_index],
+                max_len=metadata.max_len,
+            )
         if metadata.dense_slots is not None and self.dense is not None:
             key, value = self._dense_kv(layer_index, k, v, metadata)
         else:

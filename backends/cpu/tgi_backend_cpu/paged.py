@@ -42,6 +42,8 @@ from tgi_backend_cpu._host import (
     kv_budget_bytes,
     read_cpu_info,
 )
+from tgi_backend_cpu._native import DecodeAttentionKernel, load_decode_attention
+from tgi_backend_cpu._packed import pack_linears_, packing_available
 from tgi_backend_cpu._paged_attention import CpuPagedAttention, DenseRows
 
 if TYPE_CHECKING:
@@ -88,6 +90,7 @@ class CpuDevice:
         dense_kv_bytes: int | None = None,
         meminfo: Path = MEMINFO,
         host_ranks: int = 1,
+        decode_kernel: DecodeAttentionKernel | None = None,
     ) -> None:
         """`kv_cache_memory`: the pool's budget in bytes, None: a share of MemAvailable
         (split between the `host_ranks` ranks on this host); `dense_kv_bytes`: the dense
@@ -97,10 +100,14 @@ class CpuDevice:
         self.quantize = quantize
         self.kv_cache_memory = kv_cache_memory
         self.dense_kv_bytes = dense_kv_bytes
+        self.decode_kernel = decode_kernel
         self.meminfo = meminfo
 
     def prepare_model(self, model: LlamaForCausalLM) -> ModelForward:
-        """Quantize the linears if asked; the model itself runs each step (eager)."""
+        """Quantize the linears if asked, else pack bf16 ones for oneDNN (`_packed`);
+        the model itself runs each step (eager)."""
+        if self.quantize is None and model.dtype == torch.bfloat16 and packing_available():
+            logger.info("paged cpu engine packed %d bf16 linears for oneDNN", pack_linears_(model))
         if self.quantize is not None:
             # Decode reads the quantized weights; prefill (48+ rows, where the int kernels
             # lose to float GEMM) keeps a float copy instead of rebuilding it every call:
@@ -144,6 +151,8 @@ class CpuDevice:
         dense_bytes = self.dense_kv_bytes
         if dense_bytes is None:  # as many bytes as the pool
             dense_bytes = sum(t.numel() * t.element_size() for t in (*pool.keys, *pool.values))
+        if self.decode_kernel is not None:  # decode reads the pool in place: no copy
+            return CpuPagedAttention(pool, spec.layer_windows, kernel=self.decode_kernel)
         dense = DenseRows(pool, max_length, dense_bytes) if dense_bytes else None
         return CpuPagedAttention(pool, spec.layer_windows, dense)
 
@@ -163,6 +172,7 @@ class PagedCpuBackend:
         dense_kv_bytes: int | None = None,
         meminfo: Path = MEMINFO,
         group: ShardGroup | None = None,
+        decode_kernel: DecodeAttentionKernel | None = None,
     ) -> None:
         """Load a Llama-family checkpoint (dir, ModelFiles or .gguf); quantize if asked.
 
@@ -183,12 +193,15 @@ class PagedCpuBackend:
         self.dtype = dtype
         self.dtype_reason: str | None = None  # why this dtype, when the backend chose it
         self.kv_dtype = kv_dtype or dtype
+        if decode_kernel is not None and (dtype, self.kv_dtype) != (torch.bfloat16,) * 2:
+            raise ConfigError(f"the decode kernel runs bf16 models and KV, not {dtype}")
         self.device = CpuDevice(
             kv_dtype=self.kv_dtype,
             quantize=quantize,
             kv_cache_memory=kv_cache_memory,
             dense_kv_bytes=dense_kv_bytes,
             meminfo=meminfo,
+            decode_kernel=decode_kernel,
             host_ranks=_host_ranks(group),
         )
         self.runner = PagedModelRunner(loaded, self.device, block_size=BLOCK_SIZE)
@@ -233,6 +246,15 @@ class PagedCpuBackend:
         logger.info("paged cpu engine computes in %s because %s", dtype.dtype, dtype.reason)
         logger.info("paged cpu engine uses %d threads (%s)", threads, threads_why)
         kv_dtype = _DTYPES[config.kv_cache_dtype] if config.kv_cache_dtype else None
+        kernel = None
+        bf16 = dtype.dtype == torch.bfloat16 and (kv_dtype or dtype.dtype) == torch.bfloat16
+        if bf16 and config.backend_options.get("decode_kernel", True):
+            cpu_key = f"{cpu.model_name}|{','.join(sorted(cpu.flags))}"
+            kernel, how = load_decode_attention(config.resolved_cache_dir, cpu_key)
+            logger.info(
+                "paged cpu engine decode attention: %s",
+                f"compiled kernel, {how}" if kernel else f"SDPA ({how})",
+            )
         backend = cls(
             model.path,
             dtype=dtype.dtype,
@@ -241,6 +263,7 @@ class PagedCpuBackend:
             kv_cache_memory=config.kv_cache_memory,
             quantize=config.quantize,
             group=group,
+            decode_kernel=kernel,
         )
         backend.dtype_reason = dtype.reason
         return backend
@@ -326,6 +349,7 @@ def _measured_dtype(
             "flags": sorted(cpu.flags),
             "torch": torch.__version__,
             "threads": threads,
+            "bf16_linears": "onednn-packed" if packing_available() else "plain",
             "shapes": shapes,
         }
     )

@@ -15,7 +15,13 @@ import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from tgi.backend.hookspecs import FLOAT_DTYPES, BackendOptions, BackendProbe, hookimpl
+from tgi.backend.hookspecs import (
+    FLOAT_DTYPES,
+    BackendFlag,
+    BackendOptions,
+    BackendProbe,
+    hookimpl,
+)
 from tgi.errors import ConfigError
 from tgi_backend_cpu._host import choose_dtype, choose_threads, read_cpu_info
 
@@ -103,6 +109,15 @@ def tgi_backend_options() -> BackendOptions:
         quantize=frozenset({"int8", "int4"}),
         dtypes=FLOAT_DTYPES,
         kv_cache_dtypes=FLOAT_DTYPES,
+        flags=(
+            BackendFlag(
+                "decode_kernel",
+                "bf16 decode attention by the compiled kernel (built once with the C "
+                "compiler on the PATH); false keeps SDPA",
+                type=bool,
+                default=True,
+            ),
+        ),
         parallelism="ranks",  # --num-shard: one worker per rank, gloo between them
     )
 

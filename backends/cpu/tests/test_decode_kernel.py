@@ -1,0 +1,138 @@
+"""The compiled decode attention kernel (`_native`): built once per CPU and cached, equal
+to a float reference on random paged layouts, and inside the paged engine equal to the
+SDPA path it replaces."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tgi_backend_cpu._native import DecodeAttentionKernel, load_decode_attention
+from tgi_backend_cpu.paged import PagedCpuBackend
+
+from tgi.backend.contract import Limits, NewSequence, RunningSequence, StepPlan
+from tgi.testing.tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> DecodeAttentionKernel:
+    cache = tmp_path_factory.mktemp("kernels")
+    built, how = load_decode_attention(cache, "test-cpu")
+    assert built is not None, how
+    assert built.build_seconds is not None and "built by" in how
+    again, how = load_decode_attention(cache, "test-cpu")  # a restart: from the cache
+    assert again is not None and again.build_seconds is None and "cached" in how
+    other, _ = load_decode_attention(cache, "another-cpu")  # -march=native: per CPU
+    assert other is not None and other.path != built.path
+    return built
+
+
+def _reference(q, keys, values, tables, seq_lens, block_size, window):  # type: ignore[no-untyped-def]
+    """Per row: gather its keys through its table, float32 attention of its one query."""
+    rows, heads, _ = q.shape
+    group = heads // keys.shape[1]
+    out = []
+    for r in range(rows):
+        n = int(seq_lens[r])
+        first = max(0, n - window) if window else 0
+        pos = torch.arange(first, n)
+        slots = tables[r][pos // block_size] * block_size + pos % block_size
+        k = keys[slots].float().transpose(0, 1).repeat_interleave(group, 0)  # [H, n, D]
+        v = values[slots].float().transpose(0, 1).repeat_interleave(group, 0)
+        out.append(F.scaled_dot_product_attention(q[r].float()[:, None], k, v)[:, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_kernel_equals_float_attention_on_random_paged_rows(
+    kernel: DecodeAttentionKernel, seed: int
+) -> None:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    kv_heads, group = rng.choice([(1, 1), (3, 3), (2, 4), (4, 1)])
+    head_dim = rng.choice([64, 80, 128])
+    block_size = rng.choice([4, 16])
+    rows, max_blocks = rng.randrange(1, 7), 12
+    num_blocks = rows * max_blocks + 3
+    keys = torch.randn(num_blocks * block_size, kv_heads, head_dim, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    tables = torch.randperm(num_blocks)[: rows * max_blocks].view(rows, max_blocks)
+    seq_lens = torch.tensor([rng.randrange(1, max_blocks * block_size) for _ in range(rows)])
+    # q as a slice of a wider tensor (the fused QKV output): rows are not contiguous
+    wide = torch.randn(rows, kv_heads * group + 2 * kv_heads, head_dim, dtype=torch.bfloat16)
+    q = wide[:, : kv_heads * group]
+    window = rng.choice([None, 5])
+    got = kernel(
+        q,
+        keys,
+        values,
+        tables,
+        torch.arange(rows),
+        seq_lens,
+        block_size=block_size,
+        scale=head_dim**-0.5,
+        window=window,
+        max_len=int(seq_lens.max()),
+    )
+    expected = _reference(q, keys, values, tables, seq_lens, block_size, window)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=1e-2)
+
+
+def test_rows_read_their_own_row_of_the_runners_tables(kernel: DecodeAttentionKernel) -> None:
+    """`table_rows` picks each step row's row of the whole tables tensor."""
+    torch.manual_seed(0)
+    keys = torch.randn(64, 1, 64, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    tables = torch.tensor([[0, 1], [2, 3], [3, 2]])
+    q = torch.randn(2, 1, 64, dtype=torch.bfloat16)
+    seq_lens = torch.tensor([20, 20])
+    args = dict(block_size=16, scale=0.125, window=None, max_len=20)
+    got = kernel(q, keys, values, tables, torch.tensor([2, 1]), seq_lens, **args)  # type: ignore[arg-type]
+    expected = _reference(q, keys, values, tables[[2, 1]], seq_lens, 16, None)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=1e-2)
+
+
+def test_the_paged_engine_decodes_with_the_kernel_as_with_sdpa(
+    kernel: DecodeAttentionKernel, tmp_path: Path
+) -> None:
+    """bf16 engines with and without the kernel: first logits equal, decode and mixed
+    steps (a chunk beside decode rows: the decode group runs the kernel) agree closely."""
+    model = build_tiny_model(tmp_path / "tiny", "llama")
+    engines = [
+        PagedCpuBackend(model, dtype=torch.bfloat16, kv_cache_memory=2**24, decode_kernel=k)
+        for k in (kernel, None)
+    ]
+    limits = Limits(64, 128, 256, None, 8)
+    prompts = [[1, 2, 3, 4, 5], list(range(10, 40))]
+    outs = []
+    for engine in engines:
+        engine.warmup(limits)
+        new = tuple(
+            NewSequence(s, tuple(p), block_ids=tuple(range(8 * s, 8 * s + 8)))
+            for s, p in enumerate(prompts)
+        )
+        logits = [engine.step(StepPlan(new=new)).logits]
+        lengths = [len(p) for p in prompts]
+        for step in range(3):
+            running = tuple(
+                RunningSequence(s, lengths[s], decode=True, last_token=7 + step)
+                for s in range(len(prompts))
+            )
+            chunk = ()
+            if step == 2:  # a mixed step: a 12-token prompt beside the decode rows
+                chunk = (NewSequence(9, tuple(range(50, 62)), block_ids=(40, 41)),)
+            logits.append(engine.step(StepPlan(new=chunk, running=running)).logits)
+            lengths = [n + 1 for n in lengths]
+        outs.append(logits)
+    assert engines[0].device.decode_kernel is kernel
+    for with_kernel, with_sdpa in zip(*outs, strict=True):
+        torch.testing.assert_close(with_kernel, with_sdpa, rtol=0.05, atol=0.05)
+        assert torch.equal(with_kernel.argmax(-1), with_sdpa.argmax(-1))

@@ -1,0 +1,63 @@
+"""bf16 linears packed once for oneDNN (`_packed`): the same bits as `F.linear`, and a
+paged engine that packs them answers exactly as one that does not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tgi_backend_cpu import _packed, paged
+from tgi_backend_cpu._packed import PackedLinear, pack_linears_
+from tgi_backend_cpu.paged import PagedCpuBackend
+from torch import nn
+
+from tgi.testing.ranks import greedy_steps
+from tgi.testing.tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.skipif(not _packed.packing_available(), reason="no oneDNN here")
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32, 130])
+@pytest.mark.parametrize(("out", "inp", "bias"), [(960, 576, False), (576, 1536, True)])
+def test_a_packed_linear_gives_f_linears_bits(rows: int, out: int, inp: int, bias: bool) -> None:
+    torch.manual_seed(rows)
+    linear = nn.Linear(inp, out, bias=bias).to(torch.bfloat16)
+    x = torch.randn(rows, 2 * inp, dtype=torch.bfloat16)[:, :inp]  # a strided view, as RMSNorm's
+    with torch.inference_mode():
+        assert torch.equal(PackedLinear(linear)(x), F.linear(x, linear.weight, linear.bias))
+
+
+def test_every_bf16_linear_is_packed_and_a_tied_embedding_stays_plain() -> None:
+    model = nn.ModuleDict(
+        {
+            "embed": nn.Embedding(10, 8),
+            "inner": nn.Sequential(nn.Linear(8, 8)),
+            "head": nn.Linear(8, 10),
+        }
+    ).to(torch.bfloat16)
+    model["head"].weight = model["embed"].weight
+    assert pack_linears_(model) == 2
+    assert isinstance(model["inner"][0], PackedLinear) and isinstance(model["head"], PackedLinear)
+    assert type(model["embed"].weight) is nn.Parameter  # still looked up by rows
+    assert pack_linears_(nn.Linear(4, 4)) == 0  # float32 keeps F.linear (MKL's bits)
+
+
+def test_a_packing_engine_answers_exactly_as_a_plain_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = build_tiny_model(tmp_path / "tiny", "llama", tie_word_embeddings=True)
+    prompts = [[1, 2, 3, 4, 5], list(range(10, 40))]
+
+    def run(packing: bool) -> tuple[list[list[int]], torch.Tensor]:
+        monkeypatch.setattr(paged, "packing_available", lambda: packing)
+        engine = PagedCpuBackend(model_dir, dtype=torch.bfloat16, kv_cache_memory=2**24)
+        packed = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
+        assert bool(packed) == packing
+        result = greedy_steps(engine, prompts, 5)
+        return result.tokens, result.first_logits
+
+    (packed_tokens, packed_logits), (plain_tokens, plain_logits) = run(True), run(False)
+    assert packed_tokens == plain_tokens
+    assert torch.equal(packed_logits, plain_logits)

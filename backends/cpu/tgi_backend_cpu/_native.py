@@ -1,0 +1,140 @@
+"""The CPU backend's compiled kernel: decode attention straight from the paged pool.
+
+NOTE: built on first use, not shipped: `csrc/decode_attention.c` is compiled for this
+CPU (`-march=native`, so AVX512-BF16 dot products where the CPU has them) by the C
+compiler on the PATH (`CC` to choose one), once per source, compiler, flags and CPU,
+into `<cache>/cpu-kernels/`; a later start loads the cached library in milliseconds.
+It links OpenMP's `libgomp.so.1`, which torch has already loaded, so its threads are
+torch's. Without a compiler, or when the build fails, `load_decode_attention` answers
+None with the reason and the backend keeps SDPA: the kernel only makes decode faster.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DecodeAttentionKernel", "load_decode_attention"]
+
+SOURCE = "csrc/decode_attention.c"
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeAttentionKernel:
+    """The loaded library's `tgi_decode_attention_bf16`, with what built it."""
+
+    function: ctypes._CFuncPtr  # type: ignore[name-defined]
+    path: Path
+    build_seconds: float | None  # None: loaded from the cache
+
+    def __call__(
+        self,
+        q: torch.Tensor,  # [R, H, D] bf16, last dim contiguous
+        keys: torch.Tensor,  # [slots, KVH, D] bf16, contiguous
+        values: torch.Tensor,
+        tables: torch.Tensor,  # [rows, max_blocks] int64, contiguous rows
+        table_rows: torch.Tensor,  # [R] int64
+        seq_lens: torch.Tensor,  # [R] int64
+        *,
+        block_size: int,
+        scale: float,
+        window: int | None,
+        max_len: int,
+    ) -> torch.Tensor:  # [R, H, D] bf16
+        rows, heads, head_dim = q.shape
+        out = torch.empty((rows, heads, head_dim), dtype=q.dtype)
+        failed = self.function(
+            q.data_ptr(),
+            q.stride(0),
+            keys.data_ptr(),
+            values.data_ptr(),
+            out.data_ptr(),
+            tables.data_ptr(),
+            tables.stride(0),
+            table_rows.data_ptr(),
+            seq_lens.data_ptr(),
+            rows,
+            heads,
+            keys.shape[1],
+            head_dim,
+            block_size,
+            scale,
+            window or 0,
+            max_len,
+            torch.get_num_threads(),
+        )
+        if failed:
+            raise RuntimeError(f"decode attention kernel refused {heads} heads of {head_dim}")
+        return out
+
+
+def load_decode_attention(
+    cache_dir: Path, cpu_key: str
+) -> tuple[DecodeAttentionKernel | None, str]:
+    """(the kernel, how it was got) or (None, why not); `cpu_key` names this CPU's model
+    and ISA flags, since `-march=native` builds only for them."""
+    source = files("tgi_backend_cpu").joinpath(SOURCE).read_bytes()
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler on the PATH (set CC) to build it"
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError) as exc:
+        return None, f"{compiler} does not run: {exc}"
+    key = hashlib.sha256(
+        b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), cpu_key.encode()])
+    ).hexdigest()[:16]
+    path = cache_dir / "cpu-kernels" / f"decode_attention-{key}.so"
+    built = None
+    if not path.exists():
+        started = time.perf_counter()
+        failure = _build(compiler, source, path)
+        if failure is not None:
+            return None, failure
+        built = time.perf_counter() - started
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as exc:
+        return None, f"cannot load {path}: {exc}"
+    function = library.tgi_decode_attention_bf16
+    function.restype = _I
+    function.argtypes = [_P, _L, _P, _P, _P, _P, _L, _P, _P, _I, _I, _I, _I, _I,
+                         ctypes.c_float, _I, _I, _I]  # fmt: skip
+    how = f"built by {version} in {built:.1f} s" if built is not None else "cached"
+    return DecodeAttentionKernel(function, path, built), f"{path.name} ({how})"
+
+
+def _build(compiler: str, source: bytes, path: Path) -> str | None:
+    """Compile `source` into `path` (atomically: concurrent ranks may race); None, or
+    why the build failed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        c_file, so_file = Path(scratch) / "kernel.c", Path(scratch) / "kernel.so"
+        c_file.write_bytes(source)
+        done = subprocess.run(
+            [compiler, *FLAGS, str(c_file), "-o", str(so_file), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if done.returncode != 0:
+            return f"{compiler} failed: {done.stderr.strip()[-500:]}"
+        os.replace(so_file, path)
+    return None
