@@ -116,8 +116,42 @@ BackendOption = Annotated[
 ]
 
 
+# TGI launcher flags that name a GPU backend's own settings: given on the command line,
+# they become that backend's options (`--backend-option cuda_graphs=...`), so a backend
+# without them refuses them by name; their environment variables (CUDA_GRAPHS,
+# CUDA_MEMORY_FRACTION) are read by the backends that declare them.
+CudaGraphs = Annotated[
+    str | None,
+    typer.Option(
+        "--cuda-graphs",
+        help="Decode batch sizes captured as CUDA/HIP graphs, comma-separated; 0 for none "
+        "(GPU backends: --backend-option cuda_graphs). [env: CUDA_GRAPHS]",
+        show_default=False,
+    ),
+]
+CudaMemoryFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--cuda-memory-fraction",
+        help="Share of the GPU's memory tgi may use (GPU backends: --backend-option "
+        "cuda_memory_fraction). [env: CUDA_MEMORY_FRACTION]",
+        show_default=False,
+    ),
+]
+
+
 def _serve_values(**values: Any) -> dict[str, Any]:
     return values
+
+
+def _gpu_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with --cuda-graphs / --cuda-memory-fraction moved into --backend-option."""
+    options = list(values.pop("backend_option", None) or [])
+    for name in ("cuda_graphs", "cuda_memory_fraction"):
+        given = values.pop(name, None)
+        if given is not None:
+            options.append(f"{name}={given}")
+    return {**values, "backend_option": options or None}
 
 
 @app.command()
@@ -171,9 +205,11 @@ def serve(
     otlp_endpoint: OtlpEndpoint = None,
     otlp_service_name: OtlpServiceName = None,
     backend_option: BackendOption = None,
+    cuda_graphs: CudaGraphs = None,
+    cuda_memory_fraction: CudaMemoryFraction = None,
 ) -> None:
     """Serve a model over TGI's HTTP API (the embedded SmolLM2 when no --model-id)."""
-    config = _config(dict(locals()))
+    config = _config(_gpu_flags(dict(locals())))
     from tgi.parallel.env import rank_environment
 
     job = rank_environment(config.environ)

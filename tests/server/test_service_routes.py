@@ -44,6 +44,7 @@ async def test_info_has_tgis_fields_and_the_backend(
     engine = info["engine"]
     assert (engine["placement"], engine["restarts"], engine["num_shard"]) == ("thread", 0, 1)
     assert engine["dtype_reason"] is None  # the fake backend chooses no dtype
+    assert engine["details"] == {}  # ... and says nothing of how it runs
     assert info["batch"] == {
         "queue_size": 0,
         "current_size": 0,

@@ -32,6 +32,7 @@ def describe_backend(backend: Backend, placement: str) -> EngineDescription:
         placement=placement,
         pid=os.getpid(),
         dtype_reason=getattr(backend, "dtype_reason", None),
+        details={str(k): str(v) for k, v in getattr(backend, "engine_details", {}).items()},
     )
 
 

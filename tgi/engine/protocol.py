@@ -16,7 +16,7 @@ its own: its calls then raise `EngineDied`, and the router restarts it (`restart
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from tgi.backend.contract import Capabilities, KVUsage, Limits, StepPlan, WarmupReport
@@ -48,6 +48,8 @@ class EngineDescription:
     placement: str  # "thread" (in the HTTP process) or "process" (a worker)
     pid: int  # the process the backend runs in
     dtype_reason: str | None = None  # why the backend chose its dtype, when it did
+    # how the backend runs, in its own words (its `engine_details`): attention, kernels
+    details: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,7 @@ from tgi_backend_cpu._host import (
     read_cpu_info,
 )
 from tgi_backend_cpu._native import DecodeAttentionKernel, load_decode_attention
-from tgi_backend_cpu._packed import pack_linears_, packing_available
+from tgi_backend_cpu._packed import PackedLinear, pack_linears_, packing_available
 from tgi_backend_cpu._paged_attention import CpuPagedAttention, DenseRows
 
 if TYPE_CHECKING:
@@ -267,6 +267,18 @@ class PagedCpuBackend:
         )
         backend.dtype_reason = dtype.reason
         return backend
+
+    @property
+    def engine_details(self) -> dict[str, str]:
+        """How steps run, for /info (`engine.details`)."""
+        model = self.runner.model
+        packed = any(isinstance(m, PackedLinear) for m in model.modules())
+        return {
+            "decode_attention": "compiled kernel"
+            if self.device.decode_kernel is not None
+            else "sdpa",
+            "linears": self.device.quantize or ("onednn-packed" if packed else "f.linear"),
+        }
 
     @property
     def capabilities(self) -> Capabilities:

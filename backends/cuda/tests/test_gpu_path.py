@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tgi_backend_cuda.attention import available_attention, choose_attention
+from tgi_backend_cuda.attention import ATTENTION_ENV, available_attention, choose_attention
 from tgi_backend_cuda.backend import CudaBackend
 from tgi_backend_cuda.device import GRAPH_RESERVE_FRACTION, GpuDevice, kv_budget_bytes
 from tgi_backend_cuda.graphs import DEFAULT_GRAPH_SIZES, graph_size_for, parse_graph_sizes
@@ -99,6 +99,7 @@ def test_padded_graph_steps_equal_eager_steps_and_leave_live_blocks_alone(
     for layer in range(len(pools[0].keys)):
         torch.testing.assert_close(pools[0].keys[layer][:live], pools[1].keys[layer][:live])
     assert graphed.warmup(LIMITS).constraints.graph_batch_sizes == (1, 2, 4)
+    assert graphed.engine_details["graphs"] == "1,2,4"
 
 
 def test_sdpa_attention_runs_eagerly_without_graphs(model_dir: Path) -> None:
@@ -107,6 +108,9 @@ def test_sdpa_attention_runs_eagerly_without_graphs(model_dir: Path) -> None:
     )
     report = made.warmup(LIMITS)
     assert made.device.graphed is None and report.constraints.graph_batch_sizes == ()
+    details = made.engine_details  # what /info shows as engine.details
+    assert (details["attention"], details["graphs"], details["device"]) == ("sdpa", "off", "cpu")
+    assert details["attention_reason"] == f"asked for ({ATTENTION_ENV})"
 
 
 # -- the whole path against transformers ---------------------------------------------------

@@ -156,3 +156,24 @@ def test_settings_the_gpu_cannot_run_fail_before_weights_load(
 def test_an_fp8_kv_cache_is_accepted_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
     backend, config = _selected([H100], monkeypatch, kv_cache_dtype="fp8_e5m2")
     assert backend.validate_config(config).kv_cache_dtype == "fp8_e5m2"
+
+
+def test_tgis_launcher_flags_become_the_gpu_backends_options(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`tgi serve --cuda-graphs 1,2 --cuda-memory-fraction 0.5` as TGI's launcher takes
+    them: the cuda backend gets them as its options, from the command line."""
+    from tgi.cli import _gpu_flags
+
+    values = _gpu_flags(
+        {"backend_option": ["attention=sdpa"], "cuda_graphs": "1,2", "cuda_memory_fraction": 0.5}
+    )
+    assert values == {
+        "backend_option": ["attention=sdpa", "cuda_graphs=1,2", "cuda_memory_fraction=0.5"]
+    }
+    backend, config = _selected([H100], monkeypatch, {"CUDA_GRAPHS": "8"}, **values)
+    validated = backend.validate_config(config)
+    assert validated.backend_options["cuda_graphs"] == "1,2"  # the flag over the variable
+    assert validated.backend_options["cuda_memory_fraction"] == 0.5
+    assert validated.source_of("backend_option.cuda_graphs") == "cli"
+    assert _gpu_flags({"backend_option": None}) == {"backend_option": None}

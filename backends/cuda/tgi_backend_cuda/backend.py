@@ -191,6 +191,18 @@ class CudaBackend:
             platform=platform,
         )
 
+    @property
+    def engine_details(self) -> dict[str, str]:
+        """How steps run, for /info (`engine.details`)."""
+        graphed = self.device.graphed
+        return {
+            "device": str(self.device.device),
+            "attention": self.attention_name,
+            "attention_reason": self.attention_reason,
+            "graphs": ",".join(map(str, graphed.sizes)) if graphed is not None else "off",
+            "kv_dtype": str(self.device.kv_dtype).removeprefix("torch."),
+        }
+
     # -- tgi.backend.Backend ---------------------------------------------------------------
 
     @property

@@ -231,6 +231,7 @@ class WorkerEngine:
             placement="process",
             pid=ready.pid,
             dtype_reason=ready.dtype_reason,
+            details=dict(ready.details),
         )
 
     def _ask(self, message: Any, answer: type[A], timeout_s: float, call: str) -> A:

@@ -19,7 +19,7 @@ Everything here is plain frozen data that `tgi.backend.wire` encodes field by fi
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -95,6 +95,7 @@ class WorkerReady:
     device_type: str
     pid: int
     dtype_reason: str | None = None
+    details: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,7 @@ def serve(address: str, *, parent: int) -> int:
                 description.device_type or start.backend,
                 os.getpid(),
                 description.dtype_reason,
+                description.details,
             )
         )
         logger.info("backend %s loaded in pid %d", start.backend, os.getpid())

@@ -60,6 +60,7 @@ async def info(state: ServerState = Depends(get_state)) -> dict[str, Any]:
             "restarts": state.router.restarts,
             "num_shard": config.num_shard,  # ranks the model is split over
             "dtype_reason": engine.dtype_reason,  # how the backend chose model_dtype
+            "details": engine.details,  # the backend's own: attention, kernels, graphs
         },
         "batch": {
             "queue_size": stats.queue_size,
