@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -106,9 +107,23 @@ def test_the_paged_engine_decodes_with_the_kernel_as_with_sdpa(
     """bf16 engines with and without the kernel: first logits equal, decode and mixed
     steps (a chunk beside decode rows: the decode group runs the kernel) agree closely."""
     model = build_tiny_model(tmp_path / "tiny", "llama")
+    calls: list[int] = []
+
+    class Counted:  # the kernel, counting the rows it attends for
+        def __init__(self, inner: DecodeAttentionKernel) -> None:
+            self.inner = inner
+
+        def fits(self, *shape: int) -> bool:
+            return self.inner.fits(*shape)
+
+        def __call__(self, q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            calls.append(q.shape[0])
+            return self.inner(q, *args, **kwargs)
+
+    counted = Counted(kernel)
     engines = [
         PagedCpuBackend(model, dtype=torch.bfloat16, kv_cache_memory=2**24, decode_kernel=k)
-        for k in (kernel, None)
+        for k in (counted, None)  # type: ignore[arg-type]
     ]
     limits = Limits(64, 128, 256, None, 8)
     prompts = [[1, 2, 3, 4, 5], list(range(10, 40))]
@@ -132,7 +147,27 @@ def test_the_paged_engine_decodes_with_the_kernel_as_with_sdpa(
             logits.append(engine.step(StepPlan(new=chunk, running=running)).logits)
             lengths = [n + 1 for n in lengths]
         outs.append(logits)
-    assert engines[0].device.decode_kernel is kernel
+    layers = engines[0].spec.num_layers
+    # warmup's decode, three decode steps of 2 rows; the mixed step's 2 decode rows too
+    assert calls == [1] * layers + [2] * 3 * layers
     for with_kernel, with_sdpa in zip(*outs, strict=True):
         torch.testing.assert_close(with_kernel, with_sdpa, rtol=0.05, atol=0.05)
         assert torch.equal(with_kernel.argmax(-1), with_sdpa.argmax(-1))
+
+
+def test_loading_the_kernel_leaves_denormals_alone(kernel: DecodeAttentionKernel) -> None:
+    """No -ffast-math: its crtfastmath would flush denormals to zero process-wide."""
+    tiny = torch.tensor(1e-39, dtype=torch.float32)
+    assert float(tiny * 1.0) != 0.0
+
+
+def test_models_beyond_the_kernels_limits_keep_sdpa(kernel: DecodeAttentionKernel) -> None:
+    assert kernel.fits(9, 3, 64) and kernel.fits(32, 1, 256)
+    assert not kernel.fits(33, 1, 64) and not kernel.fits(8, 8, 512)
+
+
+def test_a_cache_that_cannot_be_written_means_sdpa_not_a_crash(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    built, why = load_decode_attention(blocked, "another")
+    assert built is None and "failed" in why

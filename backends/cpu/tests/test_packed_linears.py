@@ -3,6 +3,9 @@ paged engine that packs them answers exactly as one that does not."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,7 +44,16 @@ def test_every_bf16_linear_is_packed_and_a_tied_embedding_stays_plain() -> None:
     assert pack_linears_(model) == 2
     assert isinstance(model["inner"][0], PackedLinear) and isinstance(model["head"], PackedLinear)
     assert type(model["embed"].weight) is nn.Parameter  # still looked up by rows
-    assert pack_linears_(nn.Linear(4, 4)) == 0  # float32 keeps F.linear (MKL's bits)
+    assert pack_linears_(nn.Sequential(nn.Linear(4, 4))) == 0  # float32 keeps F.linear
+
+
+def test_a_cpu_without_onednns_bf16_path_keeps_f_linear() -> None:
+    """AVX2-only CPUs (oneDNN capped to AVX2 here) cannot pack bf16: no packing, no crash."""
+    code = "from tgi_backend_cpu._packed import packing_available; print(packing_available())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_a_packing_engine_answers_exactly_as_a_plain_one(

@@ -30,7 +30,23 @@ logger = logging.getLogger(__name__)
 __all__ = ["DecodeAttentionKernel", "load_decode_attention"]
 
 SOURCE = "csrc/decode_attention.c"
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+# Not -ffast-math: with -shared, GCC before 13 still links crtfastmath.o, which turns on
+# flush-to-zero for the whole process when the library loads. These are the parts the
+# kernel needs (vectorised reductions, no errno from expf), without that side effect.
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+)
+# The shapes the kernel takes (csrc/decode_attention.c's MAX_HEAD_DIM, MAX_GROUP).
+MAX_HEAD_DIM = 256
+MAX_GROUP = 32
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 
 
@@ -57,6 +73,11 @@ class DecodeAttentionKernel:
         max_len: int,
     ) -> torch.Tensor:  # [R, H, D] bf16
         rows, heads, head_dim = q.shape
+        # the C code reads raw memory: each row's heads dense, bf16, int64 indices
+        assert q.dtype == keys.dtype == values.dtype == torch.bfloat16
+        assert q.stride(2) == 1 and q.stride(1) == head_dim and keys.is_contiguous()
+        assert values.is_contiguous() and tables.stride(1) == 1
+        assert table_rows.is_contiguous() and seq_lens.is_contiguous()
         out = torch.empty((rows, heads, head_dim), dtype=q.dtype)
         failed = self.function(
             q.data_ptr(),
@@ -79,8 +100,14 @@ class DecodeAttentionKernel:
             torch.get_num_threads(),
         )
         if failed:
-            raise RuntimeError(f"decode attention kernel refused {heads} heads of {head_dim}")
+            raise RuntimeError(f"decode attention kernel failed on {heads} heads of {head_dim}")
         return out
+
+    @staticmethod
+    def fits(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+        """Whether a model of these heads is within the kernel's limits."""
+        group = num_heads // num_kv_heads
+        return head_dim <= MAX_HEAD_DIM and group <= MAX_GROUP
 
 
 def load_decode_attention(
@@ -105,7 +132,10 @@ def load_decode_attention(
     built = None
     if not path.exists():
         started = time.perf_counter()
-        failure = _build(compiler, source, path)
+        try:
+            failure = _build(compiler, source, path)
+        except (OSError, subprocess.SubprocessError) as exc:  # a read-only cache, a hang
+            failure = f"building {path.name} failed: {exc}"
         if failure is not None:
             return None, failure
         built = time.perf_counter() - started

@@ -18,9 +18,14 @@ __all__ = ["PackedLinear", "pack_linears_", "packing_available"]
 
 
 def packing_available() -> bool:
-    """Whether this torch has oneDNN and its packed-linear ops."""
-    return torch.backends.mkldnn.is_available() and hasattr(
-        torch.ops.mkldnn, "_reorder_linear_weight"
+    """Whether this torch has oneDNN's packed-linear ops and this CPU its bf16 path
+    (AVX512-BW/VL/DQ or AVX-NE-CONVERT: an AVX2-only CPU keeps `F.linear`)."""
+    ops = torch.ops.mkldnn
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_is_mkldnn_bf16_supported")
+        and bool(ops._is_mkldnn_bf16_supported())
     )
 
 
@@ -56,10 +61,14 @@ def pack_linears_(model: nn.Module) -> int:
     """Swap every bf16 `nn.Linear` of `model` (LM head included) for a `PackedLinear`;
     returns how many. A head tied to the embedding gets its own packed copy (the
     embedding keeps the plain weight it looks rows up in)."""
-    swapped = 0
-    for module in list(model.modules()):
-        for attr, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
-                setattr(module, attr, PackedLinear(child))
-                swapped += 1
-    return swapped
+    # (parent, name) first: holding the linears themselves would keep every plain
+    # weight alive until the last is packed, twice the weights' memory at the peak
+    targets = [
+        (module, attr)
+        for module in model.modules()
+        for attr, child in module.named_children()
+        if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16
+    ]
+    for module, attr in targets:
+        setattr(module, attr, PackedLinear(getattr(module, attr)))
+    return len(targets)

@@ -151,8 +151,10 @@ class CpuDevice:
         dense_bytes = self.dense_kv_bytes
         if dense_bytes is None:  # as many bytes as the pool
             dense_bytes = sum(t.numel() * t.element_size() for t in (*pool.keys, *pool.values))
-        if self.decode_kernel is not None:  # decode reads the pool in place: no copy
-            return CpuPagedAttention(pool, spec.layer_windows, kernel=self.decode_kernel)
+        kernel = self.decode_kernel
+        if kernel is not None and kernel.fits(spec.num_heads, spec.num_kv_heads, spec.head_dim):
+            # decode reads the pool in place: no dense copy
+            return CpuPagedAttention(pool, spec.layer_windows, kernel=kernel)
         dense = DenseRows(pool, max_length, dense_bytes) if dense_bytes else None
         return CpuPagedAttention(pool, spec.layer_windows, dense)
 
