@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tgi.parallel.group import ShardGroup
 
-__all__ = ["rank_group", "set_rank_group"]
+__all__ = ["joined_group", "rank_group", "set_rank_group"]
 
 _GROUP: ShardGroup | None = None
 
@@ -30,4 +30,16 @@ def set_rank_group(group: ShardGroup | None) -> None:
 
 def rank_group() -> ShardGroup | None:
     """The rank group this process belongs to; None when it serves alone."""
+    return _GROUP
+
+
+def joined_group(world_size: int) -> ShardGroup | None:
+    """For a backend's create hook: None for one rank, else the group of `world_size`
+    ranks its worker joined; BackendError when there is none of that size."""
+    if world_size == 1:
+        return None
+    if _GROUP is None or _GROUP.world_size != world_size:
+        from tgi.errors import BackendError
+
+        raise BackendError(f"rank of {world_size} created outside a rank group (tgi.parallel)")
     return _GROUP

@@ -6,6 +6,7 @@ plugs in what differs by device through `RunnerDevice` and `AttentionBackend`
 a paged kernel, and both reuse the block tables, the step layout and the step logic here.
 """
 
+from tgi.runner._backend import RunnerBackend
 from tgi.runner._device import AttentionBackend, ModelForward, RunnerDevice
 from tgi.runner._kv import BlockTables, KvPool
 from tgi.runner._layout import StepLayout, StepRows, build_step
@@ -19,6 +20,7 @@ __all__ = [
     "KvPool",
     "ModelForward",
     "PagedModelRunner",
+    "RunnerBackend",
     "RunnerDevice",
     "StepLayout",
     "StepRows",

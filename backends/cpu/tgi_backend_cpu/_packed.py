@@ -3,8 +3,9 @@
 NOTE: on a CPU, torch's bf16 `F.linear` runs oneDNN's matmul, which first reorders the
 weight into its blocked layout, on every call. Packed once at load
 (`torch.ops.mkldnn._reorder_linear_weight`), the same kernel gives the same bits
-(checked by the tests) and SmolLM2's linears ran 2.3x faster at one row and 1.5x at 32
-(10.1 vs 23.0 ms and 31.1 vs 46.1 ms of linears per step, 2 cores, one run). float32
+(checked by the tests), faster: SmolLM2's linears of one step, timed alone with their
+weights in cache (2 cores, one run), took 9.4 vs 16.6 ms at one row (a layer's four:
+219 vs 503 us) and 31.1 vs 46.1 ms at 32 rows. float32
 packing is faster too, but it leaves MKL's GEMM for oneDNN's, whose last bits differ,
 so float32 keeps `F.linear` and its exact parity with transformers.
 """

@@ -18,19 +18,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tgi.backend.contract import (
-    Batching,
-    Capabilities,
-    KvLayout,
-    KVUsage,
     Limits,
     StepConstraints,
-    StepOutput,
-    StepPlan,
-    WarmupReport,
 )
 from tgi.errors import BackendError, ConfigError
 from tgi.models.llama import LlamaForCausalLM, LlamaSpec, load_llama, quantize_model_
-from tgi.runner import DEFAULT_BLOCK_SIZE, KvPool, ModelForward, PagedModelRunner
+from tgi.parallel import joined_group
+from tgi.runner import DEFAULT_BLOCK_SIZE, KvPool, ModelForward, PagedModelRunner, RunnerBackend
 from tgi_backend_cpu._host import (
     KV_MEMORY_SETTING,
     MEMINFO,
@@ -62,15 +56,6 @@ BLOCK_SIZE = DEFAULT_BLOCK_SIZE
 # it: the pool is allocated up front, and gather buffers and activations need room too.
 KV_MEMORY_FRACTION = 0.3
 
-CAPABILITIES = Capabilities(
-    batching=Batching.CONTINUOUS,
-    kv_layout=KvLayout.PAGED,
-    block_size=BLOCK_SIZE,
-    speculation=True,
-    prefix_caching=True,
-    chunked_prefill=True,
-    prompt_logits=True,
-)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -159,7 +144,7 @@ class CpuDevice:
         return CpuPagedAttention(pool, spec.layer_windows, dense)
 
 
-class PagedCpuBackend:
+class PagedCpuBackend(RunnerBackend):
     """`tgi.backend.Backend` over `tgi.models.llama` with a paged KV pool on the CPU."""
 
     def __init__(
@@ -224,15 +209,7 @@ class PagedCpuBackend:
     ) -> PagedCpuBackend:
         """Choose dtype, KV dtype and threads from `config` and the host, then load; with
         several ranks, this process's shard over the rank group its worker joined."""
-        group = None
-        if world_size > 1:
-            from tgi.parallel import rank_group
-
-            group = rank_group()
-            if group is None or group.world_size != world_size:
-                raise BackendError(
-                    f"rank of {world_size} created outside a rank group (tgi.parallel)"
-                )
+        group = joined_group(world_size)
         cpu = read_cpu_info()
         threads, threads_why = choose_threads(config.cpu_threads, cpu)
         if world_size > 1 and config.source_of("cpu_threads") in ("default", "backend cpu"):
@@ -281,37 +258,6 @@ class PagedCpuBackend:
             else "sdpa",
             "linears": self.device.quantize or ("onednn-packed" if packed else "f.linear"),
         }
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return CAPABILITIES
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.runner.bytes_per_token
-
-    def warmup(self, limits: Limits) -> WarmupReport:
-        """Allocate the pool from the budget, run one real prefill and decode over it."""
-        return self.runner.warmup(limits)
-
-    def step(self, plan: StepPlan) -> StepOutput:
-        """One forward over the plan's rows (`tgi.runner.PagedModelRunner.step`)."""
-        return self.runner.step(plan)
-
-    def release(self, seq_ids: Sequence[int]) -> None:
-        """Forget the sequences' tables and lengths; their blocks belong to the router."""
-        self.runner.release(seq_ids)
-
-    def kv_usage(self) -> KVUsage:
-        return self.runner.kv_usage()
-
-    def health(self) -> None:
-        """A real one-token forward that writes nothing: it runs on a throwaway pool."""
-        self.runner.health()
-
-    def close(self) -> None:
-        """Drop the pool and the weights; later calls raise BackendError."""
-        self.runner.close()
 
     def _require_model(self) -> LlamaForCausalLM:
         return self.runner.model

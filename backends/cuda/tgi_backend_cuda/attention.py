@@ -142,7 +142,7 @@ class KernelAttention:
         pool: KvPool,
         layer_windows: Sequence[int | None],
         head_dim: int,
-        kernel: Callable[..., torch.Tensor],
+        kernel: Callable[..., torch.Tensor] | None,
         upload: Upload,
         *,
         k_scale: float = 1.0,
@@ -213,6 +213,7 @@ class KernelAttention:
         metadata: PagedMetadata,
     ) -> torch.Tensor:  # [N, H, D]
         self.write_kv(layer_index, k, v, metadata)
+        assert self.kernel is not None  # only FlashInfer's subclass has none, and overrides
         return self.kernel(
             q,
             self.pool.keys[layer_index],
@@ -259,7 +260,7 @@ class FlashInferAttention(KernelAttention):
         q_dtype: torch.dtype,
         **scales: float,
     ) -> None:
-        super().__init__(pool, layer_windows, head_dim, _unused_kernel, upload, **scales)
+        super().__init__(pool, layer_windows, head_dim, None, upload, **scales)
         import flashinfer
 
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -357,10 +358,6 @@ class FlashInferAttention(KernelAttention):
 
 
 _WORKSPACES: dict[torch.device, torch.Tensor] = {}
-
-
-def _unused_kernel(*args: Any, **kwargs: Any) -> torch.Tensor:
-    raise AssertionError("FlashInferAttention runs its own wrappers")
 
 
 def make_attention(

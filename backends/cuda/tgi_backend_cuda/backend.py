@@ -22,20 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tgi.backend.contract import (
-    Batching,
-    Capabilities,
-    KvLayout,
-    KVUsage,
-    Limits,
-    StepOutput,
-    StepPlan,
-    WarmupReport,
-)
 from tgi.errors import BackendError
 from tgi.models.llama import LlamaForCausalLM, load_llama
 from tgi.models.rope import Rotary
-from tgi.runner import DEFAULT_BLOCK_SIZE, PagedModelRunner
+from tgi.parallel import joined_group
+from tgi.runner import DEFAULT_BLOCK_SIZE, PagedModelRunner, RunnerBackend
 from tgi_backend_cuda.attention import choose_attention
 from tgi_backend_cuda.device import GpuDevice, MemoryInfo
 from tgi_backend_cuda.graphs import parse_graph_sizes
@@ -48,18 +39,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CAPABILITIES", "KV_DTYPES", "CudaBackend"]
+__all__ = ["KV_DTYPES", "CudaBackend"]
 
 BLOCK_SIZE = DEFAULT_BLOCK_SIZE
-CAPABILITIES = Capabilities(
-    batching=Batching.CONTINUOUS,
-    kv_layout=KvLayout.PAGED,
-    block_size=BLOCK_SIZE,
-    speculation=True,
-    prefix_caching=True,
-    chunked_prefill=True,
-    prompt_logits=True,
-)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_DTYPES = {
     **DTYPES,
@@ -69,7 +51,7 @@ KV_DTYPES = {
 }
 
 
-class CudaBackend:
+class CudaBackend(RunnerBackend):
     """`tgi.backend.Backend` over `tgi.runner.PagedModelRunner` and a `GpuDevice`."""
 
     def __init__(
@@ -161,15 +143,7 @@ class CudaBackend:
         """The backend `tgi serve` asks for: its options from `config.backend_options`
         (`plugin.GPU_FLAGS`), the device from the rank (LOCAL_RANK's GPU); with several
         ranks, this rank's shard over the group its worker joined (NCCL between GPUs)."""
-        group = None
-        if world_size > 1:
-            from tgi.parallel import rank_group
-
-            group = rank_group()
-            if group is None or group.world_size != world_size:
-                raise BackendError(
-                    f"rank of {world_size} created outside a rank group (tgi.parallel)"
-                )
+        group = joined_group(world_size)
         options = config.backend_options
         device = _device(options.get("device") or "cuda", rank)
         if device.type == "cuda":
@@ -203,35 +177,9 @@ class CudaBackend:
             "kv_dtype": str(self.device.kv_dtype).removeprefix("torch."),
         }
 
-    # -- tgi.backend.Backend ---------------------------------------------------------------
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return CAPABILITIES
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.runner.bytes_per_token
-
-    def warmup(self, limits: Limits) -> WarmupReport:
-        """Size KV from the device, allocate it, run a prefill and decode, capture graphs."""
-        return self.runner.warmup(limits)
-
-    def step(self, plan: StepPlan) -> StepOutput:
-        return self.runner.step(plan)
-
-    def release(self, seq_ids: Sequence[int]) -> None:
-        self.runner.release(seq_ids)
-
-    def kv_usage(self) -> KVUsage:
-        return self.runner.kv_usage()
-
-    def health(self) -> None:
-        self.runner.health()
-
     def close(self) -> None:
         """Drop the pool, the graphs and the weights."""
-        self.runner.close()
+        super().close()
         self.device.release()
         if self.device.device.type == "cuda":
             torch.cuda.empty_cache()
