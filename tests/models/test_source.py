@@ -106,6 +106,17 @@ def test_dir_without_weights(tiny_llama_dir: Path, make_config: Callable) -> Non
         inspect_model(make_config(model_id=str(tiny_llama_dir)))
 
 
+def test_an_optimum_neuron_export_needs_no_top_level_safetensors(
+    tiny_llama_dir: Path, make_config: Callable
+) -> None:
+    """Its weights are sharded under checkpoint/ (or downloaded by optimum-neuron); the
+    neuron backend checks which before loading."""
+    (tiny_llama_dir / "model.safetensors").unlink()
+    (tiny_llama_dir / "neuron_config.json").write_text('{"batch_size": 1}')
+    info = inspect_model(make_config(model_id=str(tiny_llama_dir)))
+    assert info.location == tiny_llama_dir
+
+
 def test_dir_without_config(tiny_llama_dir: Path, make_config: Callable) -> None:
     (tiny_llama_dir / "config.json").unlink()
     with pytest.raises(ModelNotFound) as caught:

@@ -23,8 +23,11 @@ LIMITS = ValidationLimits(
 HONOURED = frozenset({"do_sample", "seed", "temperature", "top_k", "top_p"})
 
 
-def on_device(honoured: frozenset[str] = HONOURED, name: str = "neuron") -> BackendSampling:
+def on_device(
+    honoured: frozenset[str] = HONOURED, name: str = "neuron", max_top_k: int | None = None
+) -> BackendSampling:
     capabilities = Capabilities(
+        max_top_k=max_top_k,
         batching=Batching.STATIC,
         kv_layout=KvLayout.SLOTS,
         static_batch_size=4,
@@ -104,11 +107,24 @@ def test_the_field_the_client_set_is_named_before_what_it_implies(byte_tokenizer
     with pytest.raises(InvalidRequest) as caught:
         validate(validator, do_sample=True)
     assert str(caught.value) == refusal("do_sample", "gaudi")
-    # a greedy device sampler that cannot seed refuses every sampled request
-    greedy_and_unseeded = on_device(frozenset({"do_sample"}))
+    # a device sampler that cannot seed refuses the seed a client gives...
+    unseeded = Validator(byte_tokenizer, LIMITS, backend=on_device(frozenset({"do_sample"})))
     with pytest.raises(InvalidRequest) as caught:
-        validate(Validator(byte_tokenizer, LIMITS, backend=greedy_and_unseeded), do_sample=True)
+        validate(unseeded, do_sample=True, seed=7)
     assert str(caught.value) == refusal("seed")
+    # ...but not the one the server draws when the client gives none
+    request = validate(unseeded, do_sample=True)
+    assert request.sampling.do_sample
+
+
+def test_top_k_past_the_device_samplers_bound_is_refused(byte_tokenizer: Any) -> None:
+    validator = Validator(byte_tokenizer, LIMITS, backend=on_device(max_top_k=256))
+    assert validate(validator, top_k=256).sampling.top_k == 256
+    with pytest.raises(InvalidRequest) as caught:
+        validate(validator, top_k=257)
+    assert str(caught.value) == (
+        "`top_k` must be <= 256 on the neuron backend, which samples on its device. Given: 257"
+    )
 
 
 def test_tgis_own_checks_come_first(byte_tokenizer: Any) -> None:

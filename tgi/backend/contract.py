@@ -103,6 +103,7 @@ class Capabilities:
     # names the SamplingParams fields it honours, and validation refuses the others.
     samples_on_device: bool = False
     sampling_parameters: frozenset[str] = frozenset()
+    max_top_k: int | None = None  # the device sampler's largest top_k (None: no bound)
 
 
 @dataclass(frozen=True, slots=True)

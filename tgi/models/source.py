@@ -225,6 +225,10 @@ def _check_weights(path: Path) -> None:
         return
     if any(path.glob("*.safetensors")):
         return
+    if (path / "neuron_config.json").is_file():
+        # A model compiled by optimum-neuron: its weights are sharded under checkpoint/
+        # or downloaded by its loader; the neuron backend checks which before loading.
+        return
     torch_files = sorted(p.name for pattern in _TORCH_WEIGHTS for p in path.glob(pattern))
     if torch_files:
         raise ModelNotFound(

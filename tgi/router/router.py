@@ -170,6 +170,7 @@ class Router:
         self.on_step: Callable[[StepPlan, float], None] | None = None
         metrics.kv_capacity_tokens.set(initial_kv.capacity_tokens)
         metrics.engine_healthy.set(1)
+        metrics.set_engine_details(engine.description.details)
 
     @property
     def policy(self) -> SchedulingPolicy:
@@ -565,6 +566,7 @@ class Router:
         self.restarts += 1
         self._metrics.engine_restarts.inc()
         self._metrics.engine_healthy.set(1)
+        self._metrics.set_engine_details(self._engine.description.details)
         self._publish_gauges()
         logger.warning(
             "engine restarted (pid %d); serving %d queued requests",

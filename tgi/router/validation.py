@@ -181,7 +181,9 @@ class Validator:
             )
         if max_new_tokens <= 0:  # a prompt of max_total_tokens, under limits that allow one
             raise self._budget_error(len(input_ids), max_new_tokens)
-        self._check_device_sampling(sampling, params.grammar is not None)
+        self._check_device_sampling(
+            sampling, params.grammar is not None, client_seed=params.seed is not None
+        )
         grammar = self.compile_grammar(params.grammar)
         self._check_unsupported(params)
         if grammar is not None:
@@ -274,21 +276,37 @@ class Validator:
         except GrammarError as exc:
             raise InvalidRequest(f"grammar is not valid: {exc}") from None
 
-    def _check_device_sampling(self, sampling: SamplingParams, has_grammar: bool) -> None:
-        """Refuse a sampling parameter an on-device sampler would silently ignore."""
+    def _check_device_sampling(
+        self, sampling: SamplingParams, has_grammar: bool, *, client_seed: bool = True
+    ) -> None:
+        """Refuse a sampling parameter an on-device sampler would silently ignore.
+
+        A seed the server drew (the client gave none) asks for no reproducibility, so
+        only a client's seed must be one the device honours. `top_k` must also fit the
+        device sampler's bound (`Capabilities.max_top_k`)."""
         backend = self.backend
         if backend is None or not backend.capabilities.samples_on_device:
             return
         used = [*sampling.non_default_fields(), *(("grammar",) if has_grammar else ())]
         honoured = backend.capabilities.sampling_parameters
-        refused = [name for name in used if name not in honoured]
-        if not refused:
-            return
-        # Name what the client set before what it implies (temperature -> do_sample, seed).
-        name = min(refused, key=lambda field: field in _IMPLIED)
-        raise InvalidRequest(
-            f"`{name}` is not supported by the {backend.name} backend, which samples on its device"
-        )
+        refused = [
+            name
+            for name in used
+            if name not in honoured and not (name == "seed" and not client_seed)
+        ]
+        if refused:
+            # Name what the client set before what it implies (temperature -> do_sample, seed).
+            name = min(refused, key=lambda field: field in _IMPLIED)
+            raise InvalidRequest(
+                f"`{name}` is not supported by the {backend.name} backend, which samples on "
+                "its device"
+            )
+        bound = backend.capabilities.max_top_k
+        if bound is not None and sampling.top_k > bound:
+            raise InvalidRequest(
+                f"`top_k` must be <= {bound} on the {backend.name} backend, which samples on "
+                f"its device. Given: {sampling.top_k}"
+            )
 
     @staticmethod
     def _check_unsupported(params: ClientParameters) -> None:

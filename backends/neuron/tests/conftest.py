@@ -91,10 +91,13 @@ def reference(tiny_model: Path) -> Reference:
     return Reference(tiny_model)
 
 
-def greedy(logits: torch.Tensor | None) -> list[int]:
-    """The argmax token of each row of a StepOutput's [R, T, V] logits."""
-    assert logits is not None, "the neuron backend returns logits, not sampled tokens"
-    return [int(token) for token in logits[:, -1].argmax(dim=-1)]
+def greedy(out: StepOutput) -> list[int]:
+    """Each row's token: the argmax of its [T, V] logits, or the one sampled on the
+    device (greedy rows sample the argmax there)."""
+    if out.logits is None:
+        assert out.token_ids is not None, "a step returned neither logits nor token ids"
+        return [int(token) for token in out.token_ids]
+    return [int(token) for token in out.logits[:, -1].argmax(dim=-1)]
 
 
 @dataclass
@@ -105,6 +108,7 @@ class Steps:
 
     backend: Backend
     generated: dict[int, list[int]] = field(default_factory=dict)  # seq_id -> its tokens
+    prompts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # seq_id -> prompt
     in_kv: dict[int, int] = field(default_factory=dict)  # seq_id -> tokens in its KV
     outputs: list[StepOutput] = field(default_factory=list)
 
@@ -131,7 +135,8 @@ class Steps:
         for row in new_rows:
             self.in_kv[row.seq_id] = len(row.token_ids)
             self.generated[row.seq_id] = []
-        for seq_id, token in zip(out.seq_ids, greedy(out.logits), strict=True):
+            self.prompts[row.seq_id] = tuple(row.token_ids)
+        for seq_id, token in zip(out.seq_ids, greedy(out), strict=True):
             self.generated[seq_id].append(token)
         self.outputs.append(out)
         return out

@@ -300,10 +300,10 @@ def test_a_preempted_sequence_resumes_exactly(backend: NeuronBackend, reference:
     assert out.seq_ids == (2,) and backend.kv_usage().seq_ids == frozenset({2})
     # It comes back under its id, in another slot: prompt + generated[:-1], no logits.
     resumed = NewSequence(1, (*prompt, *generated[:-1]), slot=1, want_logits=False)
-    out = backend.step(StepPlan(new=(resumed,), running=(decode(2, greedy(out.logits)[0], 7),)))
+    out = backend.step(StepPlan(new=(resumed,), running=(decode(2, greedy(out)[0], 7),)))
     assert out.seq_ids == (2,)
     out = backend.step(StepPlan(running=(decode(1, generated[-1], len(prompt) + 4),)))
-    assert generated + greedy(out.logits) == reference.greedy(prompt, 6)
+    assert generated + greedy(out) == reference.greedy(prompt, 6)
 
 
 def test_a_plan_with_no_rows_only_releases(backend: NeuronBackend) -> None:

@@ -1,7 +1,7 @@
 """The shared backend conformance suite on the emulated Neuron backend, in both modes:
 rebuild (compiled without continuous batching: when new sequences arrive the backend
 re-prefills every live slot itself) and insert (continuous batching: only new rows are
-written)."""
+written); and insert mode with on-device sampling (token ids instead of logits)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ STATIC_LIMITS = Limits(
 )
 
 
-def emulated(continuous_batching: bool) -> Callable[[Path], Backend]:
+def emulated(
+    continuous_batching: bool, on_device_sampling: bool = False
+) -> Callable[[Path], Backend]:
     def build(model_dir: Path) -> Backend:
         executor = EmulatedNeuronModel(
             model_dir,
@@ -36,6 +38,7 @@ def emulated(continuous_batching: bool) -> Callable[[Path], Backend]:
             sequence_length=LENGTH,
             continuous_batching=continuous_batching,
             dtype=torch.float32,
+            on_device_sampling=on_device_sampling,
         )
         return NeuronBackend(executor, device_type="neuron (emulated)")
 
@@ -56,3 +59,14 @@ class TestEmulatedNeuronInsertConformance(BackendConformance):
     @pytest.fixture
     def backend_factory(self) -> Callable[[Path], Backend]:
         return emulated(continuous_batching=True)
+
+
+class TestEmulatedNeuronDeviceSamplingConformance(BackendConformance):
+    """Exported with on-device sampling (optimum-neuron's default for Llama): the
+    backend returns the device's token ids, greedy ones the argmax."""
+
+    limits = STATIC_LIMITS
+
+    @pytest.fixture
+    def backend_factory(self) -> Callable[[Path], Backend]:
+        return emulated(continuous_batching=True, on_device_sampling=True)

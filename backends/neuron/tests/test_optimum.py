@@ -1,279 +1,342 @@
-"""The real executor's code path, against a stand-in for optimum-neuron (no SDK here).
+"""The real executor (`_optimum.py`) over optimum-neuron 0.4.5's own Python.
 
-`FakeNeuronModel` answers the calls `OptimumNeuronModel` makes of
-`NeuronModelForCausalLM` (`from_pretrained`, `prepare_inputs_for_prefill/decode`,
-`__call__`) the way the real one interprets them: positions from the attention mask,
-KV addressed by `seq_ids`. Its "model" is the fake backend's computable one, so the
-expected tokens are known; what these tests check is the padding, masks, slots and
-export parameters the real path sends.
+`StandInNeuronModel` (nxd_standin.py) is what `NeuronModelForCausalLM.from_pretrained`
+returns on a Neuron host, with only the compiled graphs stood in for: optimum-neuron's
+`forward` routing, its decoder wrappers (context padding, `_forward_with_pad`'s row-0
+copies, continuous batching's reordering), its `KVCacheManager` writes and its sampler
+all run as released. Each step pattern the review found dangerous runs through
+`NeuronBackend`, and every sequence's tokens must equal transformers' `generate()` and
+every live slot's KV transformers' own KV.
+
+Each pattern also runs with one of the reviewed bugs put back (an executor subclass
+below), and must then fail by a token or KV assertion: left-padded prefill rows, rows
+in router order instead of slot order, short decode batches padded by the wrapper with
+copies of row 0, and padding rows written at position 0.
 """
 
 from __future__ import annotations
 
-import sys
-import types
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import torch
-from tgi_backend_neuron._compiled import CompiledShape
-from tgi_backend_neuron._optimum import OptimumNeuronModel, export_kwargs
-from tgi_backend_neuron._options import NeuronOptions
-from tgi_backend_neuron._plan import NeuronPlan
+from tgi_backend_neuron._optimum import OptimumNeuronModel
+from tgi_backend_neuron._sampling import GREEDY, RowSampling
 from tgi_backend_neuron.backend import NeuronBackend
-from tgi_backend_neuron.plugin import create_backend
 
-from tgi.backend.contract import Limits
-from tgi.config import resolve_config
+from tgi.backend.contract import Limits, NewSequence, StepPlan
 from tgi.errors import BackendError
-from tgi.models.source import ModelFiles, ModelKind
-from tgi.testing.fake_backend import expected_tokens as fake_expected_tokens
+from tgi.sampling.params import SamplingParams
 
-from .conftest import Steps
+from .conftest import Steps, make_prompt
+from .nxd_standin import StandInNeuronModel, import_optimum_neuron, tiny_llama
 
-VOCAB = 64
+SLOTS = 4
+LENGTH = 48  # compiled sequence length (and context length: rebuild rows fit)
+VOCAB = 128
 PAD = 0
 
 
-def expected_tokens(prompt: Sequence[int], num_tokens: int) -> list[int]:
-    """What `FakeNeuronModel` generates greedily: `FakeBackend`'s model at VOCAB."""
-    return fake_expected_tokens(prompt, num_tokens, VOCAB)
+@pytest.fixture(scope="module")
+def hf_model() -> Any:
+    import_optimum_neuron()  # skips (or fails, in the compat run) without optimum-neuron
+    return tiny_llama(seed=3)
 
 
-@dataclass
-class FakeNeuronConfig:
-    batch_size: int = 4
-    sequence_length: int = 32
-    continuous_batching: bool = True
-    max_context_length: int = 16
-    torch_dtype: torch.dtype = torch.bfloat16
+# -- the bugs, put back -------------------------------------------------------------------
 
 
-class FakeNeuronModel:
-    """Stands in for optimum.neuron.NeuronModelForCausalLM."""
+class LeftPadded(OptimumNeuronModel):
+    """New rows of one step in one context call, left padded to the longest (as the
+    executor written for optimum-neuron < 0.4 did)."""
 
-    loads: list[tuple[str, dict[str, Any]]] = []
-    next_config = FakeNeuronConfig()
+    def prefill(self, slots: Any, token_ids: Any, sampling: Any = None) -> torch.Tensor:
+        rows = [list(tokens) for tokens in token_ids]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row)
+            positions[i, width - len(row) :] = torch.arange(len(row))
+        out = self._run(input_ids, positions, list(slots), [GREEDY.as_row()] * len(rows))
+        for slot, row in zip(slots, rows, strict=True):
+            self._lengths[slot] = len(row)
+        return out
 
-    def __init__(self, neuron_config: FakeNeuronConfig) -> None:
-        self.neuron_config = neuron_config
-        self.config = types.SimpleNamespace(
-            vocab_size=VOCAB,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            hidden_size=32,
-            num_hidden_layers=2,
+
+class RowZeroPadded(OptimumNeuronModel):
+    """Decode calls carry only the rows that decode; optimum-neuron's wrapper pads the
+    batch with copies of row 0 (its `_forward_with_pad`). Health is a one-token prefill
+    on a free slot, as before."""
+
+    def _decode_call(self, rows: dict[int, tuple[int, int, RowSampling]]) -> torch.Tensor:
+        slots = list(rows)
+        input_ids = torch.tensor([[rows[slot][0]] for slot in slots], dtype=torch.long)
+        positions = torch.tensor([[rows[slot][1]] for slot in slots], dtype=torch.long)
+        params = [rows[slot][2].as_row() for slot in slots]
+        out = self._run(input_ids, positions, slots, params)
+        for slot, (_, position, _) in rows.items():
+            self._lengths[slot] = position + 1
+        return out
+
+    def health(self) -> None:
+        free = [slot for slot in range(self.batch_size) if self._lengths[slot] == 0]
+        if free:
+            self.prefill([free[0]], [[PAD]])
+            self.clear([free[0]])
+
+
+class RouterOrder(OptimumNeuronModel):
+    """Without continuous batching, context rows sent in the order given (new rows, then
+    the rebuilt ones) with the absent slots after them, so row index != slot."""
+
+    def _context(self, rows: dict[int, tuple[list[int], RowSampling]]) -> torch.Tensor:
+        if self.continuous_batching:
+            return super()._context(rows)
+        order = list(rows) + [slot for slot in range(self.batch_size) if slot not in rows]
+        width = self.max_context_length
+        input_ids = torch.full((len(order), width), PAD, dtype=torch.long)
+        positions = torch.zeros((len(order), width), dtype=torch.long)
+        for i, slot in enumerate(order):
+            tokens = rows[slot][0] if slot in rows else [PAD]
+            input_ids[i, : len(tokens)] = torch.tensor(tokens)
+            positions[i, : len(tokens)] = torch.arange(len(tokens))
+        out = self._run(input_ids, positions, order, [GREEDY.as_row()] * len(order))
+        for slot in order:
+            self._lengths[slot] = len(rows[slot][0]) if slot in rows else 0
+        return out[: len(rows)]
+
+
+class PaddingAtZero(OptimumNeuronModel):
+    """Padding rows of a decode call write position 0 of their slot."""
+
+    def _decode_call(self, rows: dict[int, tuple[int, int, RowSampling]]) -> torch.Tensor:
+        lengths = self._lengths
+        self._lengths = [0] * self.batch_size  # what the padding rows read
+        try:
+            for slot in rows:
+                self._lengths[slot] = lengths[slot]
+            return super()._decode_call(rows)
+        finally:
+            for slot, (_, position, _) in rows.items():
+                lengths[slot] = position + 1
+            self._lengths = lengths
+
+
+# -- running a pattern --------------------------------------------------------------------
+
+
+def run_backend(
+    hf_model: Any, executor_class: type[OptimumNeuronModel], **neuron: Any
+) -> tuple[StandInNeuronModel, NeuronBackend, Steps]:
+    model = StandInNeuronModel(
+        hf_model,
+        batch_size=SLOTS,
+        sequence_length=LENGTH,
+        max_context_length=LENGTH,
+        **{"continuous_batching": True, **neuron},
+    )
+    backend = NeuronBackend(executor_class(model, pad_token_id=PAD), device_type="xla")
+    backend.warmup(
+        Limits(
+            max_input_tokens=24,
+            max_total_tokens=LENGTH,
+            max_batch_prefill_tokens=SLOTS * 24,
+            max_batch_total_tokens=SLOTS * LENGTH,
+            max_batch_size=SLOTS,
         )
-        self.kv: dict[int, list[int]] = {}  # slot -> tokens held on the "device"
-        self.calls: list[dict[str, torch.Tensor]] = []
-
-    @classmethod
-    def from_pretrained(cls, model_id: str, **kwargs: Any) -> FakeNeuronModel:
-        cls.loads.append((model_id, kwargs))
-        return cls(cls.next_config)
-
-    @staticmethod
-    def _inputs(input_ids: Any, mask: Any, seq_ids: Any, decode: bool) -> dict[str, Any]:
-        position_ids = mask.long().cumsum(-1) - 1  # as optimum-neuron derives positions
-        position_ids.masked_fill_(mask == 0, 1)
-        if decode:
-            position_ids = torch.amax(position_ids, 1, keepdim=True)
-        return {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
-            "attention_mask": mask,
-            "seq_ids": seq_ids,
-            "sampling_params": None,
-        }
-
-    def prepare_inputs_for_prefill(
-        self, input_ids: Any, attention_mask: Any = None, seq_ids: Any = None, **kwargs: Any
-    ) -> dict[str, Any]:
-        return self._inputs(input_ids, attention_mask, seq_ids, decode=False)
-
-    def prepare_inputs_for_decode(
-        self, input_ids: Any, attention_mask: Any = None, seq_ids: Any = None, **kwargs: Any
-    ) -> dict[str, Any]:
-        return self._inputs(input_ids, attention_mask, seq_ids, decode=True)
-
-    def __call__(self, **inputs: Any) -> tuple[torch.Tensor]:
-        self.calls.append(inputs)
-        ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
-        logits = torch.zeros(ids.shape[0], 1, VOCAB)
-        for i, slot in enumerate(inputs["seq_ids"].tolist()):
-            if ids.shape[1] == 1 and int(positions[i, 0]) > 0:  # decode: write at a position
-                history = self.kv.setdefault(slot, [])
-                del history[int(positions[i, 0]) :]  # a wrong position garbles the output
-                history.append(int(ids[i, 0]))
-            else:  # prefill: the unpadded tokens
-                self.kv[slot] = [int(t) for t, m in zip(ids[i], mask[i], strict=True) if m]
-            history = self.kv[slot]
-            logits[i, 0, (sum(history) + len(history)) % VOCAB] = 10.0
-        return (logits,)
+    )
+    return model, backend, Steps(backend)
 
 
-@pytest.fixture
-def fake_sdk(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakeNeuronModel]]:
-    """`optimum.neuron` importable, with FakeNeuronModel as NeuronModelForCausalLM."""
-    optimum = types.ModuleType("optimum")
-    neuron = types.ModuleType("optimum.neuron")
-    neuron.NeuronModelForCausalLM = FakeNeuronModel  # type: ignore[attr-defined]
-    optimum.neuron = neuron  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "optimum", optimum)
-    monkeypatch.setitem(sys.modules, "optimum.neuron", neuron)
-    FakeNeuronModel.loads = []
-    FakeNeuronModel.next_config = FakeNeuronConfig()
-    yield FakeNeuronModel
+def problems(model: StandInNeuronModel, backend: NeuronBackend, steps: Steps) -> list[str]:
+    """Where a sequence's tokens differ from generate(), or a live slot's KV from
+    transformers' KV of the tokens it was fed."""
+    found = []
+    for seq_id, generated in steps.generated.items():
+        prompt = steps.prompts[seq_id]
+        expected = greedy_reference(model, prompt, len(generated))
+        if generated != expected:
+            found.append(f"seq {seq_id}: tokens {generated} != generate() {expected}")
+        slot = backend.slot_of(seq_id)
+        if slot is None:
+            continue
+        fed = [*prompt, *generated[:-1]]
+        for layer, ((keys, values), (ref_k, ref_v)) in enumerate(
+            zip(model.kv(slot), model.reference_kv(fed), strict=True)
+        ):
+            n = len(fed)
+            if not (
+                torch.allclose(keys[:, :n], ref_k, atol=1e-4)
+                and torch.allclose(values[:, :n], ref_v, atol=1e-4)
+            ):
+                found.append(f"seq {seq_id} (slot {slot}): layer {layer} KV differs")
+                break
+    return found
 
 
-def plan(export: bool, **shape: Any) -> NeuronPlan:
-    values: dict[str, Any] = {
-        "batch_size": 4,
-        "sequence_length": 32,
-        "num_cores": 2,
-        "auto_cast_type": "bfloat16",
-        "continuous_batching": True,
-        "max_context_length": 16,
-        "path": None if export else Path("/exported"),
-    }
-    return NeuronPlan(NeuronOptions(), CompiledShape(**{**values, **shape}), export=export)
+def greedy_reference(model: StandInNeuronModel, prompt: Sequence[int], count: int) -> list[int]:
+    input_ids = torch.tensor([list(prompt)], dtype=torch.long)
+    with torch.inference_mode():
+        out = model.hf_model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=count,
+            pad_token_id=PAD,
+        )
+    return [int(token) for token in out[0, len(prompt) :]]
 
 
-LIMITS = Limits(16, 32, 64, None, 4)
-# Without continuous batching a rebuild row holds up to max_total_tokens - 1 tokens,
-# and max_context_length is 16.
-REBUILD_LIMITS = Limits(16, 17, 64, None, 4)
+def prompt(seed: int, length: int) -> tuple[int, ...]:
+    return make_prompt(seed, length, VOCAB)
 
 
-def test_export_parameters_are_optimum_neurons() -> None:
-    assert export_kwargs(plan(export=True)) == {
-        "batch_size": 4,
-        "sequence_length": 32,
-        "num_cores": 2,
-        "auto_cast_type": "bf16",
-    }
-    assert export_kwargs(plan(export=True, num_cores=None, auto_cast_type=None)) == {
-        "batch_size": 4,
-        "sequence_length": 32,
-    }
+# -- the patterns -------------------------------------------------------------------------
 
 
-def test_a_plain_checkpoint_is_exported_an_exported_one_loaded(
-    fake_sdk: type[FakeNeuronModel],
+@pytest.mark.parametrize(("executor", "buggy"), [(OptimumNeuronModel, False), (LeftPadded, True)])
+def test_a_multi_row_prefill(hf_model: Any, executor: type, buggy: bool) -> None:
+    """Two prompts of different lengths join in one step (continuous batching)."""
+    model, backend, steps = run_backend(hf_model, executor)
+    steps.step({1: (0, prompt(1, 9)), 2: (2, prompt(2, 4))})
+    for _ in range(4):
+        steps.step()
+    assert bool(problems(model, backend, steps)) is buggy
+
+
+@pytest.mark.parametrize(
+    ("executor", "buggy"), [(OptimumNeuronModel, False), (RowZeroPadded, True)]
+)
+def test_a_prefill_and_a_partial_decode_in_one_step(
+    hf_model: Any, executor: type, buggy: bool
 ) -> None:
-    OptimumNeuronModel.load(plan(export=True), Path("/ckpt"), pad_token_id=PAD)
-    OptimumNeuronModel.load(plan(export=False), Path("/ckpt"), pad_token_id=PAD)
-    assert fake_sdk.loads == [
-        (
-            "/ckpt",
-            {
-                "export": True,
-                "batch_size": 4,
-                "sequence_length": 32,
-                "num_cores": 2,
-                "auto_cast_type": "bf16",
-            },
-        ),
-        ("/exported", {}),
-    ]
-
-
-def test_a_loaded_model_of_other_shapes_stops_start_up(fake_sdk: type[FakeNeuronModel]) -> None:
-    fake_sdk.next_config = FakeNeuronConfig(batch_size=8)
-    with pytest.raises(BackendError, match="runs batch_size=8, sequence_length=32, but start-up"):
-        OptimumNeuronModel.load(plan(export=False), Path("/ckpt"), pad_token_id=PAD)
-
-
-def run(
-    backend: NeuronBackend, prompts: dict[int, tuple[int, ...]], steps: int
-) -> dict[int, list[int]]:
-    """Start `prompts` together in slots 0, 1, ..., then decode them together `steps` times."""
-    slotted = {seq_id: (slot, prompt) for slot, (seq_id, prompt) in enumerate(prompts.items())}
-    return Steps(backend).run(slotted, steps + 1)
-
-
-PROMPTS = {1: (5, 6, 7), 2: (9,) * 7, 3: (1, 2)}
-
-
-def test_rows_are_left_padded_with_masks_and_address_their_slots(
-    fake_sdk: type[FakeNeuronModel],
-) -> None:
-    executor = OptimumNeuronModel(fake_sdk(FakeNeuronConfig()), pad_token_id=PAD)
-    backend = NeuronBackend(executor, device_type="neuron")
-    backend.warmup(LIMITS)
-    tokens = run(backend, PROMPTS, steps=4)
-    assert tokens == {s: expected_tokens(p, 5) for s, p in PROMPTS.items()}
-    model = executor._model
-    prefill = model.calls[1]  # calls[0] is warmup
-    assert prefill["seq_ids"].tolist() == [0, 1, 2]
-    assert prefill["input_ids"].tolist()[2] == [PAD] * 5 + [1, 2]
-    assert prefill["attention_mask"].tolist()[0] == [0, 0, 0, 0, 1, 1, 1]
-    decode = model.calls[2]
-    assert decode["input_ids"].shape == (3, 1)
-    assert decode["position_ids"].tolist() == [[3], [7], [2]]
-
-
-def test_without_continuous_batching_every_call_runs_the_whole_batch(
-    fake_sdk: type[FakeNeuronModel],
-) -> None:
-    config = FakeNeuronConfig(continuous_batching=False)
-    executor = OptimumNeuronModel(fake_sdk(config), pad_token_id=PAD)
-    backend = NeuronBackend(executor, device_type="neuron")
-    assert backend.capabilities.prefill_rebuilds_cache
-    backend.warmup(REBUILD_LIMITS)
-    prompts = {1: (5, 6, 7), 2: (1, 2)}
-    tokens = run(backend, prompts, steps=3)
-    assert tokens == {s: expected_tokens(p, 4) for s, p in prompts.items()}
-    model = executor._model
-    assert [call["seq_ids"].tolist() for call in model.calls[1:3]] == [[0, 1, 2, 3]] * 2
-    assert backend.kv_usage().seq_ids == frozenset({1, 2})
-
-
-@pytest.mark.parametrize("continuous_batching", [True, False])
-def test_a_row_joining_mid_stream_leaves_the_running_slots_intact(
-    fake_sdk: type[FakeNeuronModel], continuous_batching: bool
-) -> None:
-    config = FakeNeuronConfig(continuous_batching=continuous_batching)
-    executor = OptimumNeuronModel(fake_sdk(config), pad_token_id=PAD)
-    backend = NeuronBackend(executor, device_type="neuron")
-    backend.warmup(LIMITS if continuous_batching else REBUILD_LIMITS)
-    model = executor._model
-    steps = Steps(backend)
-    steps.step({1: (2, (5, 6, 7))})
-    steps.step()
-    joined = len(model.calls)
-    steps.step({2: (0, (1, 2))})  # one prefill call, then one decode call
+    """A short sequence decodes while a longer one is prefilled in the same step: the
+    decode call's padding rows must not write into the new slot."""
+    model, backend, steps = run_backend(hf_model, executor)
+    steps.step({1: (0, prompt(3, 3))})
+    steps.step({2: (1, prompt(4, 12))})  # seq 1 decodes at position 3 < 12
     for _ in range(3):
         steps.step()
-    assert steps.generated == {1: expected_tokens((5, 6, 7), 6), 2: expected_tokens((1, 2), 4)}
-    prefill, decode = model.calls[joined : joined + 2]
-    if continuous_batching:
-        assert prefill["seq_ids"].tolist() == [0] and decode["seq_ids"].tolist() == [2]
-        return
-    # Rebuild: seq 1's slot is re-prefilled with the 4 tokens its KV held; its pending
-    # token is decoded next, while slot 0 (just written) gets a dummy past its tokens.
-    assert prefill["seq_ids"].tolist() == [0, 2, 1, 3]
-    assert prefill["input_ids"].tolist()[1] == [5, 6, 7, expected_tokens((5, 6, 7), 1)[0]]
-    assert prefill["input_ids"].tolist()[0] == [PAD, PAD, 1, 2]
-    assert decode["seq_ids"].tolist() == [2, 0, 1, 3]
-    assert decode["position_ids"].tolist()[:2] == [[4], [2]]  # slot 0: past its 2 tokens
-    assert backend.rebuilt_rows == 1
+    assert bool(problems(model, backend, steps)) is buggy
 
 
-def test_the_plugin_builds_the_real_backend_where_the_sdk_is(
-    fake_sdk: type[FakeNeuronModel], tiny_model: Path
+@pytest.mark.parametrize(
+    ("executor", "buggy"), [(OptimumNeuronModel, False), (RowZeroPadded, True)]
+)
+def test_a_one_token_prompt(hf_model: Any, executor: type, buggy: bool) -> None:
+    """A one-token prompt is decoded at position 0 in its slot, nowhere else."""
+    model, backend, steps = run_backend(hf_model, executor)
+    steps.step({1: (0, prompt(5, 6))})
+    steps.step()
+    steps.step({2: (3, prompt(6, 1))})
+    for _ in range(3):
+        steps.step()
+    assert bool(problems(model, backend, steps)) is buggy
+
+
+@pytest.mark.parametrize(
+    ("executor", "buggy"), [(OptimumNeuronModel, False), (RowZeroPadded, True)]
+)
+@pytest.mark.parametrize("continuous_batching", [True, False])
+def test_health_during_traffic(
+    hf_model: Any, executor: type, buggy: bool, continuous_batching: bool
 ) -> None:
-    config = resolve_config({"backend": "neuron"}, environ={"HF_BATCH_SIZE": "4"})
-    config = config.with_values("test", max_total_tokens=32)
-    files = ModelFiles("tiny", ModelKind.LOCAL_DIR, tiny_model, "LlamaForCausalLM", 512, None)
-    backend = create_backend(config, files)
-    assert isinstance(backend, NeuronBackend)
-    assert backend.device_type == "neuron"
-    assert backend.capabilities.static_batch_size == 4
-    assert backend.dtype == torch.bfloat16
-    assert fake_sdk.loads == [
-        (str(tiny_model), {"export": True, "batch_size": 4, "sequence_length": 32})
-    ]
+    model, backend, steps = run_backend(hf_model, executor, continuous_batching=continuous_batching)
+    steps.step({1: (0, prompt(7, 5)), 2: (1, prompt(8, 7))})
+    for _ in range(2):
+        backend.health()
+        steps.step()
+    assert bool(problems(model, backend, steps)) is buggy
+
+
+@pytest.mark.parametrize(
+    ("executor", "buggy"),
+    [(OptimumNeuronModel, False), (RouterOrder, True), (PaddingAtZero, True)],
+)
+def test_rebuild_with_several_slots(hf_model: Any, executor: type, buggy: bool) -> None:
+    """Without continuous batching: sequences join and leave a running batch of B=4, each
+    join re-prefilling every live slot, rows always in slot order."""
+    model, backend, steps = run_backend(hf_model, executor, continuous_batching=False)
+    steps.step({1: (2, prompt(9, 6))})
+    steps.step()
+    steps.step({2: (0, prompt(10, 8))})
+    steps.step()
+    steps.step({3: (1, prompt(11, 5))}, finished=[1])
+    for _ in range(3):
+        steps.step()
+    found = problems(model, backend, steps)
+    assert bool(found) is buggy, found
+    if not buggy:
+        assert backend.rebuilt_rows == 2  # seq 1 at seq 2's join, seq 2 at seq 3's
+
+
+def test_every_graph_call_has_the_compiled_shape_and_slot_order(hf_model: Any) -> None:
+    model, _, steps = run_backend(hf_model, OptimumNeuronModel)
+    steps.step({1: (3, prompt(12, 5)), 2: (1, prompt(13, 1))})
+    steps.step()
+    for call in model.graph_calls:
+        if call.tag == "token_generation_model":
+            assert call.input_ids.shape == (SLOTS, 1)
+            assert call.seq_ids.tolist() == list(range(SLOTS))  # never a partial batch
+        else:
+            assert call.input_ids.shape == (1, LENGTH)  # one row, right padded
+
+
+# -- on-device sampling -------------------------------------------------------------------
+
+
+def test_on_device_sampling_returns_token_ids_and_takes_each_rows_parameters(
+    hf_model: Any,
+) -> None:
+    model, backend, steps = run_backend(hf_model, OptimumNeuronModel, on_device_sampling=True)
+    assert backend.capabilities.samples_on_device
+    assert backend.capabilities.max_top_k == VOCAB  # the stand-in's max_topk
+    assert "seed" not in backend.capabilities.sampling_parameters
+    steps.step({1: (0, prompt(14, 6))})
+    for _ in range(3):
+        steps.step()
+    assert problems(model, backend, steps) == []  # greedy rows: top_k=1 on the device
+    sampled = NewSequence(
+        5, prompt(15, 4), slot=2, sampling=SamplingParams(True, 0.7, 5, 0.9, seed=1)
+    )
+    out = backend.step(StepPlan(new=(sampled,)))
+    assert out.logits is None and out.token_ids is not None
+    assert out.token_ids.shape == (1,) and 0 <= int(out.token_ids[0]) < VOCAB
+    params = model.graph_calls[-1].sampling_params
+    assert params[0].tolist() == pytest.approx([5.0, 0.9, 0.7])
+
+
+# -- failures and health ------------------------------------------------------------------
+
+
+def test_a_failed_device_call_drops_every_live_sequence(
+    hf_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every call carries all B rows, so with continuous batching too a failed decode
+    leaves every slot's KV undefined: none may keep running on it."""
+    model, backend, steps = run_backend(hf_model, OptimumNeuronModel)
+    steps.step({1: (0, prompt(16, 5)), 2: (1, prompt(17, 3))})
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("NRT_EXEC_HW_ERR")
+
+    monkeypatch.setattr(model, "forward", broken)
+    with pytest.raises(BackendError, match="neuron prefill failed: NRT_EXEC_HW_ERR"):
+        steps.step({3: (2, prompt(18, 1))})  # a one-token prompt: a full-B decode call
+    assert backend.kv_usage().seq_ids == frozenset()
+
+
+def test_health_checks_every_row_the_device_returned(hf_model: Any) -> None:
+    model, backend, steps = run_backend(hf_model, OptimumNeuronModel)
+    steps.step({1: (0, prompt(19, 5))})
+    backend.health()
+    real_forward = model.forward
+
+    def garbage(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full_like(real_forward(*args, **kwargs), float("nan"))
+
+    model.forward = garbage  # type: ignore[method-assign]
+    with pytest.raises(BackendError, match="non-finite logits"):
+        backend.health()

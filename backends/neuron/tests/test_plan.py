@@ -223,10 +223,13 @@ def test_a_bad_combination_stops_start_up_before_weights_load(
         launcher.prepare(config)
 
 
-def test_on_device_sampling_exports_are_refused(exported: ExportedFactory) -> None:
+def test_on_device_sampling_exports_are_served_and_the_variable_must_agree(
+    exported: ExportedFactory,
+) -> None:
     model = exported(on_device_sampling=True)
-    with pytest.raises(ConfigError, match=r"exported with on_device_sampling .* Fix: export it"):
-        validated(config_for(model))
+    validated(config_for(model))  # the backend returns the device's token ids
+    with pytest.raises(ConfigError, match=r"TGI_NEURON_ON_DEVICE_SAMPLING=0 .* contradicts"):
+        validated(config_for(model, {"TGI_NEURON_ON_DEVICE_SAMPLING": "0"}))
 
 
 def test_several_variants_none_fitting_lists_each(exported: ExportedFactory) -> None:

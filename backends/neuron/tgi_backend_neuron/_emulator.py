@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from tgi_backend_neuron._sampling import GREEDY, RowSampling
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["EmulatedNeuronModel"]
@@ -52,6 +54,8 @@ class EmulatedNeuronModel:
         max_context_length: int | None = None,
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
+        on_device_sampling: bool = False,
+        max_top_k: int = 256,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -67,6 +71,10 @@ class EmulatedNeuronModel:
         self.sequence_length = sequence_length
         self.max_context_length = min(max_context_length or sequence_length, sequence_length)
         self.continuous_batching = continuous_batching
+        self.samples_on_device = on_device_sampling
+        self.calls_touch_every_slot = False  # slot by slot: a failure touches its own rows
+        self.max_top_k: int | None = max_top_k if on_device_sampling else None
+        self._generator = torch.Generator().manual_seed(0)  # the device's own RNG
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.dtype = dtype
         self._keys: list[torch.Tensor] = []  # per layer [B, H, L, D]
@@ -101,9 +109,14 @@ class EmulatedNeuronModel:
 
     # -- steps ----------------------------------------------------------------------------
 
-    def prefill(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Rewrite each slot from position 0; logits [n, V] of each row's last token.
-        Without continuous batching, the slots not named are wiped."""
+    def prefill(
+        self,
+        slots: Sequence[int],
+        token_ids: Sequence[Sequence[int]],
+        sampling: Sequence[RowSampling] | None = None,
+    ) -> torch.Tensor:
+        """Rewrite each slot from position 0; logits [n, V] (or sampled ids [n]) of each
+        row's last token. Without continuous batching, the slots not named are wiped."""
         for slot, tokens in zip(slots, token_ids, strict=True):
             if len(tokens) > self.max_context_length:
                 raise ValueError(
@@ -117,12 +130,16 @@ class EmulatedNeuronModel:
         for slot, tokens in zip(slots, token_ids, strict=True):
             self._lengths[slot] = 0
             rows.append(self._run(slot, tokens, 0))
-        return torch.cat(rows, dim=0)
+        return self._results(torch.cat(rows, dim=0), sampling)
 
     def decode(
-        self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]
+        self,
+        slots: Sequence[int],
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+        sampling: Sequence[RowSampling] | None = None,
     ) -> torch.Tensor:
-        """One token per slot at its position; logits [n, V]."""
+        """One token per slot at its position; logits [n, V] (or sampled ids [n])."""
         rows = []
         for slot, token, position in zip(slots, token_ids, positions, strict=True):
             if position != self._lengths[slot]:
@@ -130,7 +147,40 @@ class EmulatedNeuronModel:
                     f"slot {slot} holds {self._lengths[slot]} tokens; cannot write {position}"
                 )
             rows.append(self._run(slot, [token], position))
-        return torch.cat(rows, dim=0)
+        return self._results(torch.cat(rows, dim=0), sampling)
+
+    def _results(
+        self, logits: torch.Tensor, sampling: Sequence[RowSampling] | None
+    ) -> torch.Tensor:
+        """`logits` [n, V], or with on-device sampling the token each row's
+        `RowSampling` picks from them (top_k=1: the argmax)."""
+        if not self.samples_on_device:
+            return logits
+        choices = list(sampling) if sampling is not None else [GREEDY] * logits.shape[0]
+        picked = [self._sample(row, choice) for row, choice in zip(logits, choices, strict=True)]
+        return torch.tensor(picked, dtype=torch.long)  # [n]
+
+    def _sample(self, logits: torch.Tensor, choice: RowSampling) -> int:
+        """What a top-k / top-p / temperature sampler draws from `logits` [V]."""
+        if choice.top_k == 1:
+            return int(torch.argmax(logits))
+        top = torch.topk(logits / choice.temperature, min(choice.top_k, logits.shape[-1]))
+        probs = torch.softmax(top.values, dim=-1)
+        outside = torch.cumsum(probs, dim=-1) - probs >= choice.top_p  # keep at least one
+        probs = probs.masked_fill(outside, 0.0)
+        index = torch.multinomial(probs, 1, generator=self._generator)
+        return int(top.indices[index])
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "batch_size": self.batch_size,
+            "sequence_length": self.sequence_length,
+            "max_context_length": self.max_context_length,
+            "continuous_batching": self.continuous_batching,
+            "on_device_sampling": self.samples_on_device,
+            "max_topk": self.max_top_k,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
 
     def _run(self, slot: int, tokens: Sequence[int], start: int) -> torch.Tensor:
         end = start + len(tokens)

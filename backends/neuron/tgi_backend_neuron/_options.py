@@ -25,6 +25,7 @@ __all__ = [
 ENV: dict[str, str] = {
     "emulate": "TGI_NEURON_EMULATE",
     "continuous_batching": "TGI_NEURON_CONTINUOUS_BATCHING",
+    "on_device_sampling": "TGI_NEURON_ON_DEVICE_SAMPLING",
     "batch_size": "HF_BATCH_SIZE",
     "sequence_length": "HF_SEQUENCE_LENGTH",
     "num_cores": "HF_NUM_CORES",
@@ -60,7 +61,8 @@ class NeuronOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     emulate: bool = False  # run the CPU emulator instead of Neuron hardware
-    continuous_batching: bool | None = None  # emulator only: insert (True) or rebuild mode
+    continuous_batching: bool | None = None  # export or emulator: insert (True) or rebuild
+    on_device_sampling: bool | None = None  # export or emulator: the graph samples tokens
     batch_size: int | None = None  # export: compiled batch size B
     sequence_length: int | None = None  # export: compiled sequence length L
     num_cores: int | None = None  # export: NeuronCores (tensor parallel degree)
@@ -87,7 +89,7 @@ class NeuronOptions(BaseModel):
 
 def _parse(name: str, raw: str) -> object:
     text = raw.strip()
-    if name in ("emulate", "continuous_batching"):
+    if name in ("emulate", "continuous_batching", "on_device_sampling"):
         if text.lower() in _TRUE:
             return True
         if text.lower() in _FALSE:

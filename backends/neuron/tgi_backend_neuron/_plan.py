@@ -117,6 +117,7 @@ def _export_shape(
         auto_cast_type=options.auto_cast_type or _user_dtype(config),
         continuous_batching=continuous,
         max_context_length=length,
+        on_device_sampling=bool(options.on_device_sampling),
         where="export parameters",
         path=None,
         batch_size_from=f"export parameter from {batch_from}",
@@ -143,6 +144,15 @@ def resolve_plan(
             f"TGI_NEURON_CONTINUOUS_BATCHING={int(options.continuous_batching)} "
             f"({options.source('continuous_batching')}) contradicts the compiled "
             f"continuous_batching={shape.continuous_batching} ({shape.where}); it is fixed at "
+            "export time: unset the variable, or export the model again"
+        )
+    if options.on_device_sampling is not None and (
+        options.on_device_sampling != shape.on_device_sampling
+    ):
+        raise ConfigError(
+            f"TGI_NEURON_ON_DEVICE_SAMPLING={int(options.on_device_sampling)} "
+            f"({options.source('on_device_sampling')}) contradicts the compiled "
+            f"on_device_sampling={shape.on_device_sampling} ({shape.where}); it is fixed at "
             "export time: unset the variable, or export the model again"
         )
     return NeuronPlan(options, shape, export=False)
@@ -193,12 +203,6 @@ def check_config(config: ServeConfig, plan: NeuronPlan) -> ServeConfig:
             f"does not match the compiled num_cores {shape.num_cores} ({shape.where})",
             f"leave --num-shard unset or set it to {shape.num_cores}, or export the model "
             f"again with num_cores={shards}",
-        )
-    if shape.on_device_sampling:
-        raise ConfigError(
-            f"the model was exported with on_device_sampling ({shape.where}): its graph "
-            "returns sampled tokens, but tgi samples from logits in its core. Fix: export it "
-            "again without on_device_sampling"
         )
     updates: Updates = {}
     batch = _batch_size(config, shape, updates)

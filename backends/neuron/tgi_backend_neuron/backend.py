@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -59,6 +59,7 @@ from tgi.backend.contract import (
     WarmupReport,
 )
 from tgi.errors import BackendError
+from tgi_backend_neuron._sampling import DEVICE_PARAMETERS, GREEDY, RowSampling, row_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +74,20 @@ class SlotExecutor(Protocol):
 
     Called from one thread. Slots are indices in [0, batch_size); the caller keeps every
     prefill row within `max_context_length` tokens and every slot within
-    `sequence_length`.
+    `sequence_length`. An executor that samples on its device (`samples_on_device`)
+    returns token ids [n] where the others return logits [n, V], and samples each row
+    as its `RowSampling` says (None: greedy).
     """
 
     batch_size: int  # B
     sequence_length: int  # L
     max_context_length: int  # longest row the context graph (prefill) takes
     continuous_batching: bool  # False: the context graph rewrites every slot's KV
+    samples_on_device: bool  # True: results are sampled token ids, not logits
+    # True: every device call runs all B slots (padding rows included), so a failed call
+    # leaves every live slot's KV undefined, whatever the mode
+    calls_touch_every_slot: bool
+    max_top_k: int | None  # the device sampler's largest top_k (samples_on_device only)
     vocab_size: int
     dtype: torch.dtype
     bytes_per_token: int  # KV bytes one token costs, all layers, keys and values
@@ -88,17 +96,26 @@ class SlotExecutor(Protocol):
         """Allocate the KV and run a `num_tokens` prefill once; leaves every slot empty."""
         ...
 
-    def prefill(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Write each slot's KV from position 0 with its tokens; logits [n, V] of the
-        last position of each row. Without continuous batching every slot not named
-        holds nothing afterwards (the compiled graph rewrites the whole batch)."""
+    def prefill(
+        self,
+        slots: Sequence[int],
+        token_ids: Sequence[Sequence[int]],
+        sampling: Sequence[RowSampling] | None = None,
+    ) -> torch.Tensor:
+        """Write each slot's KV from position 0 with its tokens; logits [n, V] (or token
+        ids [n]) of the last position of each row. Without continuous batching every
+        slot not named holds nothing afterwards (the compiled graph rewrites the batch)."""
         ...
 
     def decode(
-        self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]
+        self,
+        slots: Sequence[int],
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+        sampling: Sequence[RowSampling] | None = None,
     ) -> torch.Tensor:
-        """Feed one token per slot at `positions`; logits [n, V]. Slots not named keep
-        their KV, whatever the compiled graph computes for them."""
+        """Feed one token per slot at `positions`; logits [n, V] (or token ids [n]).
+        Slots not named keep their KV, whatever the compiled graph computes for them."""
         ...
 
     def clear(self, slots: Sequence[int]) -> None:
@@ -107,6 +124,10 @@ class SlotExecutor(Protocol):
 
     def health(self) -> None:
         """A real forward that leaves every slot as it was; raises when it fails."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The compiled shapes and settings, for /info's engine details."""
         ...
 
     def close(self) -> None: ...
@@ -118,6 +139,7 @@ class _Live:
 
     slot: int
     token_ids: list[int] = field(default_factory=list)  # what a rebuild re-prefills
+    sampling: RowSampling = GREEDY  # how the device samples it (samples_on_device)
 
 
 class NeuronBackend:
@@ -125,7 +147,9 @@ class NeuronBackend:
 
     def __init__(self, executor: SlotExecutor, *, device_type: str) -> None:
         self._executor = executor
-        self.device_type = device_type  # what /info reports: "neuron" or "neuron (emulated)"
+        self.device_type = (
+            device_type  # /info's model_device_type: "xla" (as TGI), "neuron (emulated)"
+        )
         self.dtype = executor.dtype
         self._rebuild = not executor.continuous_batching
         self._capabilities = Capabilities(
@@ -134,6 +158,9 @@ class NeuronBackend:
             static_batch_size=executor.batch_size,
             static_max_length=executor.sequence_length,
             prefill_rebuilds_cache=self._rebuild,
+            samples_on_device=executor.samples_on_device,
+            sampling_parameters=DEVICE_PARAMETERS if executor.samples_on_device else frozenset(),
+            max_top_k=executor.max_top_k if executor.samples_on_device else None,
         )
         self._live: dict[int, _Live] = {}  # seq_id -> its slot and KV tokens
         self._capacity: KVCapacity | None = None
@@ -147,6 +174,13 @@ class NeuronBackend:
     @property
     def executor(self) -> SlotExecutor:
         return self._executor
+
+    @property
+    def engine_details(self) -> dict[str, str]:
+        """The compiled shapes /info shows under `engine.details`."""
+        details = {key: str(value) for key, value in self._executor.describe().items()}
+        details["mode"] = "prefill rebuilds KV" if self._rebuild else "continuous batching"
+        return details
 
     # -- warmup ---------------------------------------------------------------------------
 
@@ -230,16 +264,19 @@ class NeuronBackend:
         ended = [*plan.finished, *plan.preempted]
         new_slots = self._check_plan(plan, frozenset(ended))  # a refused plan changes nothing
         self._drop(ended)
-        parts: list[torch.Tensor] = []  # [n, V] each
+        parts: list[torch.Tensor] = []  # [n, V] each, or [n] sampled token ids
         if plan.new:
             parts.append(self._prefill(plan.new, new_slots))
         if plan.running:
             parts.append(self._decode(plan.running))
+        seq_ids = tuple(row.seq_id for row in plan.logits_rows)
+        if self._executor.samples_on_device:
+            token_ids = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+            return StepOutput(seq_ids, logits=None, token_ids=token_ids.long())  # [R]
         if parts:
             logits = torch.cat(parts, dim=0).float()  # [R, V]
         else:
             logits = torch.empty((0, self._executor.vocab_size), dtype=torch.float32)
-        seq_ids = tuple(row.seq_id for row in plan.logits_rows)
         return StepOutput(seq_ids, logits.unsqueeze(1))  # [R, 1, V]
 
     def _check_plan(self, plan: StepPlan, ended: frozenset[int]) -> list[int]:
@@ -284,15 +321,17 @@ class NeuronBackend:
         slots = new_slots + [live.slot for _, live in rebuilt]
         token_ids: list[Sequence[int]] = [row.token_ids for row in new]
         token_ids += [live.token_ids for _, live in rebuilt]
+        choices = [self._sampling_of(row) for row in new] + [GREEDY] * len(rebuilt)
         try:
-            logits = self._executor.prefill(slots, token_ids)  # [n, V]
+            logits = self._executor.prefill(slots, token_ids, choices)  # [n, V] or [n]
         except _EXECUTOR_ERRORS as exc:
-            self._drop([seq_id for seq_id, _ in rebuilt])
+            touched = self._executor.calls_touch_every_slot
+            self._drop(list(self._live) if touched else [seq_id for seq_id, _ in rebuilt])
             self._executor.clear(new_slots)  # possibly half written
             raise BackendError(f"neuron prefill failed: {exc}") from exc
         self.rebuilt_rows += len(rebuilt)
-        for row, slot in zip(new, new_slots, strict=True):
-            self._live[row.seq_id] = _Live(slot, list(row.token_ids))
+        for row, slot, choice in zip(new, new_slots, choices, strict=False):
+            self._live[row.seq_id] = _Live(slot, list(row.token_ids), choice)
         wanted = [i for i, row in enumerate(new) if row.want_logits]
         index = torch.tensor(wanted, dtype=torch.long, device=logits.device)
         return logits.index_select(0, index)  # [n_wanted, V]
@@ -303,15 +342,26 @@ class NeuronBackend:
         tokens = [row.input_ids[0] for row in running]  # the last token; no drafts
         try:
             logits = self._executor.decode(
-                [live.slot for live in lives], tokens, [row.start_position for row in running]
+                [live.slot for live in lives],
+                tokens,
+                [row.start_position for row in running],
+                [live.sampling for live in lives],
             )
         except _EXECUTOR_ERRORS as exc:
-            # The compiled decode of a model without continuous batching runs every slot.
-            self._drop(list(self._live) if self._rebuild else [row.seq_id for row in running])
+            # A decode that runs every slot (compiled without continuous batching, or an
+            # executor whose calls always carry all B rows) leaves them all undefined.
+            every = self._rebuild or self._executor.calls_touch_every_slot
+            self._drop(list(self._live) if every else [row.seq_id for row in running])
             raise BackendError(f"neuron decode failed: {exc}") from exc
         for live, token in zip(lives, tokens, strict=True):
             live.token_ids.append(token)
         return logits
+
+    def _sampling_of(self, row: NewSequence) -> RowSampling:
+        """How the device samples `row` (greedy when the executor returns logits)."""
+        if not self._executor.samples_on_device:
+            return GREEDY
+        return row_sampling(row.sampling, self._executor.max_top_k or 1)
 
     # -- lifecycle ------------------------------------------------------------------------
 

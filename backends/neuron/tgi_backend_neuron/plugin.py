@@ -19,6 +19,8 @@ import torch
 
 from tgi.backend.hookspecs import BackendOptions, BackendProbe, hookimpl
 from tgi.errors import BackendUnavailable, ConfigError
+from tgi_backend_neuron._checks import check_export
+from tgi_backend_neuron._host import read_host
 from tgi_backend_neuron._options import AUTO_CAST_TYPES, NeuronOptions
 from tgi_backend_neuron._plan import NeuronPlan, check_config, resolve_plan
 from tgi_backend_neuron._probe import HardwareCheck, check_hardware
@@ -47,6 +49,7 @@ TGI_CONTRACT_VERSION = 2  # the backend contract this module implements
 NAME = "neuron"
 PRIORITY = 100  # an accelerator: wins over the CPU (10) wherever its devices are present
 DISTRIBUTION = "tgi-backend-neuron"
+DEVICE_TYPE = "xla"  # /info's model_device_type on Neuron, as TGI's own Neuron server says
 
 
 def _version() -> str:
@@ -121,6 +124,8 @@ def tgi_validate_config(config: ServeConfig) -> ServeConfig | None:
             raise BackendUnavailable(f"backend 'neuron' cannot run here: {hardware.reason}")
     model_dir, context = _model_dir(config)
     plan = resolve_plan(config, model_dir, context)
+    if not options.emulate:  # what optimum-neuron would refuse minutes into loading
+        check_export(plan, model_dir, read_host(config.environ), config.environ)
     logger.info(
         "neuron%s: compiled %s (from %s)",
         " (emulated)" if options.emulate else "",
@@ -138,10 +143,13 @@ def create_backend(config: ServeConfig, model: ModelFiles) -> Backend:
     plan = resolve_plan(config, model.path, model.max_position_embeddings)
     if plan.options.emulate:
         return NeuronBackend(_emulator(config, model, plan), device_type="neuron (emulated)")
+    from tgi_backend_neuron._loading import load_neuron_model
     from tgi_backend_neuron._optimum import OptimumNeuronModel
 
-    executor = OptimumNeuronModel.load(plan, model.path, pad_token_id=_pad_token_id(model.path))
-    return NeuronBackend(executor, device_type="neuron")
+    host = read_host(config.environ)
+    loaded = load_neuron_model(plan, model.path, config.resolved_cache_dir, host)
+    executor = OptimumNeuronModel(loaded, pad_token_id=_pad_token_id(model.path))
+    return NeuronBackend(executor, device_type=DEVICE_TYPE)
 
 
 def _emulator(config: ServeConfig, model: ModelFiles, plan: NeuronPlan) -> EmulatedNeuronModel:
@@ -172,6 +180,7 @@ def _emulator(config: ServeConfig, model: ModelFiles, plan: NeuronPlan) -> Emula
         max_context_length=shape.max_context_length,
         dtype=dtype,
         trust_remote_code=config.trust_remote_code,
+        on_device_sampling=shape.on_device_sampling,
     )
 
 
