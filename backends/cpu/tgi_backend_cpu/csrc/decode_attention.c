@@ -1,9 +1,11 @@
 /* Decode attention straight from the paged KV pool, for bf16 models on a CPU.
  *
- * One query token per row: for each (row, KV head), the G query heads sharing that KV
- * head score every key of the row's table (read in place from the pool, no dense copy),
- * take a float32 softmax and sum the values. Work items are spread over OpenMP threads
- * (torch's own runtime: this library links libgomp.so.1, which torch already loaded).
+ * One query token per row: for each row (and each of its KV heads), the G query heads
+ * sharing a KV head score every key of the row's table (read in place from the pool, no
+ * dense copy), take a float32 softmax and sum the values. Work items (a row with all its
+ * KV heads, or one KV head of a row when rows are fewer than threads) are spread over
+ * OpenMP threads (torch's own runtime: this library links libgomp.so.1, which torch
+ * already loaded).
  *
  * Layouts (row-major, as the runner keeps them):
  *   q             [R, H, D] bf16, rows q_row_stride values apart (a slice of the fused
@@ -79,6 +81,45 @@ static inline float dot_bf16(const uint16_t* q, const uint16_t* k, int dim) {
 #endif
 }
 
+#ifdef TGI_DPBF16
+/* Sum of p[g][j] * v_j over the keys j for G query heads sharing one KV head: each
+ * 16-wide slice of the head dimension keeps its G accumulators in registers for the
+ * whole pass over the keys (the slice of a row's values stays in L1 between slices).
+ * The same fused multiply-adds in the same order as the plain loop, so the same bits. */
+#define TGI_VALUE_PASS(G)                                                                \
+    static void value_pass_##G(const float* p, int64_t p_stride, const uint16_t* v_head, \
+                               const int64_t* offsets, int first, int len, int head_dim, \
+                               float* acc) {                                             \
+        for (int c = 0; c < head_dim; c += 16) {                                         \
+            __m512 a[G];                                                                 \
+            for (int g = 0; g < G; g++) a[g] = _mm512_setzero_ps();                      \
+            for (int j = first; j < len; j++) {                                          \
+                const __m256i raw = _mm256_loadu_si256(                                  \
+                    (const __m256i*)(v_head + offsets[j] + c));                          \
+                const __m512 v = _mm512_castsi512_ps(                                    \
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));                  \
+                for (int g = 0; g < G; g++)                                              \
+                    a[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * p_stride + j]), v, a[g]); \
+            }                                                                            \
+            for (int g = 0; g < G; g++) _mm512_storeu_ps(acc + g * head_dim + c, a[g]);  \
+        }                                                                                \
+    }
+TGI_VALUE_PASS(1)
+TGI_VALUE_PASS(2)
+TGI_VALUE_PASS(3)
+TGI_VALUE_PASS(4)
+TGI_VALUE_PASS(5)
+TGI_VALUE_PASS(6)
+TGI_VALUE_PASS(7)
+TGI_VALUE_PASS(8)
+typedef void (*value_pass_fn)(const float*, int64_t, const uint16_t*, const int64_t*, int, int,
+                              int, float*);
+static const value_pass_fn VALUE_PASSES[9] = {
+    NULL, value_pass_1, value_pass_2, value_pass_3, value_pass_4,
+    value_pass_5, value_pass_6, value_pass_7, value_pass_8,
+};
+#endif
+
 int tgi_decode_attention_bf16(
     const uint16_t* q, int64_t q_row_stride, const uint16_t* keys, const uint16_t* values,
     uint16_t* out,
@@ -91,79 +132,111 @@ int tgi_decode_attention_bf16(
     const int group = num_heads / num_kv_heads;
     if (group > MAX_GROUP) return 1;
     const int64_t slot_stride = (int64_t)num_kv_heads * head_dim;
+    /* A work item is one row with all its KV heads when there are rows enough to keep
+     * every thread busy: a key's heads sit side by side in the pool, so one pass reads
+     * whole cache lines (a head alone uses a third of SmolLM2's). With fewer rows than
+     * threads, each KV head of a row is an item, so one-row decode still runs in
+     * parallel. Per query head and key the arithmetic is the same either way. */
+    const int span = num_rows >= num_threads ? num_kv_heads : 1;  /* KV heads per item */
+    const int chunks = num_kv_heads / span;
+    const int heads = span * group;  /* query heads per item */
     int failed = 0;
     #pragma omp parallel num_threads(num_threads) reduction(|:failed)
     {
-        float* scores = (float*)malloc(sizeof(float) * (size_t)group * (size_t)max_len);
-        if (scores == NULL) failed = 1;
-        #pragma omp for collapse(2) schedule(static)
-        for (int r = 0; r < num_rows; r++) {
-            for (int h = 0; h < num_kv_heads; h++) {
-                if (scores == NULL) continue;
-                const int len = (int)seq_lens[r];
-                const int first = (window > 0 && len > window) ? len - window : 0;
-                const int64_t* table = tables + table_rows[r] * table_stride;
-                float acc[MAX_GROUP][MAX_HEAD_DIM];
-                float top[MAX_GROUP], total[MAX_GROUP];
-                for (int g = 0; g < group; g++) {
-                    top[g] = -3.0e38f;
-                    total[g] = 0.f;
-                    for (int d = 0; d < head_dim; d++) acc[g][d] = 0.f;
-                }
-                const int row_bytes = head_dim * (int)sizeof(uint16_t);
-                const uint16_t* k_head = keys + (int64_t)h * head_dim;
-                const uint16_t* v_head = values + (int64_t)h * head_dim;
-                for (int j = first; j < first + PREFETCH_AHEAD && j < len; j++)
-                    prefetch_row(k_head + slot_of(table, j, block_size) * slot_stride, row_bytes);
-                for (int j = first; j < len; j++) {
-                    if (j + PREFETCH_AHEAD < len) {
-                        const int64_t ahead = slot_of(table, j + PREFETCH_AHEAD, block_size);
-                        prefetch_row(k_head + ahead * slot_stride, row_bytes);
-                    }
-                    const int64_t slot = slot_of(table, j, block_size);
-                    const uint16_t* k = k_head + slot * slot_stride;
+        float* scores = (float*)malloc(sizeof(float) * (size_t)heads * (size_t)max_len);
+        float* acc = (float*)malloc(sizeof(float) * (size_t)heads * (size_t)head_dim);
+        float* top = (float*)malloc(sizeof(float) * (size_t)heads);
+        float* total = (float*)malloc(sizeof(float) * (size_t)heads);
+        int64_t* offsets = (int64_t*)malloc(sizeof(int64_t) * (size_t)max_len);
+        const int ready =
+            scores != NULL && acc != NULL && top != NULL && total != NULL && offsets != NULL;
+        if (!ready) failed = 1;
+        #pragma omp for schedule(static)
+        for (int item = 0; item < num_rows * chunks; item++) {
+            if (!ready) continue;
+            const int r = item / chunks;
+            const int h0 = (item % chunks) * span;  /* first KV head of this item */
+            const int len = (int)seq_lens[r];
+            const int first = (window > 0 && len > window) ? len - window : 0;
+            const int64_t* table = tables + table_rows[r] * table_stride;
+            const uint16_t* q_row = q + (int64_t)r * q_row_stride + (int64_t)h0 * group * head_dim;
+            for (int i = 0; i < heads; i++) {
+                top[i] = -3.0e38f;
+                total[i] = 0.f;
+            }
+            memset(acc, 0, sizeof(float) * (size_t)heads * (size_t)head_dim);
+            const int item_bytes = span * head_dim * (int)sizeof(uint16_t);
+            const uint16_t* k_base = keys + (int64_t)h0 * head_dim;
+            const uint16_t* v_base = values + (int64_t)h0 * head_dim;
+            /* where each key's heads start in the pool (a division per key, once) */
+            for (int j = first; j < len; j++) offsets[j] = slot_of(table, j, block_size) * slot_stride;
+            for (int j = first; j < first + PREFETCH_AHEAD && j < len; j++)
+                prefetch_row(k_base + offsets[j], item_bytes);
+            for (int j = first; j < len; j++) {
+                if (j + PREFETCH_AHEAD < len) prefetch_row(k_base + offsets[j + PREFETCH_AHEAD], item_bytes);
+                const uint16_t* k_slot = k_base + offsets[j];
+                for (int hh = 0; hh < span; hh++) {
+                    const uint16_t* k = k_slot + (int64_t)hh * head_dim;
                     for (int g = 0; g < group; g++) {
-                        const uint16_t* qg =
-                            q + (int64_t)r * q_row_stride + (int64_t)(h * group + g) * head_dim;
-                        const float s = dot_bf16(qg, k, head_dim) * scale;
-                        scores[g * max_len + j] = s;
-                        if (s > top[g]) top[g] = s;
+                        const int i = hh * group + g;
+                        const float s = dot_bf16(q_row + (int64_t)i * head_dim, k, head_dim) * scale;
+                        scores[(int64_t)i * max_len + j] = s;
+                        if (s > top[i]) top[i] = s;
                     }
                 }
-                for (int g = 0; g < group; g++) {
-                    float* row = scores + g * max_len;
-                    float sum = 0.f;
-                    for (int j = first; j < len; j++) {
-                        const float e = expf(row[j] - top[g]);
-                        row[j] = e;
-                        sum += e;
-                    }
-                    total[g] = sum;
-                }
-                for (int j = first; j < first + PREFETCH_AHEAD && j < len; j++)
-                    prefetch_row(v_head + slot_of(table, j, block_size) * slot_stride, row_bytes);
+            }
+            for (int i = 0; i < heads; i++) {
+                float* row = scores + (int64_t)i * max_len;
+                float sum = 0.f;
                 for (int j = first; j < len; j++) {
-                    if (j + PREFETCH_AHEAD < len) {
-                        const int64_t ahead = slot_of(table, j + PREFETCH_AHEAD, block_size);
-                        prefetch_row(v_head + ahead * slot_stride, row_bytes);
-                    }
-                    const int64_t slot = slot_of(table, j, block_size);
-                    const uint16_t* v = v_head + slot * slot_stride;
+                    const float e = expf(row[j] - top[i]);
+                    row[j] = e;
+                    sum += e;
+                }
+                total[i] = sum;
+            }
+            for (int j = first; j < first + PREFETCH_AHEAD && j < len; j++)
+                prefetch_row(v_base + offsets[j], item_bytes);
+#ifdef TGI_DPBF16
+            if (head_dim % 16 == 0 && group <= 8) {
+                /* the weights that multiply the values: the exponentials rounded to bf16 */
+                for (int i = 0; i < heads; i++) {
+                    float* row = scores + (int64_t)i * max_len;
+                    for (int j = first; j < len; j++) row[j] = bf16_to_f32(f32_to_bf16(row[j]));
+                }
+                for (int hh = 0; hh < span; hh++)
+                    VALUE_PASSES[group](scores + (int64_t)hh * group * max_len, max_len,
+                                        v_base + (int64_t)hh * head_dim, offsets, first, len,
+                                        head_dim, acc + (int64_t)hh * group * head_dim);
+            } else
+#endif
+            for (int j = first; j < len; j++) {
+                if (j + PREFETCH_AHEAD < len) prefetch_row(v_base + offsets[j + PREFETCH_AHEAD], item_bytes);
+                const uint16_t* v_slot = v_base + offsets[j];
+                for (int hh = 0; hh < span; hh++) {
+                    const uint16_t* v = v_slot + (int64_t)hh * head_dim;
                     float vf[MAX_HEAD_DIM];
                     for (int d = 0; d < head_dim; d++) vf[d] = bf16_to_f32(v[d]);
                     for (int g = 0; g < group; g++) {
-                        const float p = bf16_to_f32(f32_to_bf16(scores[g * max_len + j]));
-                        for (int d = 0; d < head_dim; d++) acc[g][d] += p * vf[d];
+                        const int i = hh * group + g;
+                        const float p = bf16_to_f32(f32_to_bf16(scores[(int64_t)i * max_len + j]));
+                        float* a = acc + (int64_t)i * head_dim;
+                        for (int d = 0; d < head_dim; d++) a[d] += p * vf[d];
                     }
                 }
-                for (int g = 0; g < group; g++) {
-                    uint16_t* o = out + ((int64_t)r * num_heads + h * group + g) * head_dim;
-                    const float inv = total[g] > 0.f ? 1.f / total[g] : 0.f;
-                    for (int d = 0; d < head_dim; d++) o[d] = f32_to_bf16(acc[g][d] * inv);
-                }
+            }
+            for (int i = 0; i < heads; i++) {
+                uint16_t* o = out + ((int64_t)r * num_heads + (int64_t)h0 * group + i) * head_dim;
+                const float inv = total[i] > 0.f ? 1.f / total[i] : 0.f;
+                const float* a = acc + (int64_t)i * head_dim;
+                for (int d = 0; d < head_dim; d++) o[d] = f32_to_bf16(a[d] * inv);
             }
         }
         free(scores);
+        free(acc);
+        free(top);
+        free(total);
+        free(offsets);
     }
     return failed;
 }
