@@ -121,3 +121,18 @@ def test_otlp_settings_keep_tgis_names_and_default() -> None:
     )
     assert (config.otlp_endpoint, config.otlp_service_name) == ("http://collector:4317", "my-llm")
     assert resolve_config({}, {}).otlp_service_name == "text-generation-inference.router"
+
+
+def test_a_step_that_only_releases_kv_gets_no_span(exporter: InMemorySpanExporter) -> None:
+    """A plan without rows (the KV of ended sequences freed) runs no forward: no span,
+    so a trace's step spans are its forwards only."""
+    from tgi.backend.contract import NewSequence, StepPlan
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    tracing.record_step(StepPlan(finished=(1,)), 0.001)
+    assert exporter.get_finished_spans() == ()
+    tracing.record_step(StepPlan(new=(NewSequence(2, (5, 6)),)), 0.001)
+    (span,) = exporter.get_finished_spans()
+    assert (span.name, (span.attributes or {}).get("batch_size")) == ("prefill", 1)

@@ -76,7 +76,10 @@ class Tracing:
 
     def record_step(self, plan: Any, seconds: float) -> None:
         """One engine step, ending now: `prefill` if it computes prompt tokens (new rows
-        or prompt chunks), else `decode`."""
+        or prompt chunks), else `decode`. A step without rows (it only releases the KV of
+        sequences that ended) runs no forward and gets no span, as in TGI."""
+        if not plan.rows:
+            return
         prefill = bool(plan.new) or any(not row.decode for row in plan.running)
         end_ns = time.time_ns()
         span = self._tracer.start_span(
