@@ -24,8 +24,18 @@ class ReferenceModel:
     def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
+        self._use(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval())
+
+    @classmethod
+    def wrapping(cls, model: Any) -> ReferenceModel:
+        """The oracle over a transformers model already in memory."""
+        reference = cls.__new__(cls)
+        reference._use(model)
+        return reference
+
+    def _use(self, model: Any) -> None:
+        self.model: Any = model
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
 
     def greedy(
         self, prompt: Sequence[int], max_new_tokens: int, *, stop_at_eos: bool = True

@@ -28,6 +28,7 @@ from tgi_backend_neuron.backend import NeuronBackend
 from tgi.backend.contract import Limits, NewSequence, StepPlan
 from tgi.errors import BackendError
 from tgi.sampling.params import SamplingParams
+from tgi.testing.reference import ReferenceModel
 
 from .conftest import Steps, make_prompt
 from .nxd_standin import StandInNeuronModel, import_optimum_neuron, tiny_llama
@@ -177,16 +178,8 @@ def problems(model: StandInNeuronModel, backend: NeuronBackend, steps: Steps) ->
 
 
 def greedy_reference(model: StandInNeuronModel, prompt: Sequence[int], count: int) -> list[int]:
-    input_ids = torch.tensor([list(prompt)], dtype=torch.long)
-    with torch.inference_mode():
-        out = model.hf_model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            do_sample=False,
-            max_new_tokens=count,
-            pad_token_id=PAD,
-        )
-    return [int(token) for token in out[0, len(prompt) :]]
+    reference = ReferenceModel.wrapping(model.hf_model)
+    return reference.greedy(prompt, count, stop_at_eos=False)
 
 
 def prompt(seed: int, length: int) -> tuple[int, ...]:

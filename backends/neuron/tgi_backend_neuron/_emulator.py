@@ -172,15 +172,8 @@ class EmulatedNeuronModel:
         return int(top.indices[index])
 
     def describe(self) -> dict[str, object]:
-        return {
-            "batch_size": self.batch_size,
-            "sequence_length": self.sequence_length,
-            "max_context_length": self.max_context_length,
-            "continuous_batching": self.continuous_batching,
-            "on_device_sampling": self.samples_on_device,
-            "max_topk": self.max_top_k,
-            "dtype": str(self.dtype).removeprefix("torch."),
-        }
+        """Nothing beyond the shapes every executor has (the backend reports those)."""
+        return {}
 
     def _run(self, slot: int, tokens: Sequence[int], start: int) -> torch.Tensor:
         end = start + len(tokens)

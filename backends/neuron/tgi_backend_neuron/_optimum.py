@@ -79,18 +79,11 @@ class OptimumNeuronModel:
         self._lengths = [0] * self.batch_size  # tokens the KV of each slot holds
 
     def describe(self) -> dict[str, Any]:
-        """The compiled shapes and settings, for /info and the logs."""
+        """What the export records beyond the executor's shapes: cores and target."""
         config = self._model.neuron_config
         return {
-            "batch_size": self.batch_size,
-            "sequence_length": self.sequence_length,
-            "max_context_length": self.max_context_length,
-            "continuous_batching": self.continuous_batching,
-            "on_device_sampling": self.samples_on_device,
-            "max_topk": self.max_top_k,
             "tp_degree": getattr(config, "tp_degree", None),
             "target": getattr(config, "target", None),
-            "dtype": str(self.dtype).removeprefix("torch."),
         }
 
     # -- steps ----------------------------------------------------------------------------

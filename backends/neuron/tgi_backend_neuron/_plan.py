@@ -33,7 +33,7 @@ from tgi_backend_neuron._compiled import (
     find_variants,
     select_variant,
 )
-from tgi_backend_neuron._options import NeuronOptions
+from tgi_backend_neuron._options import ENV, NeuronOptions
 
 logger = logging.getLogger(__name__)
 
@@ -137,24 +137,14 @@ def resolve_plan(
     shape = (
         variants[0] if len(variants) == 1 else select_variant(variants, _wanted(config, options))
     )
-    if options.continuous_batching is not None and (
-        options.continuous_batching != shape.continuous_batching
-    ):
-        raise ConfigError(
-            f"TGI_NEURON_CONTINUOUS_BATCHING={int(options.continuous_batching)} "
-            f"({options.source('continuous_batching')}) contradicts the compiled "
-            f"continuous_batching={shape.continuous_batching} ({shape.where}); it is fixed at "
-            "export time: unset the variable, or export the model again"
-        )
-    if options.on_device_sampling is not None and (
-        options.on_device_sampling != shape.on_device_sampling
-    ):
-        raise ConfigError(
-            f"TGI_NEURON_ON_DEVICE_SAMPLING={int(options.on_device_sampling)} "
-            f"({options.source('on_device_sampling')}) contradicts the compiled "
-            f"on_device_sampling={shape.on_device_sampling} ({shape.where}); it is fixed at "
-            "export time: unset the variable, or export the model again"
-        )
+    for name in ("continuous_batching", "on_device_sampling"):  # fixed at export time
+        asked, compiled = getattr(options, name), getattr(shape, name)
+        if asked is not None and asked != compiled:
+            raise ConfigError(
+                f"{ENV[name]}={int(asked)} ({options.source(name)}) contradicts the compiled "
+                f"{name}={compiled} ({shape.where}); it is fixed at export time: unset the "
+                "variable, or export the model again"
+            )
     return NeuronPlan(options, shape, export=False)
 
 

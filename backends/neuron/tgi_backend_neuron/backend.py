@@ -127,7 +127,8 @@ class SlotExecutor(Protocol):
         ...
 
     def describe(self) -> dict[str, Any]:
-        """The compiled shapes and settings, for /info's engine details."""
+        """Settings of its own for /info's engine details, beyond the attributes above
+        (which the backend reports itself): e.g. the export's cores and target."""
         ...
 
     def close(self) -> None: ...
@@ -178,9 +179,19 @@ class NeuronBackend:
     @property
     def engine_details(self) -> dict[str, str]:
         """The compiled shapes /info shows under `engine.details`."""
-        details = {key: str(value) for key, value in self._executor.describe().items()}
-        details["mode"] = "prefill rebuilds KV" if self._rebuild else "continuous batching"
-        return details
+        executor = self._executor
+        details = {
+            "batch_size": executor.batch_size,
+            "sequence_length": executor.sequence_length,
+            "max_context_length": executor.max_context_length,
+            "continuous_batching": executor.continuous_batching,
+            "on_device_sampling": executor.samples_on_device,
+            "max_topk": executor.max_top_k,
+            "dtype": str(executor.dtype).removeprefix("torch."),
+            **executor.describe(),
+            "mode": "prefill rebuilds KV" if self._rebuild else "continuous batching",
+        }
+        return {key: str(value) for key, value in details.items()}
 
     # -- warmup ---------------------------------------------------------------------------
 
