@@ -26,7 +26,8 @@ from torch import nn
 
 from tgi.errors import ConfigError
 from tgi.models.attention import AttentionOp
-from tgi.models.rope import RopeSpec, Rotary, apply_rotary
+from tgi.models.ops import TORCH_LAYER_OPS, LayerOps
+from tgi.models.rope import RopeSpec, Rotary
 
 if TYPE_CHECKING:
     from tgi.parallel.group import ShardGroup
@@ -180,29 +181,32 @@ class LlamaLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,  # [N, hidden]
+        delta: torch.Tensor | None,  # the previous layer's MLP output, not yet added
         cos: torch.Tensor,  # [N, 1, rotary_dim]
         sin: torch.Tensor,
         attention: AttentionOp,
         metadata: Any,
-    ) -> torch.Tensor:
+        ops: LayerOps,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the residual stream, this layer's MLP output): the caller adds the second,
+        fused with the norm that follows (`tgi.models.ops`'s NOTE)."""
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(hidden))  # [N, (H + 2 KVH) * D]
+        hidden, normed = ops.add_rms_norm(hidden, delta, self.input_layernorm)
+        qkv = self.qkv_proj(normed)  # [N, (H + 2 KVH) * D]
         qk_size = self.split[0] + self.split[1]
         # q and k sit side by side in the fused output: rotate both heads at once
-        qk = apply_rotary(qkv[:, :qk_size].view(num_tokens, -1, self.head_dim), cos, sin)
+        qk = ops.rotary(qkv[:, :qk_size].view(num_tokens, -1, self.head_dim), cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # slices: no Python split()
         v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = attention(self.index, q, k, v, metadata)  # [N, H, D]
         attended = self.o_proj(out.reshape(num_tokens, -1))
         if self.group is not None:
             self.group.all_reduce_(attended)  # row-parallel: each rank's heads' share
-        hidden = hidden + attended
-        gate_up = self.gate_up_proj(self.post_attention_layernorm(hidden))
-        size = self.intermediate_size
-        mlp = self.down_proj(F.silu(gate_up[:, :size]) * gate_up[:, size:])
+        hidden, normed = ops.add_rms_norm(hidden, attended, self.post_attention_layernorm)
+        mlp = self.down_proj(ops.silu_mul(self.gate_up_proj(normed)))
         if self.group is not None:
             self.group.all_reduce_(mlp)
-        return hidden + mlp
+        return hidden, mlp
 
 
 class LlamaForCausalLM(nn.Module):
@@ -226,6 +230,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = nn.Linear(spec.hidden_size, vocab_rows, bias=False)
         self.rotary = Rotary(spec.rope)
+        self.ops: LayerOps = TORCH_LAYER_OPS  # a device may set fused ones (tgi.models.ops)
         if shard is not None:
             for layer in self.layers:
                 assert isinstance(layer, LlamaLayer)
@@ -246,11 +251,13 @@ class LlamaForCausalLM(nn.Module):
         """Run the step; the attention op stores each layer's k/v as a side effect."""
         hidden = self._embed(input_ids)  # [N, hidden]
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
+        ops, delta = self.ops, None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, attention, metadata)
+            hidden, delta = layer(hidden, delta, cos, sin, attention, metadata, ops)
         if logits_index is not None:
             hidden = hidden.index_select(0, logits_index)  # [M, hidden]
-        logits = self.lm_head(self.norm(hidden)).float()
+            delta = delta.index_select(0, logits_index) if delta is not None else None
+        logits = self.lm_head(ops.add_rms_norm(hidden, delta, self.norm)[1]).float()
         if self.shard is None:
             return logits
         plan, group = self.shard

@@ -130,27 +130,32 @@ def test_three_shards_match_generate_alone_and_in_a_mixed_batch(
 NEAR_TIE = 0.1  # transformers' top-2 logit margin under which bf16 rounding may pick either
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "decode-kernel"])
+@pytest.mark.parametrize("attention", ["sdpa", "compiled"])
 def test_bfloat16_matches_generate_in_bfloat16_up_to_near_ties(
     model_dir: Path, attention: str, tmp_path: Path
 ) -> None:
     """The dtype the backend may choose by measurement on a CPU with fast bf16, with
-    decode attention by SDPA or by the compiled kernel (its default in bf16): greedy
+    torch's ops and SDPA, or with the compiled decode kernel and layer ops (its default
+    in bf16): greedy
     tokens equal transformers' `generate()` in bf16, alone and in a mixed batch, except
     where transformers itself is at a near-tie: at the first token that differs, its
     top-2 margin is under `NEAR_TIE` and our token is one of its top 2."""
+    from tgi_backend_cpu._layer_ops import load_layer_ops
     from tgi_backend_cpu._native import load_decode_attention
 
     from tgi.testing.ranks import greedy_steps
 
-    kernel = None
-    if attention == "decode-kernel":
+    kernel = layer_ops = None
+    if attention == "compiled":
         kernel, why = load_decode_attention(tmp_path, "test")
-        if kernel is None:
-            pytest.skip(f"no decode kernel: {why}")
+        layer_ops, why_not = load_layer_ops(tmp_path, "test")
+        if kernel is None or layer_ops is None:
+            pytest.skip(f"no compiled kernels: {why}; {why_not}")
     reference = ReferenceModel(model_dir, torch.bfloat16)
     prompts = [_tokenize(model_dir, text) for text in TEXTS]
-    backend = PagedCpuBackend(model_dir, dtype=torch.bfloat16, decode_kernel=kernel)
+    backend = PagedCpuBackend(
+        model_dir, dtype=torch.bfloat16, decode_kernel=kernel, layer_ops=layer_ops
+    )
     try:
         run = greedy_steps(backend, prompts, NUM_NEW)
     finally:

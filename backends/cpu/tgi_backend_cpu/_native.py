@@ -1,12 +1,13 @@
-"""The CPU backend's compiled kernel: decode attention straight from the paged pool.
+"""The CPU backend's compiled kernels, and decode attention straight from the paged pool.
 
-NOTE: built on first use, not shipped: `csrc/decode_attention.c` is compiled for this
-CPU (`-march=native`, so AVX512-BF16 dot products where the CPU has them) by the C
-compiler on the PATH (`CC` to choose one), once per source, compiler, flags and CPU,
-into `<cache>/cpu-kernels/`; a later start loads the cached library in milliseconds.
-It links OpenMP's `libgomp.so.1`, which torch has already loaded, so its threads are
-torch's. Without a compiler, or when the build fails, `load_decode_attention` answers
-None with the reason and the backend keeps SDPA: the kernel only makes decode faster.
+NOTE: built on first use, not shipped: each `csrc/*.c` library (`decode_attention`, and
+`layer_ops` for `_layer_ops`) is compiled for this CPU (`-march=native`, so AVX512-BF16
+dot products where the CPU has them) by the C compiler on the PATH (`CC` to choose one),
+once per source, compiler, flags and CPU, into `<cache>/cpu-kernels/`; a later start
+loads the cached library in milliseconds. It links OpenMP's `libgomp.so.1`, which torch
+has already loaded, so its threads are torch's. Without a compiler, or when the build
+fails, `load_library` answers None with the reason and the backend keeps torch's ops:
+the kernels only make steps faster.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DecodeAttentionKernel", "load_decode_attention"]
+__all__ = ["DecodeAttentionKernel", "NativeLibrary", "load_decode_attention", "load_library"]
 
-SOURCE = "csrc/decode_attention.c"
 # Not -ffast-math: with -shared, GCC before 13 still links crtfastmath.o, which turns on
 # flush-to-zero for the whole process when the library loads. These are the parts the
 # kernel needs (vectorised reductions, no errno from expf), without that side effect.
@@ -110,12 +110,20 @@ class DecodeAttentionKernel:
         return head_dim <= MAX_HEAD_DIM and group <= MAX_GROUP
 
 
-def load_decode_attention(
-    cache_dir: Path, cpu_key: str
-) -> tuple[DecodeAttentionKernel | None, str]:
-    """(the kernel, how it was got) or (None, why not); `cpu_key` names this CPU's model
-    and ISA flags, since `-march=native` builds only for them."""
-    source = files("tgi_backend_cpu").joinpath(SOURCE).read_bytes()
+@dataclass(frozen=True, slots=True)
+class NativeLibrary:
+    """A compiled `csrc/NAME.c`, loaded, with what built it."""
+
+    library: ctypes.CDLL
+    path: Path
+    build_seconds: float | None  # None: loaded from the cache
+
+
+def load_library(cache_dir: Path, cpu_key: str, name: str) -> tuple[NativeLibrary | None, str]:
+    """(`csrc/{name}.c` built for this CPU and loaded, how it was got) or (None, why
+    not); `cpu_key` names this CPU's model and ISA flags, since `-march=native` builds
+    only for them."""
+    source = files("tgi_backend_cpu").joinpath(f"csrc/{name}.c").read_bytes()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler on the PATH (set CC) to build it"
@@ -128,7 +136,7 @@ def load_decode_attention(
     key = hashlib.sha256(
         b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), cpu_key.encode()])
     ).hexdigest()[:16]
-    path = cache_dir / "cpu-kernels" / f"decode_attention-{key}.so"
+    path = cache_dir / "cpu-kernels" / f"{name}-{key}.so"
     built = None
     if not path.exists():
         started = time.perf_counter()
@@ -143,12 +151,22 @@ def load_decode_attention(
         library = ctypes.CDLL(str(path))
     except OSError as exc:
         return None, f"cannot load {path}: {exc}"
-    function = library.tgi_decode_attention_bf16
+    how = f"built by {version} in {built:.1f} s" if built is not None else "cached"
+    return NativeLibrary(library, path, built), f"{path.name} ({how})"
+
+
+def load_decode_attention(
+    cache_dir: Path, cpu_key: str
+) -> tuple[DecodeAttentionKernel | None, str]:
+    """(the kernel, how it was got) or (None, why not); see `load_library`."""
+    loaded, how = load_library(cache_dir, cpu_key, "decode_attention")
+    if loaded is None:
+        return None, how
+    function = loaded.library.tgi_decode_attention_bf16
     function.restype = _I
     function.argtypes = [_P, _L, _P, _P, _P, _P, _L, _P, _P, _I, _I, _I, _I, _I,
                          ctypes.c_float, _I, _I, _I]  # fmt: skip
-    how = f"built by {version} in {built:.1f} s" if built is not None else "cached"
-    return DecodeAttentionKernel(function, path, built), f"{path.name} ({how})"
+    return DecodeAttentionKernel(function, loaded.path, loaded.build_seconds), how
 
 
 def _build(compiler: str, source: bytes, path: Path) -> str | None:

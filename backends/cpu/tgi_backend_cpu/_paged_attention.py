@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from tgi.runner import KvPool, StepLayout, StepRows, build_step
+from tgi_backend_cpu._layer_ops import CpuLayerOps
 from tgi_backend_cpu._native import DecodeAttentionKernel
 
 __all__ = [
@@ -333,12 +334,15 @@ class CpuPagedAttention:
         layer_windows: Sequence[int | None],
         dense: DenseRows | None = None,
         kernel: DecodeAttentionKernel | None = None,
+        layer_ops: CpuLayerOps | None = None,
     ) -> None:
-        """`kernel`: decode rows run it (bf16 pools only); `dense` is then not read."""
+        """`kernel`: decode rows run it (bf16 pools only); `dense` is then not read.
+        `layer_ops`: its `write_kv` stores each step's k/v (one call, not two copies)."""
         if kernel is not None and pool.dtype != torch.bfloat16:
             raise ValueError(f"the decode kernel reads bf16 KV, not {pool.dtype}")
         self.pool = pool
         self.kernel = kernel
+        self.layer_ops = layer_ops
         self.dense = dense if kernel is None else None
         self.layer_windows = tuple(layer_windows)
         self._capacity = 0  # slots the gather buffers hold
@@ -365,9 +369,12 @@ class CpuPagedAttention:
     ) -> torch.Tensor:  # [N, H, D]
         pool = self.pool
         pool_k, pool_v = pool.keys[layer_index], pool.values[layer_index]
-        k, v = k.to(pool.dtype), v.to(pool.dtype)
-        pool_k.index_copy_(0, metadata.slots, k)
-        pool_v.index_copy_(0, metadata.slots, v)
+        k, v = k.to(pool.dtype), v.to(pool.dtype)  # no copy when the dtypes agree
+        if self.layer_ops is not None:
+            self.layer_ops.write_kv(k, v, pool_k, pool_v, metadata.slots)
+        else:
+            pool_k.index_copy_(0, metadata.slots, k)
+            pool_v.index_copy_(0, metadata.slots, v)
         if isinstance(metadata, SplitMetadata):
             out = torch.empty_like(q)
             for index, part in metadata.parts:

@@ -36,6 +36,7 @@ from tgi_backend_cpu._host import (
     kv_budget_bytes,
     read_cpu_info,
 )
+from tgi_backend_cpu._layer_ops import CpuLayerOps, load_layer_ops
 from tgi_backend_cpu._native import DecodeAttentionKernel, load_decode_attention
 from tgi_backend_cpu._packed import PackedLinear, pack_linears_, packing_available
 from tgi_backend_cpu._paged_attention import CpuPagedAttention, DenseRows
@@ -76,23 +77,28 @@ class CpuDevice:
         meminfo: Path = MEMINFO,
         host_ranks: int = 1,
         decode_kernel: DecodeAttentionKernel | None = None,
+        layer_ops: CpuLayerOps | None = None,
     ) -> None:
         """`kv_cache_memory`: the pool's budget in bytes, None: a share of MemAvailable
         (split between the `host_ranks` ranks on this host); `dense_kv_bytes`: the dense
-        copy's budget, None: as many bytes as the pool, 0: off."""
+        copy's budget, None: as many bytes as the pool, 0: off; `layer_ops`: compiled
+        norms, rotary, SiLU-multiply and KV writes for bf16 models."""
         self.host_ranks = host_ranks
         self.kv_dtype = kv_dtype
         self.quantize = quantize
         self.kv_cache_memory = kv_cache_memory
         self.dense_kv_bytes = dense_kv_bytes
         self.decode_kernel = decode_kernel
+        self.layer_ops = layer_ops
         self.meminfo = meminfo
 
     def prepare_model(self, model: LlamaForCausalLM) -> ModelForward:
         """Quantize the linears if asked, else pack bf16 ones for oneDNN (`_packed`);
-        the model itself runs each step (eager)."""
+        bf16 layers get the compiled layer ops; the model itself runs each step (eager)."""
         if self.quantize is None and model.dtype == torch.bfloat16 and packing_available():
             logger.info("paged cpu engine packed %d bf16 linears for oneDNN", pack_linears_(model))
+        if self.layer_ops is not None and model.dtype == torch.bfloat16:
+            model.ops = self.layer_ops
         if self.quantize is not None:
             # Decode reads the quantized weights; prefill (48+ rows, where the int kernels
             # lose to float GEMM) keeps a float copy instead of rebuilding it every call:
@@ -139,9 +145,11 @@ class CpuDevice:
         kernel = self.decode_kernel
         if kernel is not None and kernel.fits(spec.num_heads, spec.num_kv_heads, spec.head_dim):
             # decode reads the pool in place: no dense copy
-            return CpuPagedAttention(pool, spec.layer_windows, kernel=kernel)
+            return CpuPagedAttention(
+                pool, spec.layer_windows, kernel=kernel, layer_ops=self.layer_ops
+            )
         dense = DenseRows(pool, max_length, dense_bytes) if dense_bytes else None
-        return CpuPagedAttention(pool, spec.layer_windows, dense)
+        return CpuPagedAttention(pool, spec.layer_windows, dense, layer_ops=self.layer_ops)
 
 
 class PagedCpuBackend(RunnerBackend):
@@ -160,6 +168,7 @@ class PagedCpuBackend(RunnerBackend):
         meminfo: Path = MEMINFO,
         group: ShardGroup | None = None,
         decode_kernel: DecodeAttentionKernel | None = None,
+        layer_ops: CpuLayerOps | None = None,
     ) -> None:
         """Load a Llama-family checkpoint (dir, ModelFiles or .gguf); quantize if asked.
 
@@ -189,6 +198,7 @@ class PagedCpuBackend(RunnerBackend):
             dense_kv_bytes=dense_kv_bytes,
             meminfo=meminfo,
             decode_kernel=decode_kernel,
+            layer_ops=layer_ops,
             host_ranks=_host_ranks(group),
         )
         self.runner = PagedModelRunner(loaded, self.device, block_size=BLOCK_SIZE)
@@ -225,14 +235,20 @@ class PagedCpuBackend(RunnerBackend):
         logger.info("paged cpu engine computes in %s because %s", dtype.dtype, dtype.reason)
         logger.info("paged cpu engine uses %d threads (%s)", threads, threads_why)
         kv_dtype = _DTYPES[config.kv_cache_dtype] if config.kv_cache_dtype else None
-        kernel = None
+        kernel, layer_ops = None, None
+        cpu_key = f"{cpu.model_name}|{','.join(sorted(cpu.flags))}"
         bf16 = dtype.dtype == torch.bfloat16 and (kv_dtype or dtype.dtype) == torch.bfloat16
         if bf16 and config.backend_options.get("decode_kernel", True):
-            cpu_key = f"{cpu.model_name}|{','.join(sorted(cpu.flags))}"
             kernel, how = load_decode_attention(config.resolved_cache_dir, cpu_key)
             logger.info(
                 "paged cpu engine decode attention: %s",
                 f"compiled kernel, {how}" if kernel else f"SDPA ({how})",
+            )
+        if dtype.dtype == torch.bfloat16 and config.backend_options.get("layer_kernels", True):
+            layer_ops, how = load_layer_ops(config.resolved_cache_dir, cpu_key)
+            logger.info(
+                "paged cpu engine layer ops: %s",
+                f"compiled kernels, {how}" if layer_ops else f"torch ({how})",
             )
         backend = cls(
             model.path,
@@ -243,6 +259,7 @@ class PagedCpuBackend(RunnerBackend):
             quantize=config.quantize,
             group=group,
             decode_kernel=kernel,
+            layer_ops=layer_ops,
         )
         backend.dtype_reason = dtype.reason
         return backend
@@ -257,6 +274,7 @@ class PagedCpuBackend(RunnerBackend):
             if self.device.decode_kernel is not None
             else "sdpa",
             "linears": self.device.quantize or ("onednn-packed" if packed else "f.linear"),
+            "layer_ops": "compiled" if isinstance(model.ops, CpuLayerOps) else "torch",
         }
 
     def _require_model(self) -> LlamaForCausalLM:

@@ -117,6 +117,13 @@ def tgi_backend_options() -> BackendOptions:
                 type=bool,
                 default=True,
             ),
+            BackendFlag(
+                "layer_kernels",
+                "bf16 RMSNorm, rotary, SiLU-multiply and KV writes by compiled kernels "
+                "(built once with the C compiler on the PATH); false keeps torch's ops",
+                type=bool,
+                default=True,
+            ),
         ),
         parallelism="ranks",  # --num-shard: one worker per rank, gloo between them
     )

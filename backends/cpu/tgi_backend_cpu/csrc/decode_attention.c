@@ -81,6 +81,71 @@ static inline float dot_bf16(const uint16_t* q, const uint16_t* k, int dim) {
 #endif
 }
 
+
+#ifdef TGI_DPBF16
+/* Sixteen dot products' sums at once: v[k] holds key k's 16 partial sums; the result's
+ * element k is their total. Pairs are added while they are transposed (4 levels of
+ * shuffles), instead of one horizontal reduction per key. */
+static inline __m512 sum16(const __m512 v[16]) {
+    __m512 s8[8], s4[4], s2[2];
+    for (int i = 0; i < 8; i++)
+        s8[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                              _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(s8[2 * i]), b = _mm512_castps_pd(s8[2 * i + 1]);
+        s4[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                              _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int i = 0; i < 2; i++)
+        s2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s4[2 * i], s4[2 * i + 1], 0x88),
+                              _mm512_shuffle_f32x4(s4[2 * i], s4[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s2[0], s2[1], 0x88),
+                         _mm512_shuffle_f32x4(s2[0], s2[1], 0xDD));
+}
+
+/* Scores of up to 16 keys (`valid` of them; k_rows[k] + k_offset is key k's vector,
+ * `head_dim` a multiple of 32) for each of `heads` query heads q + i * head_dim, written
+ * to scores + i * stride; top[i] keeps each head's running maximum. */
+static inline void score_block16(const uint16_t* q, const uint16_t* const* k_rows,
+                                 int64_t k_offset, int heads, int head_dim, float scale,
+                                 float* scores, int64_t stride, float* top, __mmask16 valid) {
+    for (int i = 0; i < heads; i++) {
+        const uint16_t* qi = q + (int64_t)i * head_dim;
+        __m512 acc[16];
+        for (int k = 0; k < 16; k++) acc[k] = _mm512_setzero_ps();
+        for (int d = 0; d < head_dim; d += 32) {
+            const __m512bh qd = (__m512bh)_mm512_loadu_si512((const void*)(qi + d));
+            for (int k = 0; k < 16; k++)
+                acc[k] = _mm512_dpbf16_ps(
+                    acc[k], qd,
+                    (__m512bh)_mm512_loadu_si512((const void*)(k_rows[k] + k_offset + d)));
+        }
+        const __m512 s = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale));
+        _mm512_mask_storeu_ps(scores + (int64_t)i * stride, valid, s);
+        const float m = _mm512_mask_reduce_max_ps(valid, s);
+        if (m > top[i]) top[i] = m;
+    }
+}
+
+/* e^x for x <= 0 (a softmax's shifted scores), float32, within ~2 ulp of expf:
+ * x = n ln2 + f with |f| <= ln2/2, e^f by a degree-6 polynomial, scaled by 2^n. */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
 #ifdef TGI_DPBF16
 /* Sum of p[g][j] * v_j over the keys j for G query heads sharing one KV head: each
  * 16-wide slice of the head dimension keeps its G accumulators in registers for the
@@ -172,6 +237,28 @@ int tgi_decode_attention_bf16(
             for (int j = first; j < len; j++) offsets[j] = slot_of(table, j, block_size) * slot_stride;
             for (int j = first; j < first + PREFETCH_AHEAD && j < len; j++)
                 prefetch_row(k_base + offsets[j], item_bytes);
+#ifdef TGI_DPBF16
+            if (head_dim % 32 == 0) {
+                /* 16 keys at a time (see sum16); the next block's keys are prefetched */
+                for (int j = first + PREFETCH_AHEAD; j < first + 32 && j < len; j++)
+                    prefetch_row(k_base + offsets[j], item_bytes);
+                for (int j0 = first; j0 < len; j0 += 16) {
+                    const int n = len - j0 < 16 ? len - j0 : 16;
+                    for (int j = j0 + 16; j < j0 + 48 && j < len; j++)
+                        prefetch_row(k_base + offsets[j], item_bytes);
+                    for (int j = j0; j < j0 + 16 && j < len; j++)
+                        prefetch_row(v_base + offsets[j], item_bytes);
+                    const uint16_t* rows16[16];
+                    for (int k = 0; k < 16; k++) rows16[k] = k_base + offsets[j0 + (k < n ? k : n - 1)];
+                    const __mmask16 valid = (__mmask16)((1u << n) - 1u);
+                    for (int hh = 0; hh < span; hh++)
+                        score_block16(q_row + (int64_t)hh * group * head_dim, rows16,
+                                      (int64_t)hh * head_dim, group, head_dim, scale,
+                                      scores + (int64_t)hh * group * max_len + j0, max_len,
+                                      top + hh * group, valid);
+                }
+            } else
+#endif
             for (int j = first; j < len; j++) {
                 if (j + PREFETCH_AHEAD < len) prefetch_row(k_base + offsets[j + PREFETCH_AHEAD], item_bytes);
                 const uint16_t* k_slot = k_base + offsets[j];
@@ -185,6 +272,32 @@ int tgi_decode_attention_bf16(
                     }
                 }
             }
+#ifdef TGI_DPBF16
+            const int rounded = head_dim % 32 == 0;
+            if (rounded) {
+                /* exponentials summed in float32; stored rounded to bf16, the weights that
+                 * multiply the values */
+                for (int i = 0; i < heads; i++) {
+                    float* row = scores + (int64_t)i * max_len;
+                    const __m512 shift = _mm512_set1_ps(top[i]);
+                    __m512 sum = _mm512_setzero_ps();
+                    for (int j = first; j < len; j += 16) {
+                        const __mmask16 valid =
+                            len - j < 16 ? (__mmask16)((1u << (len - j)) - 1u) : (__mmask16)0xFFFF;
+                        const __m512 e = exp_ps(
+                            _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + j), shift));
+                        sum = _mm512_mask_add_ps(sum, valid, sum, e);
+                        const __m512 w = _mm512_castsi512_ps(_mm512_slli_epi32(
+                            _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e)), 16));
+                        _mm512_mask_storeu_ps(row + j, valid, w);
+                    }
+                    total[i] = _mm512_reduce_add_ps(sum);
+                }
+            } else
+#else
+            const int rounded = 0;
+#endif
+            {
             for (int i = 0; i < heads; i++) {
                 float* row = scores + (int64_t)i * max_len;
                 float sum = 0.f;
@@ -195,12 +308,13 @@ int tgi_decode_attention_bf16(
                 }
                 total[i] = sum;
             }
+            }
             for (int j = first; j < first + PREFETCH_AHEAD && j < len; j++)
                 prefetch_row(v_base + offsets[j], item_bytes);
 #ifdef TGI_DPBF16
             if (head_dim % 16 == 0 && group <= 8) {
                 /* the weights that multiply the values: the exponentials rounded to bf16 */
-                for (int i = 0; i < heads; i++) {
+                for (int i = 0; i < heads && !rounded; i++) {
                     float* row = scores + (int64_t)i * max_len;
                     for (int j = first; j < len; j++) row[j] = bf16_to_f32(f32_to_bf16(row[j]));
                 }

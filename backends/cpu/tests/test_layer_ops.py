@@ -1,0 +1,158 @@
+"""The compiled layer ops (`_layer_ops`, `csrc/layer_ops.c`): each equal to the torch op it
+replaces (RMSNorm within one bf16 rounding step), torch's path for what they do not take,
+and inside the paged engine the same steps as torch's ops."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tgi_backend_cpu._layer_ops import CpuLayerOps, load_layer_ops
+from tgi_backend_cpu.paged import PagedCpuBackend
+
+from tgi.backend.contract import Limits, NewSequence, RunningSequence, StepPlan
+from tgi.models.llama import RMSNorm
+from tgi.models.ops import TORCH_LAYER_OPS
+from tgi.models.rope import RopeSpec, Rotary
+from tgi.testing.tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory: pytest.TempPathFactory) -> CpuLayerOps:
+    built, how = load_layer_ops(tmp_path_factory.mktemp("kernels"), "test-cpu")
+    assert built is not None, how
+    return built
+
+
+def _norm(size: int, dtype: torch.dtype = BF16) -> RMSNorm:
+    norm = RMSNorm(size, 1e-5)
+    norm.weight.data = torch.randn(size)
+    return norm.to(dtype)
+
+
+def _within_one_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bf16 values equal, or one bf16 step apart (a float32 sum taken in another order
+    can round the other way); near zero, within 1e-6 (torch's bf16 RMSNorm, a layer_norm
+    over [x, -x], leaves a mean of ~1e-9 where ours has exactly 0)."""
+    step = want.float().abs() * 2.0**-7 + 1e-6
+    assert bool(((got.float() - want.float()).abs() <= step).all())
+    assert (got != want).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("rows", [1, 7, 200])  # 200 x 576: threads share the rows
+def test_add_rms_norm_equals_torchs(ops: CpuLayerOps, rows: int) -> None:
+    torch.manual_seed(rows)
+    norm = _norm(576)
+    hidden, delta = torch.randn(rows, 576, dtype=BF16), torch.randn(rows, 576, dtype=BF16)
+    summed, normed = ops.add_rms_norm(hidden, delta, norm)
+    want_summed, want_normed = TORCH_LAYER_OPS.add_rms_norm(hidden, delta, norm)
+    assert torch.equal(summed, want_summed)  # one bf16 add: the same rounding
+    _within_one_rounding(normed, want_normed)
+    alone, normed = ops.add_rms_norm(hidden, None, norm)
+    assert alone is hidden
+    _within_one_rounding(normed, TORCH_LAYER_OPS.add_rms_norm(hidden, None, norm)[1])
+
+
+@pytest.mark.parametrize(("rows", "rotary_dim"), [(1, 64), (33, 64), (300, 64), (5, 32)])
+def test_rotary_rotates_q_and_k_in_place_as_torch_does(
+    ops: CpuLayerOps, rows: int, rotary_dim: int
+) -> None:
+    """In place in the fused QKV output (q and k heads; v left alone), bitwise torch's;
+    a partial rotary (32 of 64 dims) leaves the other dims as they were."""
+    torch.manual_seed(rows)
+    heads, kv_heads, head_dim = 9, 3, 64
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, dtype=BF16)
+    rope = RopeSpec.from_hf(
+        {"rope_theta": 10000.0, "partial_rotary_factor": rotary_dim / head_dim}, head_dim
+    )
+    cos, sin = Rotary(rope).cos_sin(torch.randint(0, 4000, (rows,)), BF16)
+    qk_size = (heads + kv_heads) * head_dim
+    want = TORCH_LAYER_OPS.rotary(qkv[:, :qk_size].view(rows, -1, head_dim), cos, sin)
+    inplace = qkv.clone()
+    got = ops.rotary(inplace[:, :qk_size].view(rows, -1, head_dim), cos, sin)
+    assert got.data_ptr() == inplace.data_ptr()
+    assert torch.equal(got, want)
+    assert torch.equal(inplace[:, qk_size:], qkv[:, qk_size:])
+
+
+@pytest.mark.parametrize("rows", [1, 32, 100])
+def test_silu_mul_equals_torchs(ops: CpuLayerOps, rows: int) -> None:
+    torch.manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * 1000, dtype=BF16) * 4  # 1000: a tail past 16-wide
+    gate_up[0, :6] = torch.tensor([-100.0, -89.0, 0.0, 89.0, 100.0, -0.0])  # exp's edges
+    _within_one_rounding(ops.silu_mul(gate_up), TORCH_LAYER_OPS.silu_mul(gate_up))
+
+
+def test_write_kv_equals_index_copy_and_refuses_a_slot_outside_the_pool(
+    ops: CpuLayerOps,
+) -> None:
+    torch.manual_seed(0)
+    qkv = torch.randn(4, (9 + 6) * 64, dtype=BF16).view(4, 15, 64)
+    k, v = qkv[:, 9:12], qkv[:, 12:]  # strided rows, as the layer hands them
+    pool_k, pool_v = torch.zeros(32, 3, 64, dtype=BF16), torch.zeros(32, 3, 64, dtype=BF16)
+    slots = torch.tensor([5, 17, 0, 31])
+    ops.write_kv(k, v, pool_k, pool_v, slots)
+    want_k, want_v = torch.zeros_like(pool_k), torch.zeros_like(pool_v)
+    want_k.index_copy_(0, slots, k)
+    want_v.index_copy_(0, slots, v)
+    assert torch.equal(pool_k, want_k) and torch.equal(pool_v, want_v)
+    with pytest.raises(IndexError):
+        ops.write_kv(k, v, pool_k, pool_v, torch.tensor([1, 2, 32, 3]))
+    assert torch.equal(pool_k, want_k)  # checked before anything is written
+
+
+def test_what_the_kernels_do_not_take_goes_to_torch(ops: CpuLayerOps) -> None:
+    """float32 (exact parity with transformers lives there) takes torch's ops."""
+    torch.manual_seed(0)
+    norm = _norm(64, torch.float32)
+    hidden, delta = torch.randn(3, 64), torch.randn(3, 64)
+    got = ops.add_rms_norm(hidden, delta, norm)
+    want = TORCH_LAYER_OPS.add_rms_norm(hidden, delta, norm)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    gate_up = torch.randn(3, 64)
+    assert torch.equal(ops.silu_mul(gate_up), TORCH_LAYER_OPS.silu_mul(gate_up))
+
+
+def test_the_paged_engine_steps_with_the_compiled_ops_as_with_torchs(
+    ops: CpuLayerOps, tmp_path: Path
+) -> None:
+    """bf16 engines with and without the compiled ops: prefill, decode and a mixed step
+    give close logits and the same greedy tokens; /info says which ops ran."""
+    model = build_tiny_model(tmp_path / "tiny", "llama")
+    engines = [
+        PagedCpuBackend(model, dtype=BF16, kv_cache_memory=2**24, layer_ops=layer_ops)
+        for layer_ops in (ops, None)
+    ]
+    assert [e.engine_details["layer_ops"] for e in engines] == ["compiled", "torch"]
+    limits = Limits(64, 128, 256, None, 8)
+    prompts = [[1, 2, 3, 4, 5], list(range(10, 40))]
+    outs = []
+    for engine in engines:
+        engine.warmup(limits)
+        new = tuple(
+            NewSequence(s, tuple(p), block_ids=tuple(range(8 * s, 8 * s + 8)))
+            for s, p in enumerate(prompts)
+        )
+        logits = [engine.step(StepPlan(new=new)).logits]
+        lengths = [len(p) for p in prompts]
+        for step in range(3):
+            running = tuple(
+                RunningSequence(s, lengths[s], decode=True, last_token=7 + step)
+                for s in range(len(prompts))
+            )
+            chunk = ()
+            if step == 2:  # a mixed step: a 12-token prompt beside the decode rows
+                chunk = (NewSequence(9, tuple(range(50, 62)), block_ids=(40, 41)),)
+            logits.append(engine.step(StepPlan(new=chunk, running=running)).logits)
+            lengths = [n + 1 for n in lengths]
+        outs.append(logits)
+    for compiled, with_torch in zip(*outs, strict=True):
+        torch.testing.assert_close(compiled, with_torch, rtol=0.05, atol=0.05)
+        assert torch.equal(compiled.argmax(-1), with_torch.argmax(-1))
