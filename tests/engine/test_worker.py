@@ -100,7 +100,11 @@ async def test_a_worker_serves_the_tokens_of_the_in_process_engine(serve: Any) -
     assert described.dtype_reason == "--dtype float32 was asked for"
     # and so do the backend's own details (its attention and linears)
     assert described.details == local.router.engine.description.details
-    assert described.details == {"decode_attention": "sdpa", "linears": "f.linear"}
+    assert described.details == {
+        "decode_attention": "sdpa",
+        "linears": "f.linear",
+        "layer_ops": "torch",
+    }
     results = [await generate_then_stop(state) for state in (local, worker)]
     assert results[0] == results[1]
     assert all(len(tokens) == 12 for tokens in results[1])
