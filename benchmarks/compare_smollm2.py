@@ -50,6 +50,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tgi.parallel.env import free_port  # a loopback port for each server
 
@@ -356,15 +357,23 @@ def _bench_command(
 
 
 def run_sweep(
-    systems: Sequence[System], checkpoint: Path, args: argparse.Namespace, folder: Path
+    systems: Sequence[System],
+    checkpoint: Path,
+    args: argparse.Namespace,
+    folder: Path,
+    rounds: int = 1,
 ) -> list[Path]:
-    """Every level on every system; returns the result files, one per system and level.
+    """Every level on every system, `rounds` times; returns the result files, one per
+    system, level and round (`{system}-c{N}.json`, with `-r{round}` after the system's
+    name when there are several rounds).
 
     NOTE: all servers stay up (an idle one takes no CPU) and levels are interleaved:
     level 1 on every system, then level 2, ..., with the order of systems rotating
-    from one level to the next. On a machine shared with other work the load drifts
-    over minutes; this way the systems compared at one level ran minutes apart, and
-    none always goes first. Only one system is ever under load at a time.
+    from one level (and round) to the next. On a machine shared with other work the
+    load drifts over minutes; this way the systems compared at one level ran minutes
+    apart, and none always goes first. Only one system is ever under load at a time.
+    Each level and round draws its own prompts (`--seed` plus 1000 per round plus the
+    level's index): a prompt seen before would be answered from tgi's prefix cache.
     """
     env = dict(os.environ, TGI_CACHE_DIR=str(args.cache_dir))
     processes = []
@@ -374,18 +383,65 @@ def run_sweep(
             processes.append(_start(system, env, args.start_timeout))
             _keep_startup(system, folder)
         levels = list(zip(args.concurrency, args.num_prompts, strict=True))
-        for index, (concurrency, num_prompts) in enumerate(levels):
-            shift = index % len(systems)
-            for system in [*systems[shift:], *systems[:shift]]:
-                output = folder / f"{system.name}-c{concurrency}.json"
-                command = _bench_command(system, checkpoint, args, concurrency, num_prompts, output)
-                logger.info("%s at c=%d: %s", system.name, concurrency, " ".join(command))
-                subprocess.run(command, check=True)
-                outputs.append(output)
+        for round_index in range(rounds):
+            for index, (concurrency, num_prompts) in enumerate(levels):
+                shift = (index + round_index) % len(systems)
+                # prompts of their own per level and round (the systems of one level
+                # share them): repeated prompts would be answered from a prefix cache
+                level_args = argparse.Namespace(
+                    **{**vars(args), "seed": args.seed + 1000 * round_index + index}
+                )
+                for system in [*systems[shift:], *systems[:shift]]:
+                    if rounds > 1:
+                        system = dataclasses.replace(
+                            system, name=f"{system.name}-r{round_index + 1}"
+                        )
+                    output = folder / f"{system.name}-c{concurrency}.json"
+                    command = _bench_command(
+                        system, checkpoint, level_args, concurrency, num_prompts, output
+                    )
+                    logger.info("%s at c=%d: %s", system.name, concurrency, " ".join(command))
+                    subprocess.run(command, check=True)
+                    outputs.append(output)
     finally:
         for process in processes:
             _stop(process)
     return outputs
+
+
+def median_of_rounds(
+    folder: Path, names: Sequence[str], concurrency: Sequence[int], rounds: int
+) -> str:
+    """A Markdown table: per level and system, the median over rounds of its output
+    tokens/s and TTFT p50, and of its ratio to the first system's in the same round."""
+    import json
+    import statistics
+
+    def metrics(name: str, round_index: int, level: int) -> dict[str, Any]:
+        path = folder / f"{name}-r{round_index + 1}-c{level}.json"
+        return json.loads(path.read_text())["levels"][0]["metrics"]
+
+    lines = [
+        f"Medians of {rounds} interleaved rounds (ratios taken within each round, to {names[0]})",
+        "",
+        "| level | system | out tok/s | x " + names[0] + " | TTFT p50 ms | TTFT x |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for level in concurrency:
+        base = [metrics(names[0], r, level) for r in range(rounds)]
+        for name in names:
+            runs = [metrics(name, r, level) for r in range(rounds)]
+            tps = [m["output_throughput"] for m in runs]
+            ttft = [m["ttft_ms"]["p50"] for m in runs]
+            pairs = list(zip(runs, base, strict=True))
+            ratio = [m["output_throughput"] / b["output_throughput"] for m, b in pairs]
+            ttft_ratio = [m["ttft_ms"]["p50"] / b["ttft_ms"]["p50"] for m, b in pairs]
+            lines.append(
+                f"| c={level} | {name} | {statistics.median(tps):.1f} | "
+                f"{statistics.median(ratio):.2f}x | {statistics.median(ttft):.0f} | "
+                f"{statistics.median(ttft_ratio):.2f}x |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def rounds_parser(
@@ -499,6 +555,9 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2, help="uncounted requests per run")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="interleaved rounds; >1 adds a table of medians"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--name", default=f"{today}-smollm2-cpu", help="result file stem")
@@ -527,13 +586,17 @@ def main() -> None:
     gguf, checkpoint = _model_files(args.cache_dir)
     started = time.monotonic()
     systems = _systems(names, gguf, checkpoint, args)
-    outputs = run_sweep(systems, checkpoint, args, args.out_dir / args.name)
+    outputs = run_sweep(systems, checkpoint, args, args.out_dir / args.name, args.rounds)
     stem = args.out_dir / args.name
     title = (
         f"SmolLM2-135M-Instruct on this CPU: {args.input_len} prompt tokens, "
         f"{args.output_len} output tokens, EOS ignored"
     )
-    compare(outputs, names[0], stem, title)
+    compare(outputs, names[0] if args.rounds == 1 else f"{names[0]}-r1", stem, title)
+    if args.rounds > 1:
+        table = median_of_rounds(args.out_dir / args.name, names, args.concurrency, args.rounds)
+        stem.with_name(stem.name + "-medians.md").write_text(table)
+        print(table)
     logger.info("done in %.0f s", time.monotonic() - started)
 
 

@@ -101,11 +101,12 @@ def test_rows_read_their_own_row_of_the_runners_tables(kernel: DecodeAttentionKe
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=1e-2)
 
 
-def test_the_paged_engine_decodes_with_the_kernel_as_with_sdpa(
+def test_the_paged_engine_attends_with_the_kernel_as_with_sdpa(
     kernel: DecodeAttentionKernel, tmp_path: Path
 ) -> None:
-    """bf16 engines with and without the kernel: first logits equal, decode and mixed
-    steps (a chunk beside decode rows: the decode group runs the kernel) agree closely."""
+    """bf16 engines with and without the kernel: prefill, decode and mixed steps (a
+    chunk beside decode rows) agree closely; the kernel runs every step's attention,
+    one query row per token."""
     model = build_tiny_model(tmp_path / "tiny", "llama")
     calls: list[int] = []
 
@@ -148,11 +149,21 @@ def test_the_paged_engine_decodes_with_the_kernel_as_with_sdpa(
             lengths = [n + 1 for n in lengths]
         outs.append(logits)
     layers = engines[0].spec.num_layers
-    # warmup's decode, three decode steps of 2 rows; the mixed step's 2 decode rows too
-    assert calls == [1] * layers + [2] * 3 * layers
+    # warmup's 64-token prompt and decode, the two prompts (5 + 30 tokens), two decode
+    # steps of 2 rows and the mixed step (2 decode rows and a 12-token chunk)
+    tokens_per_step = [64, 1, 35, 2, 2, 14]
+    assert calls == [n for n in tokens_per_step for _ in range(layers)]
     for with_kernel, with_sdpa in zip(*outs, strict=True):
         torch.testing.assert_close(with_kernel, with_sdpa, rtol=0.05, atol=0.05)
-        assert torch.equal(with_kernel.argmax(-1), with_sdpa.argmax(-1))
+        _same_greedy_up_to_near_ties(with_kernel, with_sdpa)
+
+
+def _same_greedy_up_to_near_ties(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Each row's argmax equal, or SDPA's own top two within 0.05 of each other (a random
+    tiny model's logits sit close together; bf16 sums in another order may flip them)."""
+    ours, theirs = got.argmax(-1), want.argmax(-1)
+    gap = want.gather(-1, theirs[..., None]) - want.gather(-1, ours[..., None])
+    assert bool(((ours == theirs) | (gap.squeeze(-1) < 0.05)).all()), (ours, theirs, gap)
 
 
 def test_loading_the_kernel_leaves_denormals_alone(kernel: DecodeAttentionKernel) -> None:

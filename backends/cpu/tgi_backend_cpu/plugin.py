@@ -112,8 +112,8 @@ def tgi_backend_options() -> BackendOptions:
         flags=(
             BackendFlag(
                 "decode_kernel",
-                "bf16 decode attention by the compiled kernel (built once with the C "
-                "compiler on the PATH); false keeps SDPA",
+                "bf16 attention (decode rows and prompt chunks) by the compiled kernel "
+                "(built once with the C compiler on the PATH); false keeps SDPA",
                 type=bool,
                 default=True,
             ),

@@ -1,6 +1,7 @@
-/* Decode attention straight from the paged KV pool, for bf16 models on a CPU.
+/* Attention straight from the paged KV pool, for bf16 models on a CPU.
  *
- * One query token per row: for each row (and each of its KV heads), the G query heads
+ * One query token per row (a decode row; or one token of a prompt chunk, whose row sees
+ * the keys up to its own position): for each row (and each of its KV heads), the G query heads
  * sharing a KV head score every key of the row's table (read in place from the pool, no
  * dense copy), take a float32 softmax and sum the values. Work items (a row with all its
  * KV heads, or one KV head of a row when rows are fewer than threads) are spread over
@@ -183,6 +184,45 @@ static const value_pass_fn VALUE_PASSES[9] = {
     NULL, value_pass_1, value_pass_2, value_pass_3, value_pass_4,
     value_pass_5, value_pass_6, value_pass_7, value_pass_8,
 };
+
+/* The same sums for a head dimension of 64 with all four 16-wide slices at once (G x 4
+ * accumulators in registers): one pass over the keys, each key's values read once as
+ * two whole cache lines. Per accumulator the same fused multiply-adds in the same
+ * order as above, so the same bits. */
+#define TGI_VALUE_PASS64(G)                                                               \
+    static void value_pass64_##G(const float* p, int64_t p_stride, const uint16_t* v_head, \
+                                 const int64_t* offsets, int first, int len, float* acc) { \
+        __m512 a[G][4];                                                                   \
+        for (int g = 0; g < G; g++)                                                       \
+            for (int c = 0; c < 4; c++) a[g][c] = _mm512_setzero_ps();                    \
+        for (int j = first; j < len; j++) {                                               \
+            const uint16_t* v_row = v_head + offsets[j];                                  \
+            __m512 v[4];                                                                  \
+            for (int c = 0; c < 4; c++)                                                   \
+                v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(                             \
+                    _mm512_cvtepu16_epi32(                                                \
+                        _mm256_loadu_si256((const __m256i*)(v_row + 16 * c))),            \
+                    16));                                                                 \
+            for (int g = 0; g < G; g++) {                                                 \
+                const __m512 w = _mm512_set1_ps(p[g * p_stride + j]);                     \
+                for (int c = 0; c < 4; c++) a[g][c] = _mm512_fmadd_ps(w, v[c], a[g][c]); \
+            }                                                                             \
+        }                                                                                 \
+        for (int g = 0; g < G; g++)                                                       \
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc + g * 64 + 16 * c, a[g][c]); \
+    }
+TGI_VALUE_PASS64(1)
+TGI_VALUE_PASS64(2)
+TGI_VALUE_PASS64(3)
+TGI_VALUE_PASS64(4)
+TGI_VALUE_PASS64(5)
+TGI_VALUE_PASS64(6)
+typedef void (*value_pass64_fn)(const float*, int64_t, const uint16_t*, const int64_t*, int, int,
+                                float*);
+static const value_pass64_fn VALUE_PASSES64[7] = {
+    NULL, value_pass64_1, value_pass64_2, value_pass64_3, value_pass64_4, value_pass64_5,
+    value_pass64_6,
+};
 #endif
 
 int tgi_decode_attention_bf16(
@@ -216,7 +256,9 @@ int tgi_decode_attention_bf16(
         const int ready =
             scores != NULL && acc != NULL && top != NULL && total != NULL && offsets != NULL;
         if (!ready) failed = 1;
-        #pragma omp for schedule(static)
+        /* items dealt round-robin: a chunk's rows grow longer one by one, and halves
+         * of them would leave one thread three times the other's work */
+        #pragma omp for schedule(static, 1)
         for (int item = 0; item < num_rows * chunks; item++) {
             if (!ready) continue;
             const int r = item / chunks;
@@ -318,10 +360,15 @@ int tgi_decode_attention_bf16(
                     float* row = scores + (int64_t)i * max_len;
                     for (int j = first; j < len; j++) row[j] = bf16_to_f32(f32_to_bf16(row[j]));
                 }
-                for (int hh = 0; hh < span; hh++)
-                    VALUE_PASSES[group](scores + (int64_t)hh * group * max_len, max_len,
-                                        v_base + (int64_t)hh * head_dim, offsets, first, len,
-                                        head_dim, acc + (int64_t)hh * group * head_dim);
+                for (int hh = 0; hh < span; hh++) {
+                    const float* p = scores + (int64_t)hh * group * max_len;
+                    const uint16_t* v_head = v_base + (int64_t)hh * head_dim;
+                    float* a = acc + (int64_t)hh * group * head_dim;
+                    if (head_dim == 64 && group <= 6)
+                        VALUE_PASSES64[group](p, max_len, v_head, offsets, first, len, a);
+                    else
+                        VALUE_PASSES[group](p, max_len, v_head, offsets, first, len, head_dim, a);
+                }
             } else
 #endif
             for (int j = first; j < len; j++) {
