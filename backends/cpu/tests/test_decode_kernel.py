@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tgi_backend_cpu._native import DecodeAttentionKernel, load_decode_attention
 from tgi_backend_cpu.paged import PagedCpuBackend
 
-from tgi.backend.contract import Limits, NewSequence, RunningSequence, StepPlan
+from tgi.testing.steps import MIXED_STEP_TOKENS, mixed_step_logits
 from tgi.testing.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.skipif(
@@ -126,33 +126,10 @@ def test_the_paged_engine_attends_with_the_kernel_as_with_sdpa(
         PagedCpuBackend(model, dtype=torch.bfloat16, kv_cache_memory=2**24, decode_kernel=k)
         for k in (counted, None)  # type: ignore[arg-type]
     ]
-    limits = Limits(64, 128, 256, None, 8)
-    prompts = [[1, 2, 3, 4, 5], list(range(10, 40))]
-    outs = []
-    for engine in engines:
-        engine.warmup(limits)
-        new = tuple(
-            NewSequence(s, tuple(p), block_ids=tuple(range(8 * s, 8 * s + 8)))
-            for s, p in enumerate(prompts)
-        )
-        logits = [engine.step(StepPlan(new=new)).logits]
-        lengths = [len(p) for p in prompts]
-        for step in range(3):
-            running = tuple(
-                RunningSequence(s, lengths[s], decode=True, last_token=7 + step)
-                for s in range(len(prompts))
-            )
-            chunk = ()
-            if step == 2:  # a mixed step: a 12-token prompt beside the decode rows
-                chunk = (NewSequence(9, tuple(range(50, 62)), block_ids=(40, 41)),)
-            logits.append(engine.step(StepPlan(new=chunk, running=running)).logits)
-            lengths = [n + 1 for n in lengths]
-        outs.append(logits)
+    outs = [mixed_step_logits(engine) for engine in engines]
     layers = engines[0].spec.num_layers
-    # warmup's 64-token prompt and decode, the two prompts (5 + 30 tokens), two decode
-    # steps of 2 rows and the mixed step (2 decode rows and a 12-token chunk)
-    tokens_per_step = [64, 1, 35, 2, 2, 14]
-    assert calls == [n for n in tokens_per_step for _ in range(layers)]
+    # one kernel call per layer per step, one query row per token of the step
+    assert calls == [n for n in MIXED_STEP_TOKENS for _ in range(layers)]
     for with_kernel, with_sdpa in zip(*outs, strict=True):
         torch.testing.assert_close(with_kernel, with_sdpa, rtol=0.05, atol=0.05)
         _same_greedy_up_to_near_ties(with_kernel, with_sdpa)

@@ -12,10 +12,10 @@ import torch
 from tgi_backend_cpu._layer_ops import CpuLayerOps, load_layer_ops
 from tgi_backend_cpu.paged import PagedCpuBackend
 
-from tgi.backend.contract import Limits, NewSequence, RunningSequence, StepPlan
 from tgi.models.llama import RMSNorm
 from tgi.models.ops import TORCH_LAYER_OPS
 from tgi.models.rope import RopeSpec, Rotary
+from tgi.testing.steps import mixed_step_logits
 from tgi.testing.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.skipif(
@@ -131,28 +131,7 @@ def test_the_paged_engine_steps_with_the_compiled_ops_as_with_torchs(
         for layer_ops in (ops, None)
     ]
     assert [e.engine_details["layer_ops"] for e in engines] == ["compiled", "torch"]
-    limits = Limits(64, 128, 256, None, 8)
-    prompts = [[1, 2, 3, 4, 5], list(range(10, 40))]
-    outs = []
-    for engine in engines:
-        engine.warmup(limits)
-        new = tuple(
-            NewSequence(s, tuple(p), block_ids=tuple(range(8 * s, 8 * s + 8)))
-            for s, p in enumerate(prompts)
-        )
-        logits = [engine.step(StepPlan(new=new)).logits]
-        lengths = [len(p) for p in prompts]
-        for step in range(3):
-            running = tuple(
-                RunningSequence(s, lengths[s], decode=True, last_token=7 + step)
-                for s in range(len(prompts))
-            )
-            chunk = ()
-            if step == 2:  # a mixed step: a 12-token prompt beside the decode rows
-                chunk = (NewSequence(9, tuple(range(50, 62)), block_ids=(40, 41)),)
-            logits.append(engine.step(StepPlan(new=chunk, running=running)).logits)
-            lengths = [n + 1 for n in lengths]
-        outs.append(logits)
+    outs = [mixed_step_logits(engine) for engine in engines]
     for compiled, with_torch in zip(*outs, strict=True):
         torch.testing.assert_close(compiled, with_torch, rtol=0.05, atol=0.05)
         assert torch.equal(compiled.argmax(-1), with_torch.argmax(-1))

@@ -123,7 +123,12 @@ def load_library(cache_dir: Path, cpu_key: str, name: str) -> tuple[NativeLibrar
     """(`csrc/{name}.c` built for this CPU and loaded, how it was got) or (None, why
     not); `cpu_key` names this CPU's model and ISA flags, since `-march=native` builds
     only for them."""
-    source = files("tgi_backend_cpu").joinpath(f"csrc/{name}.c").read_bytes()
+    csrc = files("tgi_backend_cpu").joinpath("csrc")
+    source = csrc.joinpath(f"{name}.c").read_bytes()
+    # the headers every source may include (bf16.h), copied beside it and hashed with it
+    headers = {
+        entry.name: entry.read_bytes() for entry in csrc.iterdir() if entry.name.endswith(".h")
+    }
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler on the PATH (set CC) to build it"
@@ -133,15 +138,16 @@ def load_library(cache_dir: Path, cpu_key: str, name: str) -> tuple[NativeLibrar
         ).stdout.splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError) as exc:
         return None, f"{compiler} does not run: {exc}"
+    parts = [source, *(headers[n] for n in sorted(headers)), version.encode()]
     key = hashlib.sha256(
-        b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), cpu_key.encode()])
+        b"\0".join([*parts, " ".join(FLAGS).encode(), cpu_key.encode()])
     ).hexdigest()[:16]
     path = cache_dir / "cpu-kernels" / f"{name}-{key}.so"
     built = None
     if not path.exists():
         started = time.perf_counter()
         try:
-            failure = _build(compiler, source, path)
+            failure = _build(compiler, source, headers, path)
         except (OSError, subprocess.SubprocessError) as exc:  # a read-only cache, a hang
             failure = f"building {path.name} failed: {exc}"
         if failure is not None:
@@ -169,13 +175,15 @@ def load_decode_attention(
     return DecodeAttentionKernel(function, loaded.path, loaded.build_seconds), how
 
 
-def _build(compiler: str, source: bytes, path: Path) -> str | None:
-    """Compile `source` into `path` (atomically: concurrent ranks may race); None, or
-    why the build failed."""
+def _build(compiler: str, source: bytes, headers: dict[str, bytes], path: Path) -> str | None:
+    """Compile `source` (with `headers` beside it) into `path` (atomically: concurrent
+    ranks may race); None, or why the build failed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         c_file, so_file = Path(scratch) / "kernel.c", Path(scratch) / "kernel.so"
         c_file.write_bytes(source)
+        for header, text in headers.items():
+            (Path(scratch) / header).write_bytes(text)
         done = subprocess.run(
             [compiler, *FLAGS, str(c_file), "-o", str(so_file), "-lm"],
             capture_output=True,

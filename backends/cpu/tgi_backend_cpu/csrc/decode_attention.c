@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include "bf16.h"
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define TGI_DPBF16 1
@@ -46,20 +47,6 @@ static inline void prefetch_row(const uint16_t* row, int bytes) {
 
 static inline int64_t slot_of(const int64_t* table, int position, int block_size) {
     return table[position / block_size] * block_size + position % block_size;
-}
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
 }
 
 /* q . k over D bf16 values, accumulated in float32 */
@@ -128,23 +115,6 @@ static inline void score_block16(const uint16_t* q, const uint16_t* const* k_row
     }
 }
 
-/* e^x for x <= 0 (a softmax's shifted scores), float32, within ~2 ulp of expf:
- * x = n ln2 + f with |f| <= ln2/2, e^f by a degree-6 polynomial, scaled by 2^n. */
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, n);
-}
 #endif
 
 #ifdef TGI_DPBF16
@@ -326,7 +296,7 @@ int tgi_decode_attention_bf16(
                     for (int j = first; j < len; j += 16) {
                         const __mmask16 valid =
                             len - j < 16 ? (__mmask16)((1u << (len - j)) - 1u) : (__mmask16)0xFFFF;
-                        const __m512 e = exp_ps(
+                        const __m512 e = exp_x16(
                             _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + j), shift));
                         sum = _mm512_mask_add_ps(sum, valid, sum, e);
                         const __m512 w = _mm512_castsi512_ps(_mm512_slli_epi32(
