@@ -251,14 +251,18 @@ int tgi_decode_attention_bf16(
                 prefetch_row(k_base + offsets[j], item_bytes);
 #ifdef TGI_DPBF16
             if (head_dim % 32 == 0) {
-                /* 16 keys at a time (see sum16); the next block's keys are prefetched */
+                /* 16 keys at a time (see sum16). Prefetched while a block is scored: the
+                 * keys of the next two blocks and the values of this one and the next.
+                 * Each key is asked for twice: at 32 rows out of cache that measured
+                 * ~8% faster than once (presumably prefetches dropped while the miss
+                 * buffers are full), and asking for the values a block early ~12% more */
                 for (int j = first + PREFETCH_AHEAD; j < first + 32 && j < len; j++)
                     prefetch_row(k_base + offsets[j], item_bytes);
                 for (int j0 = first; j0 < len; j0 += 16) {
                     const int n = len - j0 < 16 ? len - j0 : 16;
                     for (int j = j0 + 16; j < j0 + 48 && j < len; j++)
                         prefetch_row(k_base + offsets[j], item_bytes);
-                    for (int j = j0; j < j0 + 16 && j < len; j++)
+                    for (int j = j0; j < j0 + 32 && j < len; j++)
                         prefetch_row(v_base + offsets[j], item_bytes);
                     const uint16_t* rows16[16];
                     for (int k = 0; k < 16; k++) rows16[k] = k_base + offsets[j0 + (k < n ? k : n - 1)];
