@@ -38,10 +38,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -372,8 +374,7 @@ def run_sweep(
     from one level (and round) to the next. On a machine shared with other work the
     load drifts over minutes; this way the systems compared at one level ran minutes
     apart, and none always goes first. Only one system is ever under load at a time.
-    Each level and round draws its own prompts (`--seed` plus 1000 per round plus the
-    level's index): a prompt seen before would be answered from tgi's prefix cache.
+    Each level and round draws its own prompts (`_fresh_prompts`).
     """
     env = dict(os.environ, TGI_CACHE_DIR=str(args.cache_dir))
     processes = []
@@ -386,11 +387,7 @@ def run_sweep(
         for round_index in range(rounds):
             for index, (concurrency, num_prompts) in enumerate(levels):
                 shift = (index + round_index) % len(systems)
-                # prompts of their own per level and round (the systems of one level
-                # share them): repeated prompts would be answered from a prefix cache
-                level_args = argparse.Namespace(
-                    **{**vars(args), "seed": args.seed + 1000 * round_index + index}
-                )
+                level_args = _fresh_prompts(args, round_index, index)
                 for system in [*systems[shift:], *systems[:shift]]:
                     if rounds > 1:
                         system = dataclasses.replace(
@@ -409,13 +406,21 @@ def run_sweep(
     return outputs
 
 
+def _fresh_prompts(
+    args: argparse.Namespace, round_index: int, level_index: int
+) -> argparse.Namespace:
+    """`args` with a seed of its own for one level of one round (`--seed` plus 1000 per
+    round plus the level's index); the systems of that level share it. A prompt seen
+    before would be answered from tgi's prefix cache."""
+    seed = args.seed + 1000 * round_index + level_index
+    return argparse.Namespace(**{**vars(args), "seed": seed})
+
+
 def median_of_rounds(
     folder: Path, names: Sequence[str], concurrency: Sequence[int], rounds: int
 ) -> str:
     """A Markdown table: per level and system, the median over rounds of its output
     tokens/s and TTFT p50, and of its ratio to the first system's in the same round."""
-    import json
-    import statistics
 
     def metrics(name: str, round_index: int, level: int) -> dict[str, Any]:
         path = folder / f"{name}-r{round_index + 1}-c{level}.json"
@@ -486,7 +491,8 @@ def run_rounds(
     from one round to the next; results are `{system}-r{round}-c{concurrency}.json`.
 
     All servers stay up through the run and only one is under load at a time (see
-    `run_sweep`'s NOTE); the rounds show how much the host's load drifted meanwhile.
+    `run_sweep`'s NOTE; prompts as `_fresh_prompts` draws them); the rounds show how much
+    the host's load drifted meanwhile.
     """
     processes = []
     outputs: list[Path] = []
@@ -498,10 +504,11 @@ def run_rounds(
             shift = round_index % len(systems)
             for system in [*systems[shift:], *systems[:shift]]:
                 label = dataclasses.replace(system, name=f"{system.name}-r{round_index + 1}")
-                for concurrency, num_prompts in levels:
+                for level_index, (concurrency, num_prompts) in enumerate(levels):
                     output = folder / f"{label.name}-c{concurrency}.json"
+                    level_args = _fresh_prompts(args, round_index, level_index)
                     command = _bench_command(
-                        label, checkpoint, args, concurrency, num_prompts, output
+                        label, checkpoint, level_args, concurrency, num_prompts, output
                     )
                     logger.info("%s: %s", label.name, " ".join(command))
                     subprocess.run(command, check=True)

@@ -30,14 +30,14 @@ A mixed step (contract v2: a new prompt's chunk next to decode rows) is still on
 and one call of this op per layer, but its SDPA batch would pad every decode row to the
 chunk's length: 32 decode rows beside a 128-token chunk computed 33 x 128 queries per
 layer instead of 128 + 32 (`benchmarks/engine_step.py` timed such a step at 1322 ms
-against 237 + 211 ms for the chunk and the decode rows apart, one run on 2 cores). So the op
-splits such a step's attention in two groups, one-token rows and the others
+against 237 + 211 ms for the chunk and the decode rows apart, one run on 2 cores). So the SDPA
+path splits such a step's attention in two groups, one-token rows and the others
 (`SplitMetadata`), each planned as a step of its own; k/v are written to the pool once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -106,39 +106,33 @@ def plan_kernel(layout: StepLayout) -> KernelMetadata:
 
 @dataclass(frozen=True, slots=True)
 class SplitMetadata:
-    """A mixed step's attention as groups of rows, each with its own metadata."""
+    """A mixed step's SDPA attention as groups of rows, each with its own metadata."""
 
     slots: torch.Tensor  # [N] pool slot of each new token (written once, for all groups)
-    # ([n] flat token index, metadata): SDPA's, or the decode kernel's for one-token rows
-    parts: tuple[tuple[torch.Tensor, StepMetadata | KernelMetadata], ...]
+    parts: tuple[tuple[torch.Tensor, StepMetadata], ...]  # ([n] flat token index, metadata)
 
 
 def plan_split(
     layout: StepLayout,
     windows: Sequence[int | None],
     dense: tuple[list[int], int] | None = None,
-    decode: Callable[[StepLayout], KernelMetadata] | None = None,
-) -> StepMetadata | KernelMetadata | SplitMetadata:
+) -> StepMetadata | SplitMetadata:
     """`plan_step`, or one per group where one-token rows share the step with a chunk of
-    at least SPLIT_MIN_QUERIES tokens (see the module NOTE); `decode` plans every step
-    for the compiled kernel instead, whatever its rows."""
+    at least SPLIT_MIN_QUERIES tokens (see the module NOTE)."""
     counts = layout.rows.counts
-    if decode is not None:
-        return decode(layout)
-    if layout.one_token or 1 not in counts or (max(counts) < SPLIT_MIN_QUERIES and decode is None):
+    if layout.one_token or 1 not in counts or max(counts) < SPLIT_MIN_QUERIES:
         return plan_step(layout, windows, dense)
     row_of, _ = layout.token_rows()
     single_token = torch.tensor(counts, dtype=torch.long)[row_of] == 1  # [N]
     firsts = list(accumulate(counts, initial=0))
-    parts: list[tuple[torch.Tensor, StepMetadata | KernelMetadata]] = []
+    parts: list[tuple[torch.Tensor, StepMetadata]] = []
     for group, tokens in (
         ([i for i, n in enumerate(counts) if n == 1], single_token),
         ([i for i, n in enumerate(counts) if n != 1], ~single_token),
     ):
         sub = _sub_layout(layout, group, firsts)
         sub_dense = None if dense is None else ([dense[0][i] for i in group], dense[1])
-        part = decode(sub) if decode is not None and sub.one_token else None
-        parts.append((tokens.nonzero().squeeze(1), part or plan_step(sub, windows, sub_dense)))
+        parts.append((tokens.nonzero().squeeze(1), plan_step(sub, windows, sub_dense)))
     return SplitMetadata(slots=layout.slots, parts=tuple(parts))
 
 
@@ -343,7 +337,8 @@ class CpuPagedAttention:
         kernel: DecodeAttentionKernel | None = None,
         layer_ops: CpuLayerOps | None = None,
     ) -> None:
-        """`kernel`: decode rows run it (bf16 pools only); `dense` is then not read.
+        """`kernel`: every step's attention runs it (bf16 pools only); `dense` is then
+        not read.
         `layer_ops`: its `write_kv` stores each step's k/v (one call, not two copies)."""
         if kernel is not None and pool.dtype != torch.bfloat16:
             raise ValueError(f"the decode kernel reads bf16 KV, not {pool.dtype}")
@@ -356,11 +351,12 @@ class CpuPagedAttention:
         self._buf_k = self._buf_v = torch.empty(0)
 
     def plan(self, layout: StepLayout) -> StepMetadata | KernelMetadata | SplitMetadata:
-        """Dense rows for the step's sequences (where they fit), then the metadata of
-        SDPA or the decode kernel (per group of rows for a mixed step)."""
+        """The compiled kernel's metadata for any step; without it, dense rows for the
+        step's sequences (where they fit) and SDPA's (per group of rows for a mixed step)."""
+        if self.kernel is not None:
+            return plan_kernel(layout)
         dense = self.dense.assign(layout) if self.dense is not None else None
-        decode = plan_kernel if self.kernel is not None else None
-        return plan_split(layout, self.layer_windows, dense, decode)
+        return plan_split(layout, self.layer_windows, dense)
 
     def release(self, seq_ids: Sequence[int]) -> None:
         if self.dense is not None:
@@ -386,7 +382,7 @@ class CpuPagedAttention:
             out = torch.empty_like(q)
             for index, part in metadata.parts:
                 # k/v are only read again where the dense rows take a copy of them
-                if isinstance(part, StepMetadata) and part.dense_slots is not None:
+                if part.dense_slots is not None:
                     k_part, v_part = k.index_select(0, index), v.index_select(0, index)
                 else:
                     k_part, v_part = k, v

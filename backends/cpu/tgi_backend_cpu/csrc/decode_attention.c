@@ -29,8 +29,7 @@
 #include <math.h>
 #include "bf16.h"
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
-#define TGI_DPBF16 1
+#define TGI_DPBF16 1  /* bf16.h has included immintrin.h */
 #endif
 
 #define MAX_HEAD_DIM 256
@@ -68,7 +67,6 @@ static inline float dot_bf16(const uint16_t* q, const uint16_t* k, int dim) {
     return sum;
 #endif
 }
-
 
 #ifdef TGI_DPBF16
 /* Sixteen dot products' sums at once: v[k] holds key k's 16 partial sums; the result's
@@ -115,9 +113,6 @@ static inline void score_block16(const uint16_t* q, const uint16_t* const* k_row
     }
 }
 
-#endif
-
-#ifdef TGI_DPBF16
 /* Sum of p[g][j] * v_j over the keys j for G query heads sharing one KV head: each
  * 16-wide slice of the head dimension keeps its G accumulators in registers for the
  * whole pass over the keys (the slice of a row's values stays in L1 between slices).
@@ -130,10 +125,7 @@ static inline void score_block16(const uint16_t* q, const uint16_t* const* k_row
             __m512 a[G];                                                                 \
             for (int g = 0; g < G; g++) a[g] = _mm512_setzero_ps();                      \
             for (int j = first; j < len; j++) {                                          \
-                const __m256i raw = _mm256_loadu_si256(                                  \
-                    (const __m256i*)(v_head + offsets[j] + c));                          \
-                const __m512 v = _mm512_castsi512_ps(                                    \
-                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));                  \
+                const __m512 v = load_bf16x16(v_head + offsets[j] + c);                  \
                 for (int g = 0; g < G; g++)                                              \
                     a[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * p_stride + j]), v, a[g]); \
             }                                                                            \
@@ -168,11 +160,7 @@ static const value_pass_fn VALUE_PASSES[9] = {
         for (int j = first; j < len; j++) {                                               \
             const uint16_t* v_row = v_head + offsets[j];                                  \
             __m512 v[4];                                                                  \
-            for (int c = 0; c < 4; c++)                                                   \
-                v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(                             \
-                    _mm512_cvtepu16_epi32(                                                \
-                        _mm256_loadu_si256((const __m256i*)(v_row + 16 * c))),            \
-                    16));                                                                 \
+            for (int c = 0; c < 4; c++) v[c] = load_bf16x16(v_row + 16 * c);             \
             for (int g = 0; g < G; g++) {                                                 \
                 const __m512 w = _mm512_set1_ps(p[g * p_stride + j]);                     \
                 for (int c = 0; c < 4; c++) a[g][c] = _mm512_fmadd_ps(w, v[c], a[g][c]); \
@@ -303,17 +291,12 @@ int tgi_decode_attention_bf16(
                         const __m512 e = exp_x16(
                             _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + j), shift));
                         sum = _mm512_mask_add_ps(sum, valid, sum, e);
-                        const __m512 w = _mm512_castsi512_ps(_mm512_slli_epi32(
-                            _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e)), 16));
-                        _mm512_mask_storeu_ps(row + j, valid, w);
+                        _mm512_mask_storeu_ps(row + j, valid, round_bf16x16(e));
                     }
                     total[i] = _mm512_reduce_add_ps(sum);
                 }
             } else
-#else
-            const int rounded = 0;
 #endif
-            {
             for (int i = 0; i < heads; i++) {
                 float* row = scores + (int64_t)i * max_len;
                 float sum = 0.f;
@@ -324,16 +307,17 @@ int tgi_decode_attention_bf16(
                 }
                 total[i] = sum;
             }
-            }
             for (int j = first; j < first + PREFETCH_AHEAD && j < len; j++)
                 prefetch_row(v_base + offsets[j], item_bytes);
 #ifdef TGI_DPBF16
             if (head_dim % 16 == 0 && group <= 8) {
-                /* the weights that multiply the values: the exponentials rounded to bf16 */
-                for (int i = 0; i < heads && !rounded; i++) {
-                    float* row = scores + (int64_t)i * max_len;
-                    for (int j = first; j < len; j++) row[j] = bf16_to_f32(f32_to_bf16(row[j]));
-                }
+                /* the weights that multiply the values: the exponentials rounded to bf16
+                 * (the vectorised exponentials above were stored rounded already) */
+                if (!rounded)
+                    for (int i = 0; i < heads; i++) {
+                        float* row = scores + (int64_t)i * max_len;
+                        for (int j = first; j < len; j++) row[j] = round_bf16(row[j]);
+                    }
                 for (int hh = 0; hh < span; hh++) {
                     const float* p = scores + (int64_t)hh * group * max_len;
                     const uint16_t* v_head = v_base + (int64_t)hh * head_dim;
@@ -354,7 +338,7 @@ int tgi_decode_attention_bf16(
                     for (int d = 0; d < head_dim; d++) vf[d] = bf16_to_f32(v[d]);
                     for (int g = 0; g < group; g++) {
                         const int i = hh * group + g;
-                        const float p = bf16_to_f32(f32_to_bf16(scores[(int64_t)i * max_len + j]));
+                        const float p = round_bf16(scores[(int64_t)i * max_len + j]);
                         float* a = acc + (int64_t)i * head_dim;
                         for (int d = 0; d < head_dim; d++) a[d] += p * vf[d];
                     }
