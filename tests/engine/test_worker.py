@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tgi.backend.contract import NewSequence, RunningSequence, StepPlan
 from tgi.config import ServeConfig, resolve_config, snapshot_environ
 from tgi.engine.protocol import EngineDied
 from tgi.engine.worker.client import WorkerEngine
@@ -169,6 +170,32 @@ def test_a_backend_that_fails_to_load_is_an_error_naming_the_cause(model_dir: Pa
     broken = StartWorker(**{**_fields(start), "model_path": str(model_dir / "missing")})
     with pytest.raises(ConfigError, match=r"missing has no config\.json"):
         WorkerEngine.spawn(broken, step_timeout_s=30)
+
+
+def test_steps_submitted_ahead_come_back_in_order_between_other_calls(serve: Any) -> None:
+    """`submit` gets no answer; `collect` gets the oldest step's result, whatever calls
+    (health, KV usage) came between."""
+    local, worker = serve(engine_process=False), serve()
+    plans = [StepPlan(new=(NewSequence(1, (5, 6, 7, 8), block_ids=(0, 1)),), step_index=1)]
+    plans += [
+        StepPlan(running=(RunningSequence(1, 4 + i, decode=True),), step_index=2 + i)
+        for i in range(3)
+    ]
+    want = [local.router.engine.run(plan).tokens for plan in plans]  # type: ignore[attr-defined]
+    engine = worker.router.engine
+    engine.submit(plans[0])
+    engine.submit(plans[1])
+    engine.health()
+    assert engine.kv_usage().seq_ids == frozenset({1})
+    first = engine.collect()
+    engine.submit(plans[2])
+    engine.submit(plans[3])
+    results = [first, *(engine.collect() for _ in range(3))]
+    assert [result.step_index for result in results] == [1, 2, 3, 4]
+    assert [[t[:2] for t in result.tokens] for result in results] == [
+        [t[:2] for t in tokens] for tokens in want
+    ]
+    assert not any(result.kept_in_flight for result in results)  # a CPU lands at once
 
 
 def test_close_stops_the_worker_and_later_calls_raise(model_dir: Path) -> None:

@@ -293,7 +293,10 @@ async def _stress(
     pool tight enough to preempt."""
     rng = random.Random(seed)
     block_size = 4
-    backend = FakePagedBackend(vocab, num_blocks=num_blocks, block_size=block_size)
+    # planned ahead, decode rows feed on the step before's tokens while they land
+    backend = FakePagedBackend(
+        vocab, num_blocks=num_blocks, block_size=block_size, fed_tokens=overlap
+    )
     router = paged_router(
         backend,
         byte_tokenizer,
@@ -301,6 +304,7 @@ async def _stress(
         speculate=0 if overlap else 2,
         max_batch_size=rng.choice([None, 6]),
         overlap=overlap,
+        keep_in_flight=overlap,  # as on a GPU: the next forward before this step lands
     )
     errors = watch(router)
     systems = [[rng.randrange(vocab) for _ in range(rng.randrange(4, 12))] for _ in range(3)]
@@ -348,6 +352,7 @@ async def _stress(
     assert metrics.prefix_cache_hit_tokens._value.get() > 0, "no prefix was ever shared"
     if overlap:
         assert router.overlapped_steps > 0, "no step was ever planned ahead"
+        assert backend.fed_rows > 0, "no step ever ran before the one before landed"
     else:
         assert metrics.preemptions._value.get() > 0, "the pool was never tight"
 

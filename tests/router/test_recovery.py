@@ -54,12 +54,15 @@ class DyingEngine:
         self.limits = limits
         return self.engine.warmup(limits)
 
-    def run(self, plan: StepPlan) -> StepResult:
+    def submit(self, plan: StepPlan) -> None:
         self.steps += 1
         if self.die.is_set() or self.steps == self.die_at_step:
             self.die.clear()
             raise EngineDied("the engine worker pid 1 ended with SIGKILL")
-        return self.engine.run(plan)
+        self.engine.submit(plan)
+
+    def collect(self) -> StepResult:
+        return self.engine.collect()
 
     def release(self, seq_ids: Sequence[int]) -> KVUsage:
         return self.engine.release(seq_ids)

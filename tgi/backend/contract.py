@@ -33,12 +33,13 @@ a sequence never grows past `Limits.max_total_tokens`.
 
 Everything in a plan and in `KVUsage` is plain data (ints, strings, tuples, frozen
 dataclasses): it can cross a process boundary through a typed encoder
-(`tgi.backend.wire`). Only `StepOutput` holds tensors, and it never leaves the engine.
+(`tgi.backend.wire`). Only `StepOutput` and `FedTokens` hold tensors, and they never
+leave the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -53,6 +54,8 @@ __all__ = [
     "Backend",
     "Batching",
     "Capabilities",
+    "FedStepBackend",
+    "FedTokens",
     "KVCapacity",
     "KVUsage",
     "KvLayout",
@@ -104,6 +107,10 @@ class Capabilities:
     samples_on_device: bool = False
     sampling_parameters: frozenset[str] = frozenset()
     max_top_k: int | None = None  # the device sampler's largest top_k (None: no bound)
+    # `step(plan, fed)` takes decode rows' last tokens as a tensor on its device
+    # (`FedTokens`): the engine may then start step N+1 before step N's sampled ids
+    # reach the host (`tgi.engine.core`'s NOTE)
+    fed_tokens: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +330,19 @@ class StepOutput:
     logprobs: torch.Tensor | None = None  # [R] their logprobs, when the device has them
 
 
+@dataclass(frozen=True, slots=True)
+class FedTokens:
+    """Decode rows' last tokens still on the backend's device: sampled at the step
+    before, not yet copied to the host. Only the engine makes these, and only for a
+    backend whose capabilities say `fed_tokens`; it never crosses a process.
+
+    A decode row of the plan whose `last_token` is None feeds `ids[rows[seq_id]]`.
+    """
+
+    ids: torch.Tensor  # [K] int64 on the backend's device
+    rows: Mapping[int, int]  # seq_id -> index into `ids`
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What every backend implements. Calls come from one thread, never at once.
@@ -350,7 +370,8 @@ class Backend(Protocol):
         plan's rows; logits for `plan.logits_rows`, in order.
 
         Raises `tgi.errors.BackendError` when the forward fails; the core then fails
-        the step's rows and releases them.
+        the step's rows and releases them. A backend whose capabilities say
+        `fed_tokens` takes `step(plan, fed)` too (`FedStepBackend`).
         """
         ...
 
@@ -368,4 +389,14 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Free device memory; no call follows."""
+        ...
+
+
+@runtime_checkable
+class FedStepBackend(Backend, Protocol):
+    """A backend whose capabilities say `fed_tokens`: its step also takes `FedTokens`."""
+
+    def step(self, plan: StepPlan, fed: FedTokens | None = None) -> StepOutput:
+        """`Backend.step`, where a decode row whose `last_token` is None feeds its
+        token from `fed` (on the device) instead."""
         ...

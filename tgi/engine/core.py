@@ -1,4 +1,4 @@
-"""The engine core: one backend and the sampler, one `StepPlan` in, one `StepResult` out.
+"""The engine core: one backend and the sampler, step plans in, `StepResult`s out.
 
 NOTE: this is the hot path. A step is
 
@@ -9,6 +9,24 @@ NOTE: this is the hot path. A step is
     sample             -> position 0 of every logits row in one batched call, then the
                           draft positions of speculative rows in a second one
     StepResult         -> plain data for the router (one device-to-host copy per call)
+
+`run(plan)` does all of it in turn. `submit(plan)` + `collect()` let steps overlap on a
+device: a step's sampled ids stay on the device while their host copy runs, and when
+the next plan arrives before they land (the router planned ahead), its forward starts
+first, feeding its decode rows from those ids (`FedTokens`, for backends that declare
+`fed_tokens`); the step before lands while it runs:
+
+    submit(N)    forward N, sample N on the device, start N's copy     N in flight
+    submit(N+1)  forward N+1 (fed from N's ids), land N, sample N+1    N+1 in flight
+    collect()    N's result                                            (N+1 still flying)
+
+A step lands before `submit` returns where its tokens are not in transit (a CPU: the
+next forward would only delay its result; `keep_in_flight=True` overrides that for
+tests), and where the next step cannot use it that way: speculative rows (acceptance
+is decided on the host), prompt logprobs (read from this forward's logits, which the
+next may overwrite), a backend that samples on its device or takes no fed tokens, and
+a plan that ends or restarts one of its rows. Results come back in step order,
+whatever lands when.
 
 The engine keeps, per live sequence, what sampling needs and the router need not send
 again: its `SamplingParams`, how many tokens it has sampled (the step index that seeds
@@ -22,14 +40,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from tgi.backend.contract import (
     Backend,
+    FedStepBackend,
+    FedTokens,
     KVUsage,
     NewSequence,
     RunningSequence,
@@ -38,7 +59,7 @@ from tgi.backend.contract import (
 )
 from tgi.engine.protocol import EngineStats
 from tgi.engine.results import StepResult
-from tgi.sampling import BatchSampler, SampledTokens, SamplingParams
+from tgi.sampling import BatchSampler, PendingTokens, SampledTokens, SamplingParams
 
 if TYPE_CHECKING:
     from tgi.sampling.grammar import GrammarCompiler
@@ -61,11 +82,35 @@ class _Tracked:
     held: bool = True  # False once a failed step dropped its KV, until it comes back new
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """A step whose forward ran and whose sampled tokens are on their way to the host."""
+
+    plan: StepPlan
+    rows: tuple[NewSequence | RunningSequence, ...]  # its logits rows
+    tracked: list[_Tracked]  # theirs, in row order
+    output: StepOutput  # read only while nothing ran since (`_keeps_flying`)
+    result: StepResult
+    forward_s: float
+    tokens: PendingTokens | SampledTokens  # Sampled: the backend's own, on the host
+    index: dict[int, int]  # seq_id -> its row in `tokens`
+
+
 class EngineCore:
     """Runs step plans against one backend; called from one thread only."""
 
-    def __init__(self, backend: Backend, grammars: GrammarCompiler | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        grammars: GrammarCompiler | None = None,
+        *,
+        keep_in_flight: bool | None = None,
+    ) -> None:
+        """`keep_in_flight`: None keeps a step in flight only while its tokens are in
+        transit from an accelerator; True keeps it wherever the module NOTE allows (so
+        tests exercise the overlap on a CPU), False never."""
         self._backend = backend
+        self._keep_in_flight = keep_in_flight
         self._sampler = BatchSampler(grammars=grammars)  # compiles new rows' grammar specs
         self._tracked: dict[int, _Tracked] = {}
         # Released by a failed step: a plan made before the failure was known (planned
@@ -74,6 +119,9 @@ class EngineCore:
         # Retried after a failed multi-row step, until they sample a token: one that
         # fails again is to blame (`_blame`).
         self._suspects: set[int] = set()
+        self._feeds = backend.capabilities.fed_tokens  # its step takes `FedTokens`
+        self._in_flight: _InFlight | None = None  # the step whose tokens have not landed
+        self._ready: deque[StepResult] = deque()  # landed, not yet collected; step order
 
     @property
     def num_tracked(self) -> int:
@@ -88,7 +136,9 @@ class EngineCore:
         )
 
     def release(self, seq_ids: Iterable[int]) -> KVUsage:
-        """Free sequences outside a step (shutdown, reconciliation)."""
+        """Free sequences outside a step (shutdown, reconciliation); a step in flight
+        lands first (its result waits for `collect`)."""
+        self._land()
         ids = list(seq_ids)
         self._backend.release(ids)
         self._forget(ids)
@@ -96,8 +146,22 @@ class EngineCore:
         return self._backend.kv_usage()
 
     def run(self, plan: StepPlan) -> StepResult:
-        """One step; a backend failure fails the step's rows, never the engine."""
+        """One step, start to end; a backend failure fails the step's rows, never the
+        engine. Not while `submit`ted steps are still to be collected."""
+        if self._in_flight is not None or self._ready:
+            raise RuntimeError("run() while submitted steps are not collected")
+        self.submit(plan)
+        return self.collect()
+
+    def submit(self, plan: StepPlan) -> None:
+        """Start a step; its result comes from `collect`, in step order. The step before,
+        if still in flight, lands meanwhile (see the module NOTE)."""
         began = time.perf_counter()
+        flight = self._in_flight
+        landed_s = 0.0
+        if flight is not None and not self._may_overlap(flight, plan):
+            landed_s += self._land()
+            flight = None
         result = StepResult(step_index=plan.step_index)
         if self._released and (plan.finished or plan.preempted):
             plan = self._without_released(plan)
@@ -106,29 +170,66 @@ class EngineCore:
         if self._suspects:
             self._suspects.difference_update((*plan.finished, *plan.forgotten))
         self._released.difference_update(plan.forgotten)
-        plan = self._prepare(plan)
-        if plan.new or plan.running:
-            rows = plan.logits_rows
-            started = time.perf_counter()
-            try:
-                output = self._backend.step(plan)
-                self._check(rows, output)
-                forward_s = time.perf_counter() - started
-                self._sample(plan, rows, output, result)
-            except Exception as exc:  # a backend failure fails these rows, not the server
-                self._fail(plan, exc, result)
+        plan, fed = self._prepare(plan, flight)
+        if not plan.new and not plan.running:
+            landed_s += self._land()
+            if plan.finished or plan.preempted:
+                try:
+                    self._backend.step(plan)  # releases only
+                except Exception:  # the ids are gone from the router; reconciliation retries
+                    logger.exception("releasing %d sequences failed", len(plan.finished))
+            result.kv = self._backend.kv_usage()
+            result.engine_s = time.perf_counter() - began - landed_s
+            self._ready.append(result)
+            return
+        rows = plan.logits_rows
+        started = time.perf_counter()
+        try:
+            if fed is not None:
+                output = cast(FedStepBackend, self._backend).step(plan, fed)
             else:
-                # TGI's `method` label: "prefill" for a step that computes prompt tokens
-                prefills = plan.new or any(not row.decode for row in plan.running)
-                result.durations["prefill" if prefills else "decode"] = forward_s
-        elif plan.finished or plan.preempted:
-            try:
-                self._backend.step(plan)  # releases only
-            except Exception:  # the ids are gone from the router; reconciliation retries
-                logger.exception("releasing %d sequences failed", len(plan.finished))
-        result.kv = self._backend.kv_usage()
-        result.engine_s = time.perf_counter() - began
-        return result
+                output = self._backend.step(plan)
+            self._check(rows, output)
+        except Exception as exc:  # a backend failure fails these rows, not the server
+            landed_s += self._land()  # the step before's tokens are good: they go first
+            self._fail(plan, exc, result)
+            result.kv = self._backend.kv_usage()
+            result.engine_s = time.perf_counter() - began - landed_s
+            self._ready.append(result)
+            return
+        forward_s = time.perf_counter() - started
+        result.kv = self._backend.kv_usage()  # as of this step, whatever lands later
+        try:
+            if flight is not None:
+                # while this forward runs on a device, the step before lands
+                landed_s += self._land()
+                if flight.result.errors or flight.result.recompute:
+                    # its failure dealt with its rows; this step fed on its tokens
+                    plan = self._without_rows(plan, set(flight.index))
+                    raise RuntimeError(f"step {flight.plan.step_index} before it failed")
+            tokens = self._sample_on_device(rows, output)
+        except Exception as exc:
+            self._fail(plan, exc, result)
+            result.kv = self._backend.kv_usage()
+            result.engine_s = time.perf_counter() - began - landed_s
+            self._ready.append(result)
+            return
+        result.engine_s = time.perf_counter() - began - landed_s
+        index = {row.seq_id: i for i, row in enumerate(rows)}
+        tracked = [self._tracked[row.seq_id] for row in rows]
+        self._in_flight = _InFlight(plan, rows, tracked, output, result, forward_s, tokens, index)
+        if self._keeps_flying(self._in_flight):
+            result.kept_in_flight = True
+        else:
+            self._land()
+
+    def collect(self) -> StepResult:
+        """The oldest submitted step's result; lands the step in flight if it is that one."""
+        if not self._ready:
+            self._land()
+        if not self._ready:
+            raise RuntimeError("collect() without a submitted step")
+        return self._ready.popleft()
 
     def _without_released(self, plan: StepPlan) -> StepPlan:
         """`plan` less the releases of sequences a failed step released already."""
@@ -151,8 +252,38 @@ class EngineCore:
             for seq_id in ids:
                 self._tracked.pop(seq_id, None)
 
-    def _prepare(self, plan: StepPlan) -> StepPlan:
-        """Record new sequences; fill in decode rows' `last_token` where the plan could not."""
+    def _may_overlap(self, flight: _InFlight, plan: StepPlan) -> bool:
+        """Whether `plan` may run before `flight` lands: it neither ends, restarts nor
+        re-admits one of its rows, and any row of it that runs on feeds its token from
+        the device (a backend that takes `FedTokens`)."""
+        flying = flight.index
+        if any(
+            seq_id in flying for seq_id in (*plan.finished, *plan.preempted, *plan.forgotten)
+        ) or any(new.seq_id in flying for new in plan.new):
+            return False
+        return all(
+            self._feeds and row.decode and row.last_token is None
+            for row in plan.running
+            if row.seq_id in flying
+        )
+
+    def _keeps_flying(self, flight: _InFlight) -> bool:
+        """Whether `flight` may stay in flight while the next step runs: its tokens are
+        still on their way from the device (on a CPU the next forward would only delay
+        this result), and nothing of it is read from its logits after sampling (no
+        drafts, no prompt logprobs)."""
+        tokens = flight.tokens
+        if not isinstance(tokens, PendingTokens) or self._keep_in_flight is False:
+            return False
+        if self._keep_in_flight is None and not tokens.in_transit:
+            return False
+        return not flight.output.prompt_logits and all(row.num_logits == 1 for row in flight.rows)
+
+    def _prepare(
+        self, plan: StepPlan, flight: _InFlight | None
+    ) -> tuple[StepPlan, FedTokens | None]:
+        """Record new sequences; fill in decode rows' `last_token` where the plan could
+        not, from the host, or from the device (`FedTokens`) for rows of `flight`."""
         for new in plan.new:
             self._released.discard(new.seq_id)
             known = self._tracked.get(new.seq_id)
@@ -163,6 +294,7 @@ class EngineCore:
             if new.sampling.needs_history:
                 started.fed = list(new.token_ids)
         running: list[RunningSequence] = []
+        fed_rows: dict[int, int] = {}
         changed = False
         for row in plan.running:
             tracked = self._tracked.get(row.seq_id)
@@ -175,12 +307,25 @@ class EngineCore:
                 if tracked.fed is not None and tracked.num_sampled == 0:
                     tracked.fed.extend(row.token_ids)
             elif row.last_token is None:
-                row = dataclasses.replace(row, last_token=tracked.last_token)
-                changed = True
+                if flight is not None and row.seq_id in flight.index:
+                    fed_rows[row.seq_id] = flight.index[row.seq_id]
+                else:
+                    row = dataclasses.replace(row, last_token=tracked.last_token)
+                    changed = True
             running.append(row)
-        if not changed:
-            return plan
-        return dataclasses.replace(plan, running=tuple(running))
+        if changed:
+            plan = dataclasses.replace(plan, running=tuple(running))
+        if not fed_rows:
+            return plan, None
+        assert flight is not None and isinstance(flight.tokens, PendingTokens)
+        return plan, FedTokens(flight.tokens.token_ids, fed_rows)
+
+    @staticmethod
+    def _without_rows(plan: StepPlan, seq_ids: set[int]) -> StepPlan:
+        """`plan` without the running rows of `seq_ids` (whose step before failed)."""
+        return dataclasses.replace(
+            plan, running=tuple(row for row in plan.running if row.seq_id not in seq_ids)
+        )
 
     @staticmethod
     def _check(rows: tuple[NewSequence | RunningSequence, ...], output: StepOutput) -> None:
@@ -194,27 +339,56 @@ class EngineCore:
         if output.logits.dim() != 3 or output.logits.shape[0] != len(wanted):
             raise RuntimeError(f"backend returned logits of shape {tuple(output.logits.shape)}")
 
-    def _sample(
-        self,
-        plan: StepPlan,
-        rows: tuple[NewSequence | RunningSequence, ...],
-        output: StepOutput,
-        result: StepResult,
-    ) -> None:
-        tracked = [self._tracked[row.seq_id] for row in rows]
-        seq_ids = [row.seq_id for row in rows]
+    def _sample_on_device(
+        self, rows: tuple[NewSequence | RunningSequence, ...], output: StepOutput
+    ) -> PendingTokens | SampledTokens:
+        """Position 0 of every row, sampled where the logits are (the backend's own
+        choices when it sampled them)."""
         if output.logits is None:
-            first = _device_sampled(output)
+            return _device_sampled(output)
+        tracked = [self._tracked[row.seq_id] for row in rows]
+        prompts = [t.fed if t.num_sampled == 0 else None for t in tracked]
+        return self._sampler.sample_on_device(
+            "step",
+            [row.seq_id for row in rows],
+            [t.sampling for t in tracked],
+            [t.num_sampled for t in tracked],
+            output.logits[:, 0],  # [R, V]: the next token of every row
+            prompts if any(p is not None for p in prompts) else None,
+        )
+
+    def _land(self) -> float:
+        """End the step in flight, if any: its tokens reach the host and its result
+        joins `_ready`. Returns the seconds it took."""
+        flight = self._in_flight
+        if flight is None:
+            return 0.0
+        self._in_flight = None
+        began = time.perf_counter()
+        result = flight.result
+        try:
+            self._finish(flight)
+        except Exception as exc:  # its rows fail; nothing of them was told the router
+            result.tokens.clear()
+            result.top_tokens.clear()
+            result.prompt_logprobs.clear()
+            self._fail(flight.plan, exc, result)
+            result.kv = self._backend.kv_usage()
         else:
-            prompts = [t.fed if t.num_sampled == 0 else None for t in tracked]
-            first = self._sampler.sample(
-                "step",
-                seq_ids,
-                [t.sampling for t in tracked],
-                [t.num_sampled for t in tracked],
-                output.logits[:, 0],  # [R, V]: the next token of every row
-                prompts if any(p is not None for p in prompts) else None,
-            )
+            # TGI's `method` label: "prefill" for a step that computes prompt tokens
+            plan = flight.plan
+            prefills = plan.new or any(not row.decode for row in plan.running)
+            result.durations["prefill" if prefills else "decode"] = flight.forward_s
+        spent = time.perf_counter() - began
+        result.engine_s += spent
+        self._ready.append(result)
+        return spent
+
+    def _finish(self, flight: _InFlight) -> None:
+        """The landed tokens into the step's result; the engine's memory of its rows."""
+        rows, tracked, output, result = flight.rows, flight.tracked, flight.output, flight.result
+        tokens = flight.tokens
+        first = tokens.wait() if isinstance(tokens, PendingTokens) else tokens
         accepted = [
             [(token, logprob)]
             for token, logprob in zip(first.token_ids, first.logprobs, strict=True)
@@ -223,18 +397,18 @@ class EngineCore:
         if drafted and output.logits is not None:
             self._verify(rows, tracked, output.logits, drafted, accepted, result)
         for seq_id, logits in output.prompt_logits.items():
-            new = next(r for r in plan.new if r.seq_id == seq_id)
+            new = next(r for r in flight.plan.new if r.seq_id == seq_id)
             result.prompt_logprobs[seq_id] = _prompt_logprobs(logits, new)
-        for seq_id, top in zip(seq_ids, first.top_tokens, strict=True):
+        for row, top in zip(rows, first.top_tokens, strict=True):
             if top:
-                result.top_tokens[seq_id] = top
+                result.top_tokens[row.seq_id] = top
         # Last, once nothing of the step can fail any more: what the engine remembers.
-        for row, state, tokens in zip(rows, tracked, accepted, strict=True):
-            state.num_sampled += len(tokens)
-            state.last_token = tokens[-1][0]
+        for row, state, step_tokens in zip(rows, tracked, accepted, strict=True):
+            state.num_sampled += len(step_tokens)
+            state.last_token = step_tokens[-1][0]
             state.fed = None
             self._suspects.discard(row.seq_id)  # it ran: no longer under suspicion
-            result.tokens.extend((row.seq_id, token, logprob) for token, logprob in tokens)
+            result.tokens.extend((row.seq_id, token, logprob) for token, logprob in step_tokens)
 
     def _verify(
         self,

@@ -45,10 +45,11 @@ class LocalEngine:
         grammars: GrammarCompiler | None = None,
         *,
         owns_backend: bool = False,  # close the backend with the engine
+        keep_in_flight: bool | None = None,  # `EngineCore`'s: True to overlap on a CPU
     ) -> None:
         self.backend = backend
         self._owns_backend = owns_backend
-        self.core = EngineCore(backend, grammars)
+        self.core = EngineCore(backend, grammars, keep_in_flight=keep_in_flight)
         self._description = describe_backend(backend, "thread")
 
     @property
@@ -59,7 +60,14 @@ class LocalEngine:
         return self.backend.warmup(limits)
 
     def run(self, plan: StepPlan) -> StepResult:
+        """`submit` then `collect`: one step start to end (tests, simple drivers)."""
         return self.core.run(plan)
+
+    def submit(self, plan: StepPlan) -> None:
+        self.core.submit(plan)
+
+    def collect(self) -> StepResult:
+        return self.core.collect()
 
     def release(self, seq_ids: Sequence[int]) -> KVUsage:
         return self.core.release(seq_ids)

@@ -8,7 +8,8 @@ engine answers:
     WorkerEngine  (worker/)      backend + sampler in a worker process; the calls send
                                  the plan over a socket and wait for the result
 
-Both take the same `StepPlan` and return the same `StepResult`, so everything above
+Both take the same `StepPlan` (`submit`) and return the same `StepResult` (`collect`),
+so everything above
 them (policies, streaming, reconciliation) is one code path. Only a worker can die on
 its own: its calls then raise `EngineDied`, and the router restarts it (`restart`).
 """
@@ -73,9 +74,15 @@ class Engine(Protocol):
         """Warm the backend up (once, before the first step)."""
         ...
 
-    def run(self, plan: StepPlan) -> StepResult:
-        """One step. A backend failure fails the step's rows in the result; only the
-        engine itself going away raises (`EngineDied`)."""
+    def submit(self, plan: StepPlan) -> None:
+        """Start a step; its result comes from `collect`. The router submits the next
+        plan before collecting when it planned ahead: the engine may then run the next
+        forward while this step's tokens travel (`tgi.engine.core`'s NOTE)."""
+        ...
+
+    def collect(self) -> StepResult:
+        """The oldest submitted step's result. A backend failure fails the step's rows
+        in the result; only the engine itself going away raises (`EngineDied`)."""
         ...
 
     def release(self, seq_ids: Sequence[int]) -> KVUsage:

@@ -35,3 +35,7 @@ class StepResult:
     drafts_accepted: int = 0  # ... and accepted
     step_index: int = 0  # the plan's step_index
     engine_s: float = 0.0  # time the engine spent on the step, wherever it runs
+    # the engine kept this step in flight past its `submit` (its tokens were still on an
+    # accelerator's way to the host): the router then submits the next plan before it
+    # collects this one, so the two overlap (`tgi.engine.core`'s NOTE)
+    kept_in_flight: bool = False

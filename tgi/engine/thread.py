@@ -30,7 +30,12 @@ class EngineThread:
         return self._executor.submit(fn, *args).result()
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self.submit(fn, *args)
+
+    def submit(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """Queue `fn` now (calls run in the order they were queued) and return its future;
+        from inside the event loop. `run` queues only once awaited."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)

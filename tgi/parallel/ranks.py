@@ -17,6 +17,7 @@ other ranks; only rank 0 samples.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -53,7 +54,9 @@ class LeaderBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return self.backend.capabilities
+        """The rank's own, less `fed_tokens`: a tensor on rank 0's device does not reach
+        the other ranks, so every plan they are told carries its tokens."""
+        return dataclasses.replace(self.backend.capabilities, fed_tokens=False)
 
     def warmup(self, limits: Limits) -> WarmupReport:
         self._tell(limits)

@@ -107,6 +107,16 @@ class RouterLimits:
     max_restarts: int = 3  # engine restarts within RESTART_WINDOW_S before giving up
 
 
+@dataclass(slots=True)
+class _Submitted:
+    """A plan handed to the engine: its `submit` call's future, when the engine thread
+    began it, and its `collect` call's future once that is queued too."""
+
+    future: asyncio.Future[None] | None = None
+    started: float = 0.0  # perf_counter: the step's round trip runs from here to its result
+    collected: asyncio.Future[StepResult] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class RouterStats:
     """A snapshot for /info and tests."""
@@ -154,6 +164,9 @@ class Router:
         self._suspects: set[int] = set()
         self._overlap = overlap
         self.overlapped_steps = 0  # steps planned while the previous one ran
+        # the engine kept its last step in flight past `submit` (an accelerator): a plan
+        # made ahead is then submitted before the step before is collected
+        self._engine_keeps_steps = False
         self._wake = asyncio.Event()
         self._thread = engine_thread or EngineThread()
         self._kv = initial_kv
@@ -330,7 +343,7 @@ class Router:
         return bool(self._waiting or self._running or self._to_release or self._to_forget)
 
     async def _run(self) -> None:
-        in_flight: deque[tuple[StepPlan, asyncio.Future[tuple[StepResult, float]]]] = deque()
+        in_flight: deque[tuple[StepPlan, _Submitted]] = deque()
         while in_flight or not self._closing:
             if not in_flight:
                 if not self._has_work():
@@ -342,6 +355,9 @@ class Router:
             if self._overlap and len(in_flight) == 1 and self._may_plan_ahead():
                 plan = self._plan()  # step N+1, while step N runs
                 if plan.rows or plan.finished or plan.preempted or plan.forgotten:
+                    if not self._engine_keeps_steps:
+                        # N's result first: N+1's forward would only delay it
+                        self._collect(in_flight[0][1])
                     in_flight.append(self._launch(plan))
                     self.overlapped_steps += 1
             plan, future = in_flight.popleft()
@@ -349,7 +365,8 @@ class Router:
                 result = await self._result(plan, future)
             except EngineDied as exc:
                 for _, later in in_flight:  # they fail the same way, at once
-                    await asyncio.gather(later, return_exceptions=True)
+                    if later.future is not None:
+                        await asyncio.gather(later.future, return_exceptions=True)
                 in_flight.clear()
                 await self._recover(exc)
                 continue
@@ -385,32 +402,38 @@ class Router:
             return
         self._finish(plan, result)
 
-    async def _result(
-        self, plan: StepPlan, future: asyncio.Future[tuple[StepResult, float]]
-    ) -> StepResult:
+    async def _result(self, plan: StepPlan, submitted: _Submitted) -> StepResult:
         """The step's result; an engine that raised fails the step's rows, not the loop.
         `EngineDied` passes: the engine is gone, not only this step."""
         try:
-            result, round_trip_s = await future
+            assert submitted.future is not None
+            await submitted.future
+            # queued behind any plan submitted meanwhile (planned ahead): the engine may
+            # run that one's forward while this one's tokens land
+            result = await self._collect(submitted)
         except EngineDied:
             raise
         except Exception as exc:
             logger.exception("step %d: the engine failed", plan.step_index)
+            if submitted.collected is not None:  # queued already: nothing more to read
+                await asyncio.gather(submitted.collected, return_exceptions=True)
             message = f"Request failed during generation: {exc}"
             errors = {row.seq_id: message for row in plan.rows}
             return StepResult(errors=errors, kv=self._kv, step_index=plan.step_index)
+        self._engine_keeps_steps = result.kept_in_flight
+        round_trip_s = time.perf_counter() - submitted.started
         self._metrics.engine_step_overhead.observe(max(round_trip_s - result.engine_s, 0.0))
         if self.on_step is not None:
             self.on_step(plan, round_trip_s)
         return result
 
-    def _timed_run(self, plan: StepPlan) -> tuple[StepResult, float]:
-        """`Engine.run` on the engine thread, with its wall time (the round trip)."""
-        started = time.perf_counter()
-        result = self._engine.run(plan)
-        return result, time.perf_counter() - started
+    def _collect(self, submitted: _Submitted) -> asyncio.Future[StepResult]:
+        """Queue the `collect` of a submitted step on the engine thread, once."""
+        if submitted.collected is None:
+            submitted.collected = self._thread.submit(self._engine.collect)
+        return submitted.collected
 
-    def _launch(self, plan: StepPlan) -> tuple[StepPlan, asyncio.Future[tuple[StepResult, float]]]:
+    def _launch(self, plan: StepPlan) -> tuple[StepPlan, _Submitted]:
         """Hand `plan` to the engine thread; its token-bringing rows are now in flight."""
         for row in plan.logits_rows:
             sequence = self._running.get(row.seq_id)
@@ -418,8 +441,14 @@ class Router:
                 sequence.in_flight += 1
         self._releasing.update(plan.finished)
         self._releasing.update(plan.preempted)
-        future = asyncio.ensure_future(self._in_engine(self._timed_run, plan))
-        return plan, future
+        submitted = _Submitted()
+        submitted.future = self._thread.submit(self._timed_submit, plan, submitted)
+        return plan, submitted
+
+    def _timed_submit(self, plan: StepPlan, submitted: _Submitted) -> None:
+        """`Engine.submit` on the engine thread; the step's round trip starts here."""
+        submitted.started = time.perf_counter()
+        self._engine.submit(plan)
 
     def _finish(self, plan: StepPlan, result: StepResult) -> None:
         """Apply one step's result: tokens, stops, errors, reconciliation, gauges."""

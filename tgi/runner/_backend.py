@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from tgi.backend.contract import (
     Batching,
     Capabilities,
+    FedTokens,
     KvLayout,
     KVUsage,
     Limits,
@@ -40,6 +41,8 @@ class RunnerBackend:
             prefix_caching=True,
             chunked_prefill=True,
             prompt_logits=True,
+            # a tensor on this rank's device cannot feed the other ranks' forwards
+            fed_tokens=not self.runner.sharded,
         )
 
     @property
@@ -51,9 +54,10 @@ class RunnerBackend:
         the device prepare its steps (captured graphs)."""
         return self.runner.warmup(limits)
 
-    def step(self, plan: StepPlan) -> StepOutput:
-        """One forward over the plan's rows (`PagedModelRunner.step`)."""
-        return self.runner.step(plan)
+    def step(self, plan: StepPlan, fed: FedTokens | None = None) -> StepOutput:
+        """One forward over the plan's rows (`PagedModelRunner.step`); decode rows
+        without a `last_token` feed theirs from `fed`, on the device."""
+        return self.runner.step(plan, fed)
 
     def release(self, seq_ids: Sequence[int]) -> None:
         """Forget the sequences' tables and lengths; their blocks belong to the router."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from tgi.backend.contract import (
+    FedTokens,
     KVCapacity,
     KVUsage,
     Limits,
@@ -74,6 +75,7 @@ class _Picks:
     counts: list[int]  # logits positions of each (num_logits)
     prompts: list[tuple[int, int, int]]  # (seq_id, flat offset, tokens): prompt logits
     uniform: bool  # every row returns every position, all at one width: no index needed
+    fed: list[tuple[int, int]]  # (flat index, index into `FedTokens.ids`) of fed tokens
 
 
 class PagedModelRunner:
@@ -104,6 +106,11 @@ class PagedModelRunner:
     def model(self) -> LlamaForCausalLM:
         """The model as the device prepared it; BackendError once closed."""
         return self._require_model()
+
+    @property
+    def sharded(self) -> bool:
+        """One rank's slice of the model: every rank must be told the same tokens."""
+        return self._model is not None and self._model.shard is not None
 
     @property
     def bytes_per_token(self) -> int:
@@ -209,8 +216,11 @@ class PagedModelRunner:
 
     # -- steps --------------------------------------------------------------------------
 
-    def step(self, plan: StepPlan) -> StepOutput:
+    def step(self, plan: StepPlan, fed: FedTokens | None = None) -> StepOutput:
         """Apply the plan's changes, then one forward over its rows; see the module NOTE.
+
+        A decode row whose `last_token` is None feeds its token from `fed`, a tensor on
+        the device: one gather into the step's input ids, no host copy.
 
         Raises BackendError for a plan that names a sequence the runner does not hold (or
         one it already holds as new) and when the forward fails; after a failed forward
@@ -224,14 +234,20 @@ class PagedModelRunner:
         if not plan.new and not plan.running:
             return StepOutput((), torch.empty((0, 1, self.spec.vocab_size)))
         rows = StepRows()
-        picks = self._take_rows(plan, rows, warm.tables)
+        picks = self._take_rows(plan, rows, warm.tables, fed)
         index, width, prompts = _logits_index(picks)
         try:
             # IndexError: a table shorter than its row's positions (a broken plan)
             layout = build_step(rows, warm.tables, self.block_size)
             metadata = warm.attention.plan(layout)
             host = [layout.input_ids, layout.positions, *([index] if index is not None else [])]
+            if picks.fed:
+                host.append(torch.tensor(picks.fed, dtype=torch.long))  # [K, 2]
             input_ids, positions, *wanted = self.device.upload(host)
+            if picks.fed:
+                assert fed is not None
+                where = wanted.pop()
+                input_ids[where[:, 0]] = fed.ids[where[:, 1]].to(input_ids.device)
             with torch.inference_mode():
                 out = self._forward(
                     input_ids, positions, warm.attention, metadata, wanted[0] if wanted else None
@@ -247,13 +263,16 @@ class PagedModelRunner:
         prompt_logits = {seq_id: out[first : first + n] for seq_id, first, n in prompts}
         return StepOutput(tuple(picks.seq_ids), logits, prompt_logits)
 
-    def _take_rows(self, plan: StepPlan, rows: StepRows, tables: BlockTables) -> _Picks:
-        """Admit `plan.new`, grow the running tables, fill `rows`; say which logits go back.
+    def _take_rows(
+        self, plan: StepPlan, rows: StepRows, tables: BlockTables, fed: FedTokens | None
+    ) -> _Picks:
+        """Admit `plan.new`, grow the running tables, fill `rows`; say which logits go back
+        and which tokens `fed` brings.
 
         O(rows) and O(blocks appended): tables are never re-read or re-checked here.
         """
         lengths, block_size = self._lengths, self.block_size
-        picks = _Picks([], [], [], [], uniform=True)
+        picks = _Picks([], [], [], [], uniform=True, fed=[])
         offset, width = 0, -1
         for new in plan.new:
             count = len(new.token_ids)
@@ -284,8 +303,13 @@ class PagedModelRunner:
             if run.new_block_ids:
                 tables.extend(run.seq_id, run.new_block_ids)
             if run.decode and run.last_token is None:
-                raise BackendError(f"decode row of seq {run.seq_id} has no last token")
-            tokens, num_logits = run.input_ids, run.num_logits
+                if fed is None or run.seq_id not in fed.rows:
+                    raise BackendError(f"decode row of seq {run.seq_id} has no last token")
+                picks.fed.append((offset, fed.rows[run.seq_id]))
+                tokens: tuple[int, ...] = (0, *run.token_ids)  # 0: a place for the fed one
+            else:
+                tokens = run.input_ids
+            num_logits = run.num_logits
             count = len(tokens)
             num_blocks = len(tables.blocks(run.seq_id))
             if num_blocks * block_size < run.start_position + count:

@@ -1,6 +1,6 @@
 """Device-neutral sampling: torch ops only, so it runs wherever the logits are."""
 
-from tgi.sampling.batch import BatchSampler, SampledTokens
+from tgi.sampling.batch import BatchSampler, PendingTokens, SampledTokens
 from tgi.sampling.params import GrammarSpec, SamplingParams
 from tgi.sampling.sampler import HistoryView, SampleOutput, SamplingBatch, sample
 from tgi.sampling.watermark import WatermarkScore, detect_watermark
@@ -9,6 +9,7 @@ __all__ = [
     "BatchSampler",
     "GrammarSpec",
     "HistoryView",
+    "PendingTokens",
     "SampleOutput",
     "SampledTokens",
     "SamplingBatch",

@@ -5,7 +5,9 @@ NOTE: `BatchSampler` is what a scheduler step calls once per forward. It rebuild
 histories the penalties and the watermark read up to date with device ops, and ends
 with exactly one device-to-host copy: the chosen ids, their logprobs and any top-n
 tokens packed into one float64 tensor and read with one `.tolist()` (float64 holds
-every token id exactly).
+every token id exactly). `sample_on_device` stops before that copy ends: its
+`PendingTokens` holds the ids on the device (what the engine feeds the next forward
+from) while the copy, non-blocking into pinned memory on CUDA, runs; `wait` ends it.
 
 Grammar rows (`SamplingParams.grammar`, a `GrammarSpec`) get a matcher per sequence,
 created at the row's first sample from the spec compiled through the sampler's
@@ -29,9 +31,9 @@ import torch
 from tgi.sampling.grammar import GrammarCompiler, GrammarMask, advance, grammar_bitmask
 from tgi.sampling.history import TokenHistory
 from tgi.sampling.params import SamplingParams
-from tgi.sampling.sampler import HistoryView, SamplingBatch, sample
+from tgi.sampling.sampler import HistoryView, SampleOutput, SamplingBatch, sample
 
-__all__ = ["BatchSampler", "SampledTokens"]
+__all__ = ["BatchSampler", "PendingTokens", "SampledTokens"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,7 @@ class BatchSampler:
         self._cache: dict[str, _Cached] = {}  # per stream of forwards ("prefill", "decode")
         self._history = TokenHistory()
         self._matchers: dict[int, Any] = {}  # seq_id -> llguidance.LLMatcher of its grammar
+        self._unfinished: PendingTokens | None = None  # the last sample, until waited for
 
     def sample(
         self,
@@ -75,7 +78,7 @@ class BatchSampler:
         logits: torch.Tensor,
         prompts: Sequence[Sequence[int] | None] | None = None,
     ) -> SampledTokens:
-        """Choose the next token of every row of `logits` ([R, V]).
+        """Choose the next token of every row of `logits` ([R, V]), on the host.
 
         `stream` names the cache ("prefill" or "decode"): the tensors built for a row set
         are reused while the next call of that stream has the same rows. `prompts`, given
@@ -83,6 +86,23 @@ class BatchSampler:
         that needs one. Mutates the
         histories (each row's chosen token is appended).
         """
+        return self.sample_on_device(stream, seq_ids, params, steps, logits, prompts).wait()
+
+    def sample_on_device(
+        self,
+        stream: str,
+        seq_ids: Sequence[int],
+        params: Sequence[SamplingParams],
+        steps: Sequence[int],
+        logits: torch.Tensor,
+        prompts: Sequence[Sequence[int] | None] | None = None,
+    ) -> PendingTokens:
+        """`sample`, up to the host copy: the choices stay on the logits' device, their
+        copy to the host is started (non-blocking where the device allows), and
+        `PendingTokens.wait` ends it. The next sample must wait until then: grammar
+        rows advance their matchers from the host copy."""
+        if self._unfinished is not None and not self._unfinished.done:
+            raise RuntimeError("the previous sample's tokens were not waited for")
         vocab, device = logits.shape[-1], logits.device
         if prompts is not None:
             for seq_id, row_params, prompt in zip(seq_ids, params, prompts, strict=True):
@@ -107,10 +127,9 @@ class BatchSampler:
         out = sample(logits, cached.batch, step_tensor, history, mask)
         if cached.slots is not None:
             self._history.append(cached.slots, out.token_ids)
-        sampled = _to_host(out.token_ids, out.logprobs, out.top_ids, out.top_logprobs, cached.batch)
-        if matchers:
-            advance(matchers, [sampled.token_ids[row] for row in cached.grammar_rows])
-        return sampled
+        pending = PendingTokens(out, cached.batch, matchers, cached.grammar_rows)
+        self._unfinished = pending
+        return pending
 
     def _grammar_mask(
         self,
@@ -162,20 +181,73 @@ class BatchSampler:
         return len(self._matchers)
 
 
-def _to_host(
-    token_ids: torch.Tensor,
-    logprobs: torch.Tensor,
-    top_ids: torch.Tensor | None,
-    top_logprobs: torch.Tensor | None,
-    batch: SamplingBatch,
-) -> SampledTokens:
-    columns = [token_ids.to(torch.float64)[:, None], logprobs.to(torch.float64)[:, None]]
-    if top_ids is not None and top_logprobs is not None:
-        columns += [top_ids.to(torch.float64), top_logprobs.to(torch.float64)]
-    rows = torch.cat(columns, dim=1).tolist()  # the one device-to-host copy of this forward
-    width = batch.max_top_n
-    top_tokens = [
-        [(int(i), lp) for i, lp in zip(row[2 : 2 + n], row[2 + width : 2 + width + n], strict=True)]
-        for row, n in zip(rows, batch.top_n, strict=True)
-    ]
-    return SampledTokens([int(row[0]) for row in rows], [row[1] for row in rows], top_tokens)
+class PendingTokens:
+    """One forward's choices: on their device at once (`token_ids`, which the next
+    forward may feed), on the host after `wait` (one copy for ids, logprobs and top-n)."""
+
+    def __init__(
+        self,
+        out: SampleOutput,
+        batch: SamplingBatch,
+        matchers: list[Any],
+        grammar_rows: tuple[int, ...],
+    ) -> None:
+        self.token_ids = out.token_ids  # [R] int64, on the logits' device
+        self._batch = batch
+        self._matchers = matchers
+        self._grammar_rows = grammar_rows
+        columns = [
+            out.token_ids.to(torch.float64)[:, None],
+            out.logprobs.to(torch.float64)[:, None],
+        ]
+        if out.top_ids is not None and out.top_logprobs is not None:
+            columns += [out.top_ids.to(torch.float64), out.top_logprobs.to(torch.float64)]
+        # float64 holds every token id exactly: one tensor, one device-to-host copy
+        self._host, self._copied = _start_host_copy(torch.cat(columns, dim=1))
+        self._sampled: SampledTokens | None = None
+
+    @property
+    def in_transit(self) -> bool:
+        """Whether the host copy runs while the host goes on (a non-blocking copy from
+        an accelerator); on a CPU there is nothing to wait for but the copy itself."""
+        return self._copied is not None and self._sampled is None
+
+    @property
+    def done(self) -> bool:
+        return self._sampled is not None
+
+    def wait(self) -> SampledTokens:
+        """The choices on the host (the copy's end), each grammar row's matcher advanced
+        by its token. Idempotent."""
+        if self._sampled is not None:
+            return self._sampled
+        if self._copied is not None:
+            self._copied.synchronize()
+        rows = self._host.tolist()  # on a CPU, the copy itself
+        width = self._batch.max_top_n
+        top_tokens = [
+            [
+                (int(i), lp)
+                for i, lp in zip(row[2 : 2 + n], row[2 + width : 2 + width + n], strict=True)
+            ]
+            for row, n in zip(rows, self._batch.top_n, strict=True)
+        ]
+        sampled = SampledTokens([int(row[0]) for row in rows], [row[1] for row in rows], top_tokens)
+        if self._matchers:
+            advance(self._matchers, [sampled.token_ids[row] for row in self._grammar_rows])
+        self._sampled = sampled
+        return sampled
+
+
+def _start_host_copy(packed: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying `packed` to the host: (the host tensor, an event to wait on).
+
+    On CUDA (and ROCm) a non-blocking copy into pinned memory, waited for through its
+    event; anywhere else the tensor itself, which `tolist` copies when asked."""
+    if packed.device.type != "cuda":
+        return packed, None
+    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied

@@ -17,6 +17,7 @@ the step when a read-back disagrees, so corruption is caught at once.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 
@@ -25,6 +26,7 @@ import torch
 from tgi.backend.contract import (
     Batching,
     Capabilities,
+    FedTokens,
     KVCapacity,
     KvLayout,
     KVUsage,
@@ -78,7 +80,9 @@ class FakePagedBackend:
     Records `plans`, `calls` (as `FakeBackend`), `released`, `prefill_rows` (per step
     with new or chunk rows: `(seq_id, start_position, len(token_ids), want_logits)` of
     each), `prefill_tokens` (tokens computed by those rows; prefix hits are not) and
-    `decode_widths` (per step with decode rows: its largest 1 + drafts).
+    `decode_widths` (per step with decode rows: its largest 1 + drafts). With
+    `fed_tokens` it declares that capability and counts in `fed_rows` the decode rows
+    whose token came as `FedTokens` (read back from the tensor, as a device would).
     """
 
     def __init__(
@@ -93,8 +97,10 @@ class FakePagedBackend:
         prefix_caching: bool = True,
         step_gate: threading.Event | None = None,
         constraints: StepConstraints | None = None,
+        fed_tokens: bool = False,
     ) -> None:
         self.vocab_size = vocab_size
+        self.fed_rows = 0
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.next_token = next_token
@@ -118,6 +124,7 @@ class FakePagedBackend:
             prefix_caching=prefix_caching,
             speculation=speculation,
             prompt_logits=True,
+            fed_tokens=fed_tokens,
         )
 
     @property
@@ -177,11 +184,16 @@ class FakePagedBackend:
 
     # ---- the contract ------------------------------------------------------------------
 
-    def step(self, plan: StepPlan) -> StepOutput:
+    def step(self, plan: StepPlan, fed: FedTokens | None = None) -> StepOutput:
         """Check the plan, drop `finished`/`preempted`, take in `new`, then write every
         row's tokens through its table and compute logits from what reads back."""
         if self.step_gate is not None:
             self.step_gate.wait(timeout=30)
+        if fed is not None:
+            if not self._capabilities.fed_tokens:
+                raise BackendError("FedTokens reached a backend that does not take them")
+            plan = _with_fed_tokens(plan, fed)
+            self.fed_rows += len(fed.rows)
         self.plans.append(plan)
         log_calls(self.calls, plan)
         self._check(plan)
@@ -280,3 +292,16 @@ class FakePagedBackend:
     def close(self) -> None:
         self.shadow.clear()
         self.tables.clear()
+
+
+def _with_fed_tokens(plan: StepPlan, fed: FedTokens) -> StepPlan:
+    """`plan` with the tokens `fed` brings written into its decode rows."""
+    running = []
+    for row in plan.running:
+        index = fed.rows.get(row.seq_id)
+        if index is not None:
+            if not row.decode or row.last_token is not None:
+                raise BackendError(f"FedTokens name seq {row.seq_id}, which has its token")
+            row = dataclasses.replace(row, last_token=int(fed.ids[index]))
+        running.append(row)
+    return dataclasses.replace(plan, running=tuple(running))

@@ -44,9 +44,11 @@ prompt logits skip it, the rest check tokens, KV usage and releases as in `direc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -54,12 +56,15 @@ import torch
 from tgi.backend.contract import (
     Backend,
     Batching,
+    FedStepBackend,
+    FedTokens,
     KVCapacity,
     KvLayout,
     Limits,
     NewSequence,
     RunningSequence,
     StepOutput,
+    StepPlan,
     WarmupReport,
 )
 from tgi.engine.worker.messages import StartWorker
@@ -427,6 +432,40 @@ class BackendConformance:
             driver.finish(list(ids))
             driver.flush()
         assert runs[True] == runs[False] == list(want.values())
+
+    def test_decode_rows_fed_on_the_device_match_their_tokens_in_the_plan(
+        self, driver: Driver, served: Backend, variant: str, reference: ReferenceModel
+    ) -> None:
+        """`fed_tokens`: a decode row whose `last_token` is None reads it from `FedTokens`
+        (ids on the device: what the engine hands over while the step before lands) and
+        gives the logits it gives with the token in the plan."""
+        if not driver.caps.fed_tokens:
+            pytest.skip("backend does not declare fed_tokens")
+        if variant != "direct":
+            pytest.skip("FedTokens never leave the engine's process")
+        prompts = self._prompts(reference.vocab_size, (9, 14, 5))
+        driver.prefill(prompts)
+        out = driver.decode(list(prompts))
+        assert out.logits is not None
+        expected = out.logits.clone()
+        # the same step again (a decode row may start below what the backend holds: it
+        # rewrites those positions), with rows 100 and 102 fed from a tensor
+        rows = driver.plans[-1].running
+        fed = {100: rows[0].last_token, 102: rows[2].last_token}
+        ids = torch.tensor([0, fed[102], 0, fed[100]], device=expected.device)
+        replay = StepPlan(
+            running=tuple(
+                dataclasses.replace(
+                    row,
+                    new_block_ids=(),
+                    last_token=None if row.seq_id in fed else row.last_token,
+                )
+                for row in rows
+            )
+        )
+        again = cast(FedStepBackend, served).step(replay, FedTokens(ids, {100: 3, 102: 1}))
+        assert again.seq_ids == out.seq_ids and again.logits is not None
+        torch.testing.assert_close(again.logits, expected, rtol=0, atol=0)
 
     # -- KV accounting ------------------------------------------------------------------------
 

@@ -364,7 +364,8 @@ class Driver:
         self._preempted.clear()
         self.plans.append(plan)
         if self.engine is not None:
-            return self._take_sampled(plan, self.engine.run(plan))
+            self.engine.submit(plan)
+            return self._take_sampled(plan, self.engine.collect())
         out = self.backend.step(round_trip(plan) if self.wire else plan)
         picked = self._picked(plan, out)
         result = self._take(plan, picked)

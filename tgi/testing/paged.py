@@ -94,12 +94,14 @@ def paged_router(
     max_batch_total_tokens: int | None = None,
     max_total_tokens: int | None = None,
     overlap: bool = False,
+    keep_in_flight: bool | None = None,
 ) -> Router:
     """A `Router` with the paged policy over a warmed-up paged `backend`, with limits a
     test picks freely (a small prefill budget forces chunking, a small pool preemption).
     Its policy is `router.policy`, with the `StepConstraints` warmup reported.
     `max_total_tokens` (default: one block) is what warmup is told one sequence may
-    reach; a real backend enforces it."""
+    reach; a real backend enforces it. `keep_in_flight` goes to the `EngineCore`
+    (True: steps overlap even on a CPU)."""
     from tgi.backend.contract import Limits
     from tgi.metrics import Metrics
     from tgi.router.policies import PagedPolicy, PolicyLimits
@@ -134,7 +136,7 @@ def paged_router(
     from tgi.engine.local import LocalEngine
 
     return Router(
-        LocalEngine(backend),
+        LocalEngine(backend, keep_in_flight=keep_in_flight),
         tokenizer,
         limits=RouterLimits(max_concurrent_requests=1_000_000),
         policy=policy,

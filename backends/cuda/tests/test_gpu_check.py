@@ -75,6 +75,7 @@ def test_dry_run_writes_every_stage(tmp_path: Path) -> None:
     assert [(r["shape"], r["streams"]) for r in bench["rows"]] == [("tiny", 1), ("tiny", 4)]
     for row in bench["rows"]:
         assert row["tgi_tok_s"] > 0 and row["transformers_tok_s"] > 0
+        assert row["engine_tok_s"] > 0 and row["engine_overlap_tok_s"] > 0, row["engine_error"]
     assert bench["bandwidth_gb_s"] > 0
     assert "| tiny | 4 |" in (out / "stage4-bench.md").read_text()
 

@@ -11,7 +11,8 @@ the same: the worker is killed if it is not dead yet and the call raises
              ◄── WorkerReady (capabilities, dtype, pid)
     warmup:  Limits ──► ◄── WarmupReport      (kept: a restart warms with the same
                                                 limits and must report the same room)
-    step:    StepPlan ──► ◄── StepResult
+    step:    StepPlan ──►                     (no answer: the next plan may follow)
+             Query("collect") ──► ◄── StepResult   (the oldest step's)
 
 With several ranks (`StartWorker.world_size` > 1) the engine is one worker per rank:
 rank 0 as above, the others `python -m tgi.engine.worker --follower`, all given
@@ -117,6 +118,11 @@ class WorkerEngine:
         return self._process.pid if self._process is not None else None
 
     @property
+    def world_size(self) -> int:
+        """Ranks the engine spans (one worker process each)."""
+        return self._start.world_size
+
+    @property
     def rank_pids(self) -> list[int]:
         """The worker processes started here, rank 0 first (one unless sharded)."""
         if self._process is None:
@@ -129,7 +135,21 @@ class WorkerEngine:
         return report
 
     def run(self, plan: StepPlan) -> StepResult:
-        return self._ask(plan, StepResult, self._step_timeout_s, f"step {plan.step_index}")
+        """`submit` then `collect`: one step start to end (tests, simple drivers)."""
+        self.submit(plan)
+        return self.collect()
+
+    def submit(self, plan: StepPlan) -> None:
+        """Send the plan; the worker answers only `collect` (its `Query`)."""
+        if self._dead is not None or self._channel is None:
+            raise EngineDied(f"the engine worker is gone: {self._dead or 'never started'}")
+        try:
+            self._channel.send(plan)
+        except ChannelClosed:
+            self._exited()
+
+    def collect(self) -> StepResult:
+        return self._ask(Query("collect"), StepResult, self._step_timeout_s, "a step")
 
     def release(self, seq_ids: Sequence[int]) -> KVUsage:
         return self._ask(Release(tuple(seq_ids)), KVUsage, self._step_timeout_s, "release")

@@ -109,7 +109,7 @@ class Release:
 class Query:
     """A call without arguments."""
 
-    call: Literal["kv_usage", "health", "stats", "shutdown"]
+    call: Literal["collect", "kv_usage", "health", "stats", "shutdown"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -202,8 +202,14 @@ def _answer(
     kinds = (StepPlan, Limits, Release, Query)
     while True:
         message = channel.receive(kinds, peer_alive=alive)
+        answer: object
         if isinstance(message, StepPlan):
-            answer: object = core.run(message)  # never raises for a backend failure
+            core.submit(message)  # never raises for a backend failure; answered by collect
+            if group is not None and group.broken is not None:
+                raise PeerLost(group.broken)
+            continue
+        if isinstance(message, Query) and message.call == "collect":
+            answer = core.collect()
         else:
             try:
                 answer = _call(message, backend, core)

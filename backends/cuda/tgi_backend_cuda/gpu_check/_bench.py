@@ -4,7 +4,9 @@ Llama-shaped random bf16 models (1B and 8B shapes; the tiny shape in the dry run
 built on the device without files. For each number of streams, tgi prefills that many
 prompts through the contract (`StepPlan.new`, in chunks) and times decode steps of all
 rows (`RunningSequence` decode rows, a block appended at each block boundary), taking
-each step's greedy tokens to the host as the engine does. transformers' decode time is
+each step's greedy tokens to the host as the engine does; then the same through the
+engine core, in turn and overlapped (what keeping sampled ids on the device between
+steps buys). transformers' decode time is
 `generate()` of `steps + 1` tokens minus `generate()` of one (its prefill), same prompts.
 
 The HBM roof is measured in the same run: a device-to-device copy, bytes read plus
@@ -65,6 +67,11 @@ class BenchRow:
     tgi_ms_per_step: float | None = None
     tgi_tok_s: float | None = None
     tgi_error: str | None = None
+    # the same decode through the engine core (sampling included): one step in turn,
+    # and overlapped (the next plan submitted before this step is collected)
+    engine_tok_s: float | None = None
+    engine_overlap_tok_s: float | None = None
+    engine_error: str | None = None
     transformers_ms_per_step: float | None = None
     transformers_tok_s: float | None = None
     transformers_error: str | None = None
@@ -177,6 +184,25 @@ def _bench_tgi(
         logger.info(
             "stage 4: tgi %s x%d: %s tok/s", shape.name, row.streams, _num(row.tgi_tok_s, 1)
         )
+        try:
+            engine = _EngineDecode(backend, block_size, blocks_per_seq, seq_ids)
+            vocab = int(shape.config["vocab_size"])
+            for overlap in (False, True):
+                ms = engine.run(row.streams, settings, vocab, device, overlap=overlap)
+                tok_s = row.streams * 1000 / ms
+                if overlap:
+                    row.engine_overlap_tok_s = tok_s
+                else:
+                    row.engine_tok_s = tok_s
+        except Exception as exc:  # recorded: the next streams count still runs
+            row.engine_error = error_text(exc)
+        logger.info(
+            "stage 4: engine %s x%d: %s tok/s in turn, %s overlapped",
+            shape.name,
+            row.streams,
+            _num(row.engine_tok_s, 1),
+            _num(row.engine_overlap_tok_s, 1),
+        )
         save()
     _close(backend)
 
@@ -256,6 +282,91 @@ class _TgiDecode:
         else:
             raise RuntimeError("the step returned neither token ids nor logits")
         self.last.update(zip(output.seq_ids, tokens, strict=True))
+
+
+class _EngineDecode:
+    """`_TgiDecode`'s batch through `EngineCore`, which samples (greedy) and feeds each
+    decode row its token: in turn (`run`), or overlapped, each plan submitted before the
+    step before is collected, so its forward starts while that step's tokens land (fed
+    from the device: `tgi.engine.core`'s NOTE). What overlap buys is the ratio."""
+
+    def __init__(
+        self, backend: Any, block_size: int, blocks_per_seq: int, seq_ids: Iterator[int]
+    ) -> None:
+        self.backend, self.block_size, self.blocks_per_seq = backend, block_size, blocks_per_seq
+        self.seq_ids = seq_ids
+
+    def run(
+        self,
+        streams: int,
+        settings: BenchSettings,
+        vocab: int,
+        device: torch.device,
+        *,
+        overlap: bool,
+    ) -> float:
+        """Milliseconds per decode step of `streams` rows."""
+        from tgi.engine.core import EngineCore
+
+        core = EngineCore(self.backend)
+        ids = [next(self.seq_ids) for _ in range(streams)]
+        first = {seq_id: i * self.blocks_per_seq for i, seq_id in enumerate(ids)}
+        generator = torch.Generator().manual_seed(streams)
+        prompts = torch.randint(vocab, (streams, settings.prompt_tokens), generator=generator)
+        prompt_blocks = -(-settings.prompt_tokens // self.block_size)
+        per_step = max(1, _PREFILL_CHUNK_TOKENS // settings.prompt_tokens)
+        steps = itertools.count(1)
+
+        def decode(position: int) -> StepPlan:
+            appends = position % self.block_size == 0
+            block = position // self.block_size
+            return StepPlan(
+                running=tuple(
+                    RunningSequence(
+                        seq_id,
+                        position,
+                        decode=True,
+                        new_block_ids=(first[seq_id] + block,) if appends else (),
+                    )
+                    for seq_id in ids
+                ),
+                step_index=next(steps),
+            )
+
+        try:
+            for start in range(0, streams, per_step):
+                new = tuple(
+                    NewSequence(
+                        seq_id,
+                        tuple(prompts[start + i].tolist()),
+                        block_ids=tuple(range(first[seq_id], first[seq_id] + prompt_blocks)),
+                    )
+                    for i, seq_id in enumerate(ids[start : start + per_step])
+                )
+                core.run(StepPlan(new=new, step_index=next(steps)))
+            position = settings.prompt_tokens
+            core.run(decode(position))  # untimed: this batch size's first step
+            _sync(device)
+            started = time.perf_counter()
+            if overlap:
+                core.submit(decode(position + 1))
+                for step in range(2, settings.decode_steps + 1):
+                    core.submit(decode(position + step))
+                    core.collect()
+                core.collect()
+            else:
+                for step in range(1, settings.decode_steps + 1):
+                    core.run(decode(position + step))
+            _sync(device)
+            elapsed = time.perf_counter() - started
+        finally:
+            core.release(ids)
+            while True:  # a step left in flight by a failure is collected, not kept
+                try:
+                    core.collect()
+                except RuntimeError:
+                    break
+        return elapsed * 1000 / settings.decode_steps
 
 
 def _bench_transformers(
@@ -368,8 +479,9 @@ def _markdown(report: BenchReport) -> str:
     lines += [
         "",
         "| shape | streams | tgi ms/step | tgi tok/s | transformers ms/step "
-        "| transformers tok/s | tgi / transformers | tgi % of batch-1 roof |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| transformers tok/s | tgi / transformers | tgi % of batch-1 roof "
+        "| engine tok/s | engine overlapped tok/s | overlapped / in turn |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     roofs = {info.name: info.roof_tok_s for info in report.shapes}
     for row in report.rows:
@@ -384,15 +496,26 @@ def _markdown(report: BenchReport) -> str:
             if row.streams == 1 and row.tgi_tok_s and roof_tok_s
             else None
         )
+        overlap = (
+            row.engine_overlap_tok_s / row.engine_tok_s
+            if row.engine_overlap_tok_s and row.engine_tok_s
+            else None
+        )
         lines.append(
             f"| {row.shape} | {row.streams} | {_num(row.tgi_ms_per_step, 2)} "
             f"| {_num(row.tgi_tok_s, 0)} | {_num(row.transformers_ms_per_step, 2)} "
-            f"| {_num(row.transformers_tok_s, 0)} | {_num(ratio, 2)} | {_num(of_roof, 0)} |"
+            f"| {_num(row.transformers_tok_s, 0)} | {_num(ratio, 2)} | {_num(of_roof, 0)} "
+            f"| {_num(row.engine_tok_s, 0)} | {_num(row.engine_overlap_tok_s, 0)} "
+            f"| {_num(overlap, 2)} |"
         )
     errors = [
         f"- {row.shape} x{row.streams}: {side} {error}"
         for row in report.rows
-        for side, error in (("tgi", row.tgi_error), ("transformers", row.transformers_error))
+        for side, error in (
+            ("tgi", row.tgi_error),
+            ("engine", row.engine_error),
+            ("transformers", row.transformers_error),
+        )
         if error
     ]
     return "\n".join([*lines, *(["", "Errors:", *errors] if errors else [])]) + "\n"
