@@ -209,6 +209,7 @@ def _llama_cpp(port: int, args: argparse.Namespace, total: int, gguf: Path) -> l
         "--threads",
         str(args.threads),
         "--no-webui",
+        *args.llama_args.split(),
     ]
 
 
@@ -567,6 +568,12 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument(
+        "--llama-args",
+        default="",
+        help="extra llama-server flags, e.g. '--no-repack' where its weight repacking "
+        "crashes at load (seen on an AMX VM)",
+    )
     parser.add_argument("--name", default=f"{today}-smollm2-cpu", help="result file stem")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "tgi-test")

@@ -61,6 +61,9 @@ class Environment:
     # Linux PSI: % of the last 10 s / 60 s / 300 s some task waited for a CPU; None elsewhere.
     # Anything well above 0 means other work competed with the run.
     cpu_pressure: tuple[float, float, float] | None = None
+    # the CPU's matrix and vector extensions (`CPU_FEATURES` it has): which dtype and
+    # kernels win depends on them more than on the model name, which a VM often hides
+    cpu_features: tuple[str, ...] = ()
 
     @classmethod
     def collect(cls) -> Environment:
@@ -77,12 +80,14 @@ class Environment:
             python=sys.version.split()[0],
             packages=_versions(_PACKAGES),
             cpu_pressure=cpu_pressure(),
+            cpu_features=cpu_features(),
         )
 
     @property
     def summary(self) -> str:
+        features = f" ({' '.join(self.cpu_features)})" if self.cpu_features else ""
         return (
-            f"{self.cpu_model}, {self.cpus_usable} of {self.cpu_count} CPUs usable, "
+            f"{self.cpu_model}{features}, {self.cpus_usable} of {self.cpu_count} CPUs usable, "
             f"{self.memory_gib:.0f} GiB, {self.platform}"
         )
 
@@ -95,6 +100,31 @@ def _cpu_model() -> str:
     except OSError:
         pass  # not Linux: fall back to what platform knows
     return platform.processor() or platform.machine()
+
+
+# /proc/cpuinfo flags that decide CPU serving speed: bf16/int8 dot products, AMX tiles
+CPU_FEATURES = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_bf16",
+    "amx_int8",
+)
+
+
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
+    """The `CPU_FEATURES` this CPU reports, in that order; () where `cpuinfo` is not."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return tuple(f for f in CPU_FEATURES if f in flags)
+    except OSError:
+        pass
+    return ()
 
 
 def cpu_pressure() -> tuple[float, float, float] | None:
