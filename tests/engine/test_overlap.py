@@ -127,8 +127,10 @@ def test_a_backend_without_fed_tokens_lands_the_step_before_first(log: list[str]
     engine = EngineCore(HostBackend(log), keep_in_flight=True)
     engine.submit(StepPlan(new=(new(1, (4, 5, 6)),), step_index=1))
     engine.submit(StepPlan(running=(decode(1, 3),), step_index=2))
-    assert log == ["forward 1", "land", "forward 2"]
-    assert tokens(engine.collect()) == [(1, successor(6))]
+    # nothing the next forward could feed on: every step lands before submit returns
+    assert log == ["forward 1", "land", "forward 2", "land"]
+    first = engine.collect()
+    assert tokens(first) == [(1, successor(6))] and not first.kept_in_flight
     second = engine.collect()
     assert not second.errors and tokens(second) == [(1, successor(successor(6)))]
 
@@ -198,3 +200,43 @@ def test_on_a_cpu_a_step_lands_before_submit_returns(log: list[str]) -> None:
     kept = EngineCore(FedBackend([]), keep_in_flight=True)
     kept.submit(StepPlan(new=(new(1, (4,)),), step_index=1))
     assert kept.collect().kept_in_flight
+
+
+@pytest.fixture
+def lost_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first landing fails, as a device error surfacing at the copy's end would."""
+    wait = PendingTokens.wait
+    failures = [RuntimeError("device lost")]
+
+    def failing_wait(self: PendingTokens) -> object:
+        if failures and not self.done:
+            self._failed = failures.pop()  # type: ignore[attr-defined]
+            raise self._failed  # type: ignore[attr-defined,misc]
+        return wait(self)
+
+    monkeypatch.setattr(PendingTokens, "wait", failing_wait)
+
+
+@pytest.mark.usefixtures("lost_copy")
+def test_a_step_that_fails_to_land_recomputes_its_rows_and_the_next_steps() -> None:
+    engine = EngineCore(FedBackend([]), keep_in_flight=True)
+    engine.submit(StepPlan(new=(new(1, (4,)), new(2, (9,))), step_index=1))
+    engine.submit(StepPlan(new=(new(3, (8,)),), running=(decode(1, 1), decode(2, 1)), step_index=2))
+    lost, after = engine.collect(), engine.collect()
+    assert sorted(lost.recompute) == [1, 2] and not lost.tokens and not lost.errors
+    # seq 3 shared a forward that fed on the lost tokens: recomputed, not blamed
+    assert after.recompute == [3] and not after.tokens and not after.errors
+    # nothing is stuck: the sampler and the engine take the next step
+    assert tokens(engine.run(StepPlan(new=(new(5, (6,)),), step_index=3))) == [(5, successor(6))]
+
+
+@pytest.mark.usefixtures("lost_copy")
+def test_a_failed_forward_after_a_failed_landing_fails_each_row_once() -> None:
+    engine = EngineCore(FedBackend([], fail_on_step=2), keep_in_flight=True)
+    engine.submit(StepPlan(new=(new(1, (4,)),), step_index=1))
+    engine.submit(StepPlan(new=(new(2, (9,)),), running=(decode(1, 1),), step_index=2))
+    lost, failed = engine.collect(), engine.collect()
+    assert list(lost.errors) == [1] and not lost.recompute  # alone in its step: to blame
+    assert list(failed.errors) == [2] and not failed.recompute
+    assert engine.num_tracked == 0
+    assert tokens(engine.run(StepPlan(new=(new(5, (6,)),), step_index=3))) == [(5, successor(6))]

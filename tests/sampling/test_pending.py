@@ -45,3 +45,18 @@ def test_a_sample_before_the_last_one_was_waited_for_is_refused() -> None:
         sampler.sample_on_device("step", [1, 2, 3], PARAMS, [1] * 3, logits(1))
     tokens.wait()
     sampler.sample_on_device("step", [1, 2, 3], PARAMS, [1] * 3, logits(1)).wait()
+
+
+def test_a_copy_that_fails_fails_its_wait_and_frees_the_sampler() -> None:
+    class Broken:
+        def tolist(self) -> list[list[float]]:
+            raise RuntimeError("device lost")
+
+    sampler = BatchSampler()
+    tokens = sampler.sample_on_device("step", [1, 2, 3], PARAMS, [0] * 3, logits(0))
+    tokens._host = Broken()  # type: ignore[assignment]
+    for _ in range(2):  # the same error again, not a second copy
+        with pytest.raises(RuntimeError, match="device lost"):
+            tokens.wait()
+    assert tokens.done and not tokens.in_transit
+    sampler.sample_on_device("step", [1, 2, 3], PARAMS, [1] * 3, logits(1)).wait()

@@ -192,6 +192,8 @@ class EngineCore:
             self._check(rows, output)
         except Exception as exc:  # a backend failure fails these rows, not the server
             landed_s += self._land()  # the step before's tokens are good: they go first
+            if flight is not None and (flight.result.errors or flight.result.recompute):
+                plan = self._without_rows(plan, set(flight.index))  # dealt with already
             self._fail(plan, exc, result)
             result.kv = self._backend.kv_usage()
             result.engine_s = time.perf_counter() - began - landed_s
@@ -199,14 +201,20 @@ class EngineCore:
             return
         forward_s = time.perf_counter() - started
         result.kv = self._backend.kv_usage()  # as of this step, whatever lands later
+        if flight is not None:
+            # while this forward runs on a device, the step before lands
+            landed_s += self._land()
+            if flight.result.errors or flight.result.recompute:
+                # Its failure dealt with its rows. This step's others did nothing wrong,
+                # but the forward they shared fed on those tokens: all are recomputed.
+                plan = self._without_rows(plan, set(flight.index))
+                failed = RuntimeError(f"step {flight.plan.step_index} before it failed")
+                self._fail(plan, failed, result, blame=False)
+                result.kv = self._backend.kv_usage()
+                result.engine_s = time.perf_counter() - began - landed_s
+                self._ready.append(result)
+                return
         try:
-            if flight is not None:
-                # while this forward runs on a device, the step before lands
-                landed_s += self._land()
-                if flight.result.errors or flight.result.recompute:
-                    # its failure dealt with its rows; this step fed on its tokens
-                    plan = self._without_rows(plan, set(flight.index))
-                    raise RuntimeError(f"step {flight.plan.step_index} before it failed")
             tokens = self._sample_on_device(rows, output)
         except Exception as exc:
             self._fail(plan, exc, result)
@@ -268,12 +276,14 @@ class EngineCore:
         )
 
     def _keeps_flying(self, flight: _InFlight) -> bool:
-        """Whether `flight` may stay in flight while the next step runs: its tokens are
-        still on their way from the device (on a CPU the next forward would only delay
-        this result), and nothing of it is read from its logits after sampling (no
-        drafts, no prompt logprobs)."""
+        """Whether `flight` may stay in flight while the next step runs: the backend
+        takes `FedTokens`, its tokens are still on their way from the device (on a CPU
+        the next forward would only delay this result), and nothing of it is read from
+        its logits after sampling (no drafts, no prompt logprobs)."""
         tokens = flight.tokens
-        if not isinstance(tokens, PendingTokens) or self._keep_in_flight is False:
+        if not self._feeds or self._keep_in_flight is False:
+            return False  # the next forward could not feed on them: nothing to overlap
+        if not isinstance(tokens, PendingTokens):
             return False
         if self._keep_in_flight is None and not tokens.in_transit:
             return False
@@ -447,17 +457,20 @@ class EngineCore:
                 result.drafts_accepted += 1
             cursor += len(drafts)
 
-    def _fail(self, plan: StepPlan, exc: Exception, result: StepResult) -> None:
+    def _fail(
+        self, plan: StepPlan, exc: Exception, result: StepResult, *, blame: bool = True
+    ) -> None:
         """The forward failed: every row's KV is undefined and is dropped (released).
 
         Which rows get the error and which are recomputed is `_blame`'s rule. A
         recomputed row that generated already keeps its sampler state (held=False until
         it comes back new); one that sampled nothing starts afresh. The router then
         admits at most one suspect per step (`Router._admissible`), so a recomputed row
-        runs without the others it failed beside."""
+        runs without the others it failed beside. With `blame` False (the step failed
+        because the one before it did) every row is recomputed and none is suspected."""
         ids = [row.seq_id for row in plan.rows]
         logger.exception("step %d failed for %d rows", plan.step_index, len(ids))
-        retried = self._blame(ids)
+        retried = self._blame(ids) if blame else set(ids)
         # The step may have failed before it dropped its finished and preempted ones.
         dropped = [*ids, *plan.finished, *plan.preempted]
         try:
@@ -465,12 +478,16 @@ class EngineCore:
         except Exception:  # nothing more to do for them; reconciliation reports strays
             logger.exception("releasing the rows of failed step %d failed", plan.step_index)
         self._released.update(ids)
-        self._forget([i for i in ids if i not in retried or not self._tracked[i].num_sampled])
+        tracked = self._tracked
+        self._forget(
+            [i for i in ids if i not in retried or i not in tracked or not tracked[i].num_sampled]
+        )
         for seq_id in retried:
-            if seq_id in self._tracked:
-                self._tracked[seq_id].held = False
-        self._suspects.difference_update(i for i in ids if i not in retried)
-        self._suspects.update(retried)
+            if seq_id in tracked:
+                tracked[seq_id].held = False
+        if blame:
+            self._suspects.difference_update(i for i in ids if i not in retried)
+            self._suspects.update(retried)
         message = f"Request failed during generation: {exc}"
         result.errors.update({seq_id: message for seq_id in ids if seq_id not in retried})
         result.recompute.extend(i for i in ids if i in retried)

@@ -412,6 +412,8 @@ class Router:
             # run that one's forward while this one's tokens land
             result = await self._collect(submitted)
         except EngineDied:
+            if submitted.collected is not None:  # queued already: it fails the same way
+                await asyncio.gather(submitted.collected, return_exceptions=True)
             raise
         except Exception as exc:
             logger.exception("step %d: the engine failed", plan.step_index)

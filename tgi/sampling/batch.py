@@ -205,25 +205,33 @@ class PendingTokens:
         # float64 holds every token id exactly: one tensor, one device-to-host copy
         self._host, self._copied = _start_host_copy(torch.cat(columns, dim=1))
         self._sampled: SampledTokens | None = None
+        self._failed: Exception | None = None  # the copy's error, once `wait` saw it
 
     @property
     def in_transit(self) -> bool:
         """Whether the host copy runs while the host goes on (a non-blocking copy from
         an accelerator); on a CPU there is nothing to wait for but the copy itself."""
-        return self._copied is not None and self._sampled is None
+        return self._copied is not None and not self.done
 
     @property
     def done(self) -> bool:
-        return self._sampled is not None
+        """Waited for: landed, or failed to."""
+        return self._sampled is not None or self._failed is not None
 
     def wait(self) -> SampledTokens:
         """The choices on the host (the copy's end), each grammar row's matcher advanced
         by its token. Idempotent."""
         if self._sampled is not None:
             return self._sampled
-        if self._copied is not None:
-            self._copied.synchronize()
-        rows = self._host.tolist()  # on a CPU, the copy itself
+        if self._failed is not None:
+            raise self._failed
+        try:
+            if self._copied is not None:
+                self._copied.synchronize()
+            rows = self._host.tolist()  # on a CPU, the copy itself
+        except Exception as exc:  # done, failed: the sampler may take the next forward
+            self._failed = exc
+            raise
         width = self._batch.max_top_n
         top_tokens = [
             [
