@@ -178,9 +178,7 @@ class EngineCore:
                     self._backend.step(plan)  # releases only
                 except Exception:  # the ids are gone from the router; reconciliation retries
                     logger.exception("releasing %d sequences failed", len(plan.finished))
-            result.kv = self._backend.kv_usage()
-            result.engine_s = time.perf_counter() - began - landed_s
-            self._ready.append(result)
+            self._done(result, time.perf_counter() - began - landed_s)
             return
         rows = plan.logits_rows
         started = time.perf_counter()
@@ -195,9 +193,7 @@ class EngineCore:
             if flight is not None and (flight.result.errors or flight.result.recompute):
                 plan = self._without_rows(plan, set(flight.index))  # dealt with already
             self._fail(plan, exc, result)
-            result.kv = self._backend.kv_usage()
-            result.engine_s = time.perf_counter() - began - landed_s
-            self._ready.append(result)
+            self._done(result, time.perf_counter() - began - landed_s)
             return
         forward_s = time.perf_counter() - started
         result.kv = self._backend.kv_usage()  # as of this step, whatever lands later
@@ -210,17 +206,13 @@ class EngineCore:
                 plan = self._without_rows(plan, set(flight.index))
                 failed = RuntimeError(f"step {flight.plan.step_index} before it failed")
                 self._fail(plan, failed, result, blame=False)
-                result.kv = self._backend.kv_usage()
-                result.engine_s = time.perf_counter() - began - landed_s
-                self._ready.append(result)
+                self._done(result, time.perf_counter() - began - landed_s)
                 return
         try:
             tokens = self._sample_on_device(rows, output)
         except Exception as exc:
             self._fail(plan, exc, result)
-            result.kv = self._backend.kv_usage()
-            result.engine_s = time.perf_counter() - began - landed_s
-            self._ready.append(result)
+            self._done(result, time.perf_counter() - began - landed_s)
             return
         result.engine_s = time.perf_counter() - began - landed_s
         index = {row.seq_id: i for i, row in enumerate(rows)}
@@ -230,6 +222,13 @@ class EngineCore:
             result.kept_in_flight = True
         else:
             self._land()
+
+    def _done(self, result: StepResult, engine_s: float) -> None:
+        """A step that ends within its `submit` (releases only, or failed): its result,
+        with the KV usage as it is now, waits for `collect`."""
+        result.kv = self._backend.kv_usage()
+        result.engine_s = engine_s
+        self._ready.append(result)
 
     def collect(self) -> StepResult:
         """The oldest submitted step's result; lands the step in flight if it is that one."""

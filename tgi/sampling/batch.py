@@ -7,7 +7,8 @@ with exactly one device-to-host copy: the chosen ids, their logprobs and any top
 tokens packed into one float64 tensor and read with one `.tolist()` (float64 holds
 every token id exactly). `sample_on_device` stops before that copy ends: its
 `PendingTokens` holds the ids on the device (what the engine feeds the next forward
-from) while the copy, non-blocking into pinned memory on CUDA, runs; `wait` ends it.
+from) while the copy, non-blocking into pinned memory on an accelerator, runs; `wait`
+ends it.
 
 Grammar rows (`SamplingParams.grammar`, a `GrammarSpec`) get a matcher per sequence,
 created at the row's first sample from the spec compiled through the sampler's
@@ -250,12 +251,16 @@ class PendingTokens:
 def _start_host_copy(packed: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """Start copying `packed` to the host: (the host tensor, an event to wait on).
 
-    On CUDA (and ROCm) a non-blocking copy into pinned memory, waited for through its
-    event; anywhere else the tensor itself, which `tolist` copies when asked."""
-    if packed.device.type != "cuda":
+    On an accelerator, a non-blocking copy into pinned memory, waited for through a
+    device-neutral `torch.Event`; on a CPU, or an accelerator without events or pinned
+    memory, the tensor itself, which `tolist` copies (blocking) when asked."""
+    if packed.device.type == "cpu":
         return packed, None
-    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    try:
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        copied = torch.Event(device=packed.device)
+    except (RuntimeError, ValueError, TypeError):  # no pinned memory or events there
+        return packed, None
     host.copy_(packed, non_blocking=True)
-    copied = torch.cuda.Event()
     copied.record()
     return host, copied

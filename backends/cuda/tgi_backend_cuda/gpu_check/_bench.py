@@ -207,15 +207,70 @@ def _bench_tgi(
     _close(backend)
 
 
-class _TgiDecode:
-    """One batch of streams through the contract: prefill, then timed decode steps.
-
-    Each sequence owns the blocks [i * blocks_per_seq, (i + 1) * blocks_per_seq); a new
-    sequence names those covering its prompt, and a decode row at a block boundary
-    appends the next one, as the scheduler's policy does:
+class _Batch:
+    """One batch of streams' plans: each sequence owns the blocks
+    [i * blocks_per_seq, (i + 1) * blocks_per_seq); a new sequence names those covering
+    its prompt, and a decode row at a block boundary appends the next one, as the
+    scheduler's policy does:
 
         prompt 128, block 16:  new: blocks 0..7   position 128: +8   position 144: +9
     """
+
+    def __init__(
+        self,
+        streams: int,
+        settings: BenchSettings,
+        vocab: int,
+        block_size: int,
+        blocks_per_seq: int,
+        seq_ids: Iterator[int],
+    ) -> None:
+        self.ids = [next(seq_ids) for _ in range(streams)]
+        self.block_size = block_size
+        self.first = {seq_id: i * blocks_per_seq for i, seq_id in enumerate(self.ids)}
+        generator = torch.Generator().manual_seed(streams)
+        self.prompts = torch.randint(vocab, (streams, settings.prompt_tokens), generator=generator)
+        self.prompt_tokens = settings.prompt_tokens
+        self.steps = itertools.count(1)
+
+    def prefill_plans(self) -> Iterator[StepPlan]:
+        """The prompts, as many per plan as `_PREFILL_CHUNK_TOKENS` allows."""
+        prompt_blocks = -(-self.prompt_tokens // self.block_size)
+        per_step = max(1, _PREFILL_CHUNK_TOKENS // self.prompt_tokens)
+        for start in range(0, len(self.ids), per_step):
+            new = tuple(
+                NewSequence(
+                    seq_id,
+                    tuple(self.prompts[start + i].tolist()),
+                    block_ids=tuple(range(self.first[seq_id], self.first[seq_id] + prompt_blocks)),
+                )
+                for i, seq_id in enumerate(self.ids[start : start + per_step])
+            )
+            yield StepPlan(new=new, step_index=next(self.steps))
+
+    def decode_plan(self, position: int, last: dict[int, int] | None = None) -> StepPlan:
+        """Every stream's decode row at `position`, feeding `last[seq_id]` (None: the
+        engine fills the tokens in)."""
+        appends = position % self.block_size == 0
+        block = position // self.block_size
+        return StepPlan(
+            running=tuple(
+                RunningSequence(
+                    seq_id,
+                    position,
+                    decode=True,
+                    last_token=last[seq_id] if last is not None else None,
+                    new_block_ids=(self.first[seq_id] + block,) if appends else (),
+                )
+                for seq_id in self.ids
+            ),
+            step_index=next(self.steps),
+        )
+
+
+class _TgiDecode:
+    """One batch of streams through the contract: prefill, then timed decode steps,
+    each step's greedy tokens taken to the host as the engine does."""
 
     def __init__(
         self, backend: Any, block_size: int, blocks_per_seq: int, seq_ids: Iterator[int]
@@ -226,52 +281,21 @@ class _TgiDecode:
 
     def run(self, streams: int, settings: BenchSettings, vocab: int, device: torch.device) -> float:
         """Milliseconds per decode step of `streams` rows."""
-        ids = [next(self.seq_ids) for _ in range(streams)]
-        tables = {
-            seq_id: range(i * self.blocks_per_seq, (i + 1) * self.blocks_per_seq)
-            for i, seq_id in enumerate(ids)
-        }
-        generator = torch.Generator().manual_seed(streams)
-        prompts = torch.randint(vocab, (streams, settings.prompt_tokens), generator=generator)
-        prompt_blocks = -(-settings.prompt_tokens // self.block_size)
-        per_step = max(1, _PREFILL_CHUNK_TOKENS // settings.prompt_tokens)
+        batch = _Batch(streams, settings, vocab, self.block_size, self.blocks_per_seq, self.seq_ids)
         try:
-            for start in range(0, streams, per_step):
-                chunk = ids[start : start + per_step]
-                new = tuple(
-                    NewSequence(
-                        seq_id,
-                        tuple(prompts[start + i].tolist()),
-                        block_ids=tuple(tables[seq_id][:prompt_blocks]),
-                    )
-                    for i, seq_id in enumerate(chunk)
-                )
-                self._take(self.backend.step(StepPlan(new=new)))
+            for plan in batch.prefill_plans():
+                self._take(self.backend.step(plan))
             position = settings.prompt_tokens
-            self._decode(ids, tables, position)  # untimed: this batch size's first step
+            self._take(self.backend.step(batch.decode_plan(position, self.last)))  # untimed
             _sync(device)
             started = time.perf_counter()
             for step in range(1, settings.decode_steps + 1):
-                self._decode(ids, tables, position + step)
+                self._take(self.backend.step(batch.decode_plan(position + step, self.last)))
             _sync(device)
             elapsed = time.perf_counter() - started
         finally:
-            self.backend.release(ids)
+            self.backend.release(batch.ids)
         return elapsed * 1000 / settings.decode_steps
-
-    def _decode(self, ids: list[int], tables: dict[int, range], position: int) -> None:
-        appends = position % self.block_size == 0
-        running = tuple(
-            RunningSequence(
-                seq_id,
-                position,
-                decode=True,
-                last_token=self.last[seq_id],
-                new_block_ids=(tables[seq_id][position // self.block_size],) if appends else (),
-            )
-            for seq_id in ids
-        )
-        self._take(self.backend.step(StepPlan(running=running)))
 
     def _take(self, output: StepOutput) -> None:
         """The greedy tokens, on the host: the engine's one copy per step."""
@@ -309,58 +333,27 @@ class _EngineDecode:
         from tgi.engine.core import EngineCore
 
         core = EngineCore(self.backend)
-        ids = [next(self.seq_ids) for _ in range(streams)]
-        first = {seq_id: i * self.blocks_per_seq for i, seq_id in enumerate(ids)}
-        generator = torch.Generator().manual_seed(streams)
-        prompts = torch.randint(vocab, (streams, settings.prompt_tokens), generator=generator)
-        prompt_blocks = -(-settings.prompt_tokens // self.block_size)
-        per_step = max(1, _PREFILL_CHUNK_TOKENS // settings.prompt_tokens)
-        steps = itertools.count(1)
-
-        def decode(position: int) -> StepPlan:
-            appends = position % self.block_size == 0
-            block = position // self.block_size
-            return StepPlan(
-                running=tuple(
-                    RunningSequence(
-                        seq_id,
-                        position,
-                        decode=True,
-                        new_block_ids=(first[seq_id] + block,) if appends else (),
-                    )
-                    for seq_id in ids
-                ),
-                step_index=next(steps),
-            )
-
+        batch = _Batch(streams, settings, vocab, self.block_size, self.blocks_per_seq, self.seq_ids)
         try:
-            for start in range(0, streams, per_step):
-                new = tuple(
-                    NewSequence(
-                        seq_id,
-                        tuple(prompts[start + i].tolist()),
-                        block_ids=tuple(range(first[seq_id], first[seq_id] + prompt_blocks)),
-                    )
-                    for i, seq_id in enumerate(ids[start : start + per_step])
-                )
-                core.run(StepPlan(new=new, step_index=next(steps)))
+            for plan in batch.prefill_plans():
+                core.run(plan)
             position = settings.prompt_tokens
-            core.run(decode(position))  # untimed: this batch size's first step
+            core.run(batch.decode_plan(position))  # untimed: this batch size's first step
             _sync(device)
             started = time.perf_counter()
             if overlap:
-                core.submit(decode(position + 1))
+                core.submit(batch.decode_plan(position + 1))
                 for step in range(2, settings.decode_steps + 1):
-                    core.submit(decode(position + step))
+                    core.submit(batch.decode_plan(position + step))
                     core.collect()
                 core.collect()
             else:
                 for step in range(1, settings.decode_steps + 1):
-                    core.run(decode(position + step))
+                    core.run(batch.decode_plan(position + step))
             _sync(device)
             elapsed = time.perf_counter() - started
         finally:
-            core.release(ids)
+            core.release(batch.ids)
             while True:  # a step left in flight by a failure is collected, not kept
                 try:
                     core.collect()
