@@ -78,6 +78,9 @@ ShutdownTimeout = Annotated[float | None, _opt("shutdown_timeout", "--shutdown-t
 EngineProcess = Annotated[
     bool | None, _opt("engine_process", "--engine-process/--no-engine-process")
 ]
+EngineHugePages = Annotated[
+    bool | None, _opt("engine_huge_pages", "--engine-huge-pages/--no-engine-huge-pages")
+]
 EngineStepTimeout = Annotated[float | None, _opt("engine_step_timeout", "--engine-step-timeout")]
 MaxEngineRestarts = Annotated[int | None, _opt("max_engine_restarts", "--max-engine-restarts")]
 NumShard = Annotated[int | None, _opt("num_shard", "--num-shard")]
@@ -189,6 +192,7 @@ def serve(
     overlap_steps: OverlapSteps = None,
     shutdown_timeout: ShutdownTimeout = None,
     engine_process: EngineProcess = None,
+    engine_huge_pages: EngineHugePages = None,
     engine_step_timeout: EngineStepTimeout = None,
     max_engine_restarts: MaxEngineRestarts = None,
     num_shard: NumShard = None,

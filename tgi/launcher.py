@@ -163,6 +163,7 @@ def build_state(prepared: Prepared, metrics: Metrics | None = None) -> ServerSta
                 start,
                 step_timeout_s=config.engine_step_timeout,
                 external_ranks=launched_by_torchrun,
+                huge_pages=config.engine_huge_pages,
             )
         )
     else:

@@ -106,9 +106,30 @@ async def test_a_worker_serves_the_tokens_of_the_in_process_engine(serve: Any) -
         "linears": "f.linear",
         "layer_ops": "torch",
     }
+    # started with glibc's malloc asking for huge pages (TGI_ENGINE_HUGE_PAGES, default on)
+    environ = Path(f"/proc/{described.pid}/environ").read_bytes().split(b"\0")
+    tunables = [v for v in environ if v.startswith(b"GLIBC_TUNABLES=")]
+    assert tunables and b"glibc.malloc.hugetlb=1" in tunables[0]
     results = [await generate_then_stop(state) for state in (local, worker)]
     assert results[0] == results[1]
     assert all(len(tokens) == 12 for tokens in results[1])
+
+
+def test_worker_environments_ask_for_huge_pages_unless_told_not_to(
+    monkeypatch: pytest.MonkeyPatch, model_dir: Path
+) -> None:
+    start = worker_start(prepare(configure(model_dir)), frozenset())
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    asked = WorkerEngine(start, step_timeout_s=1.0, huge_pages=True).worker_environments()
+    assert [env["GLIBC_TUNABLES"] for env in asked] == ["glibc.malloc.hugetlb=1"]
+    plain = WorkerEngine(start, step_timeout_s=1.0).worker_environments()
+    assert ["GLIBC_TUNABLES" in env for env in plain] == [False]
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # added to
+    (env,) = WorkerEngine(start, step_timeout_s=1.0, huge_pages=True).worker_environments()
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the user's own choice
+    (env,) = WorkerEngine(start, step_timeout_s=1.0, huge_pages=True).worker_environments()
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
 
 
 async def test_a_killed_worker_fails_its_requests_and_a_fresh_one_serves_the_queue(

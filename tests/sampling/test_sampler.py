@@ -57,6 +57,19 @@ def test_greedy_rows_take_the_argmax() -> None:
         assert ids[row] == argmax[row]
 
 
+@pytest.mark.parametrize("vocab", [37, 49152])
+def test_greedy_ties_and_nan_go_to_the_first_index_as_argmax(vocab: int) -> None:
+    """The sampler's argmax (through torch.max) picks what torch.argmax picks: the
+    first of tied maxima, and a NaN over any number, at any width the kernels split."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 4, (8, vocab), generator=generator).float()  # many ties
+    logits[2, vocab - 1] = logits[2, 5] = float("nan")
+    logits[5] = 1.0  # all tied: index 0
+    ids, _ = run(logits, [SamplingParams()] * 8)
+    assert ids == logits.argmax(dim=-1).tolist()
+    assert ids[2] == 5 and ids[5] == 0
+
+
 def test_logprobs_are_the_log_softmax_of_the_chosen_token() -> None:
     logits = random_logits(4)
     params = [SamplingParams(), sampled(3), SamplingParams(), sampled(4)]

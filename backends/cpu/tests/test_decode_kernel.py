@@ -101,6 +101,28 @@ def test_rows_read_their_own_row_of_the_runners_tables(kernel: DecodeAttentionKe
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_rows_sharing_a_table_in_any_order_read_their_own_keys(
+    kernel: DecodeAttentionKernel, window: int | None
+) -> None:
+    """A thread reuses the key offsets of the table its previous row read (a prompt
+    chunk's rows share one): rows of a few tables in random order and lengths, longer
+    and shorter than the one before, each still read exactly its own keys."""
+    rng = random.Random(7)
+    torch.manual_seed(7)
+    block_size, max_blocks, num_tables = 4, 10, 3
+    keys = torch.randn(num_tables * max_blocks * block_size, 3, 64, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    tables = torch.randperm(num_tables * max_blocks).view(num_tables, max_blocks)
+    table_rows = torch.tensor([rng.randrange(num_tables) for _ in range(41)])
+    seq_lens = torch.tensor([rng.randrange(1, max_blocks * block_size) for _ in range(41)])
+    q = torch.randn(41, 9, 64, dtype=torch.bfloat16)
+    args = dict(block_size=block_size, scale=0.125, window=window, max_len=int(seq_lens.max()))
+    got = kernel(q, keys, values, tables, table_rows, seq_lens, **args)  # type: ignore[arg-type]
+    expected = _reference(q, keys, values, tables[table_rows], seq_lens, block_size, window)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=1e-2)
+
+
 def test_the_paged_engine_attends_with_the_kernel_as_with_sdpa(
     kernel: DecodeAttentionKernel, tmp_path: Path
 ) -> None:

@@ -44,8 +44,17 @@ static inline void prefetch_row(const uint16_t* row, int bytes) {
         __builtin_prefetch((const char*)row + offset, 0, 1);
 }
 
-static inline int64_t slot_of(const int64_t* table, int position, int block_size) {
-    return table[position / block_size] * block_size + position % block_size;
+/* offsets[j] = where key j's heads start in the pool (its slot times slot_stride), for
+ * j in [from, to): block by block, no division per key. */
+static void key_offsets(int64_t* offsets, const int64_t* table, int from, int to, int block_size,
+                        int64_t slot_stride) {
+    int block = from / block_size;
+    int within = from - block * block_size;
+    for (int j = from; j < to; block++, within = 0) {
+        const int64_t base = table[block] * block_size;
+        const int stop = j + (block_size - within) < to ? j + (block_size - within) : to;
+        for (int64_t slot = base + within; j < stop; j++, slot++) offsets[j] = slot * slot_stride;
+    }
 }
 
 /* q . k over D bf16 values, accumulated in float32 */
@@ -211,6 +220,10 @@ int tgi_decode_attention_bf16(
         float* top = (float*)malloc(sizeof(float) * (size_t)heads);
         float* total = (float*)malloc(sizeof(float) * (size_t)heads);
         int64_t* offsets = (int64_t*)malloc(sizeof(int64_t) * (size_t)max_len);
+        /* offsets[known_from, known_to) hold known_table's keys: a prompt chunk's rows
+         * share one table, and this thread's next row of it needs only its new keys */
+        const int64_t* known_table = NULL;
+        int known_from = 0, known_to = 0;
         const int ready =
             scores != NULL && acc != NULL && top != NULL && total != NULL && offsets != NULL;
         if (!ready) failed = 1;
@@ -233,8 +246,17 @@ int tgi_decode_attention_bf16(
             const int item_bytes = span * head_dim * (int)sizeof(uint16_t);
             const uint16_t* k_base = keys + (int64_t)h0 * head_dim;
             const uint16_t* v_base = values + (int64_t)h0 * head_dim;
-            /* where each key's heads start in the pool (a division per key, once) */
-            for (int j = first; j < len; j++) offsets[j] = slot_of(table, j, block_size) * slot_stride;
+            if (table == known_table && first >= known_from && first <= known_to) {
+                if (len > known_to) {
+                    key_offsets(offsets, table, known_to, len, block_size, slot_stride);
+                    known_to = len;
+                }
+            } else {
+                key_offsets(offsets, table, first, len, block_size, slot_stride);
+                known_table = table;
+                known_from = first;
+                known_to = len;
+            }
             for (int j = first; j < first + PREFETCH_AHEAD && j < len; j++)
                 prefetch_row(k_base + offsets[j], item_bytes);
 #ifdef TGI_DPBF16
