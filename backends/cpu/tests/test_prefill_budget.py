@@ -37,8 +37,9 @@ def test_a_short_context_gets_the_cpu_budget_with_its_reason() -> None:
         ({"max_total_tokens": 512, "max_batch_prefill_tokens": 600}, 600, "default"),
         ({"max_input_tokens": 3000, "max_total_tokens": 3100}, 3050, "derived"),
         ({}, 4145, "derived"),  # the core's default from the model's context: wider already
-        ({"max_total_tokens": 512, "max_batch_total_tokens": 1024}, 1024, "backend cpu"),
-        ({"max_total_tokens": 512, "max_batch_total_tokens": 560}, 561, "derived"),
+        # at most half the pool: a plan made ahead needs a budget's blocks free
+        ({"max_total_tokens": 512, "max_batch_total_tokens": 3000}, 1500, "backend cpu"),
+        ({"max_total_tokens": 512, "max_batch_total_tokens": 1024}, 561, "derived"),
     ],
 )
 def test_the_budget_gives_way(values: dict[str, int], expected: int, source: str) -> None:
@@ -47,7 +48,7 @@ def test_the_budget_gives_way(values: dict[str, int], expected: int, source: str
     assert config.source_of("max_batch_prefill_tokens").startswith(source)
 
 
-def test_the_generic_engine_keeps_tgis_default() -> None:
+def test_an_explicit_generic_engine_keeps_tgis_default() -> None:
     config = _validated({plugin.ENGINE_ENV: "generic"}, max_total_tokens=512)
     assert config.max_batch_prefill_tokens == 561
     assert config.source_of("max_batch_prefill_tokens").startswith("derived")

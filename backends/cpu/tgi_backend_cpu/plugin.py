@@ -52,8 +52,8 @@ ENGINE_ENV = "TGI_CPU_ENGINE"
 ENGINES = ("auto", "paged", "generic")
 # Architectures `tgi.models.llama` implements (kept here so probing imports no torch model).
 PAGED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
-# The paged engine's prefill budget when --max-batch-prefill-tokens is unset and TGI's
-# default (max_input_tokens + 50) is smaller: a CPU's GEMMs run more tokens/s on more
+# The prefill budget when --max-batch-prefill-tokens is unset and TGI's default
+# (max_input_tokens + 50) would be smaller: a CPU's GEMMs run more tokens/s on more
 # rows. SmolLM2's four linears of a layer, bf16 on oneDNN, 2 cores of an AMX Xeon:
 # 4.3 us per token at 560 rows, 2.8 at 1536, 2.6-2.7 from 1792 to 2600; a 32-stream
 # run's prompts then prefill in two steps instead of eight (docs/architecture.md).
@@ -176,17 +176,22 @@ def tgi_validate_config(config: ServeConfig) -> ServeConfig | None:
     budget = _prefill_budget(filled)
     if budget is not None:
         filled = filled.with_values(
-            f"backend {NAME} (prefill steps of up to {PREFILL_BUDGET_TOKENS} tokens)",
+            f"backend {NAME} (prefill steps of up to {budget} tokens: the CPU's GEMMs "
+            "run faster on more rows)",
             max_batch_prefill_tokens=budget,
         )
     return filled if filled is not config else None
 
 
 def _prefill_budget(config: ServeConfig) -> int | None:
-    """`PREFILL_BUDGET_TOKENS` for the paged engine where TGI's default would be smaller,
-    else None (the core derives max_input_tokens + 50): never below what one prompt
-    needs, never above --max-batch-total-tokens. Unknown until max_input_tokens is, or
-    --max-total-tokens (the core derives max_input_tokens from it)."""
+    """`PREFILL_BUDGET_TOKENS` where TGI's default would be smaller, else None (the core
+    derives max_input_tokens + 50): never below what one prompt needs, never above half
+    of --max-batch-total-tokens (a plan made ahead needs a prefill budget's blocks free
+    beside the running rows: `PagedPolicy.may_plan_ahead`). Known only where
+    max_input_tokens or --max-total-tokens is (the core derives one from the other);
+    not under TGI_CPU_ENGINE=generic. This hook runs before the model's architecture
+    is known, so a model that the generic engine runs under `auto` gets it too (it only
+    admits more prompts per step there)."""
     if config.max_batch_prefill_tokens is not None or _engine_setting(config) == "generic":
         return None
     inputs = config.max_input_tokens
@@ -196,7 +201,7 @@ def _prefill_budget(config: ServeConfig) -> int | None:
         return None
     budget = PREFILL_BUDGET_TOKENS
     if config.max_batch_total_tokens is not None:
-        budget = min(budget, config.max_batch_total_tokens)
+        budget = min(budget, config.max_batch_total_tokens // 2)
     return budget if budget > inputs + 50 else None
 
 
