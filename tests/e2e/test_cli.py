@@ -79,7 +79,7 @@ def test_config_shows_where_each_value_came_from() -> None:
     assert rows["max_total_tokens"] == {"value": 400, "source": "cli"}
     assert rows["max_input_tokens"] == {"value": 300, "source": "env MAX_INPUT_TOKENS"}
     # TGI's max_input_tokens + 50 would be 350; the cpu backend's GEMMs want more rows
-    assert rows["max_batch_prefill_tokens"]["value"] == 2048
+    assert rows["max_batch_prefill_tokens"]["value"] == 1536
     assert rows["max_batch_prefill_tokens"]["source"].startswith("backend cpu (prefill steps")
     assert rows["backend"]["value"] == "cpu"
 

@@ -55,9 +55,10 @@ PAGED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen
 # The prefill budget when --max-batch-prefill-tokens is unset and TGI's default
 # (max_input_tokens + 50) would be smaller: a CPU's GEMMs run more tokens/s on more
 # rows. SmolLM2's four linears of a layer, bf16 on oneDNN, 2 cores of an AMX Xeon:
-# 4.3 us per token at 560 rows, 2.8 at 1536, 2.6-2.7 from 1792 to 2600; a 32-stream
-# run's prompts then prefill in two steps instead of eight (docs/architecture.md).
-PREFILL_BUDGET_TOKENS = 2048
+# 4.3 us per token at 560 rows, 2.8 at 1536, 2.6-2.7 from 1792 to 2600. 1536 rather
+# than 2048: in 3 interleaved rounds at 32 streams it served as many tokens/s with a
+# lower median time to first token (625 against 748 ms; docs/architecture.md).
+PREFILL_BUDGET_TOKENS = 1536
 
 
 def _engine_setting(config: ServeConfig) -> str:
