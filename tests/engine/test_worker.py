@@ -102,9 +102,9 @@ async def test_a_worker_serves_the_tokens_of_the_in_process_engine(serve: Any) -
     # and so do the backend's own details (its attention and linears)
     assert described.details == local.router.engine.description.details
     assert described.details == {
-        "decode_attention": "sdpa",
-        "linears": "f.linear",
-        "layer_ops": "torch",
+        "decode_attention": "compiled kernel",
+        "linears": "onednn-packed",
+        "layer_ops": "compiled",
     }
     # started with glibc's malloc asking for huge pages (TGI_ENGINE_HUGE_PAGES, default on)
     environ = Path(f"/proc/{described.pid}/environ").read_bytes().split(b"\0")

@@ -52,23 +52,29 @@ def _reference(q, keys, values, tables, seq_lens, block_size, window):  # type: 
     return torch.stack(out)
 
 
+# (dtype, rtol, atol): bf16 rounds its weights and output; float32 sums in another order
+PRECISION = {torch.bfloat16: (2e-2, 1e-2), torch.float32: (1e-5, 1e-5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("seed", range(8))
 def test_the_kernel_equals_float_attention_on_random_paged_rows(
-    kernel: DecodeAttentionKernel, seed: int
+    kernel: DecodeAttentionKernel, seed: int, dtype: torch.dtype
 ) -> None:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     kv_heads, group = rng.choice([(1, 1), (3, 3), (2, 4), (4, 1)])
-    head_dim = rng.choice([64, 80, 128])
+    # 72: no vector path (not a multiple of 16); 80: bf16's scores by the scalar path
+    head_dim = rng.choice([64, 72, 80, 128])
     block_size = rng.choice([4, 16])
     rows, max_blocks = rng.randrange(1, 7), 12
     num_blocks = rows * max_blocks + 3
-    keys = torch.randn(num_blocks * block_size, kv_heads, head_dim, dtype=torch.bfloat16)
+    keys = torch.randn(num_blocks * block_size, kv_heads, head_dim, dtype=dtype)
     values = torch.randn_like(keys)
     tables = torch.randperm(num_blocks)[: rows * max_blocks].view(rows, max_blocks)
     seq_lens = torch.tensor([rng.randrange(1, max_blocks * block_size) for _ in range(rows)])
     # q as a slice of a wider tensor (the fused QKV output): rows are not contiguous
-    wide = torch.randn(rows, kv_heads * group + 2 * kv_heads, head_dim, dtype=torch.bfloat16)
+    wide = torch.randn(rows, kv_heads * group + 2 * kv_heads, head_dim, dtype=dtype)
     q = wide[:, : kv_heads * group]
     window = rng.choice([None, 5])
     got = kernel(
@@ -84,7 +90,9 @@ def test_the_kernel_equals_float_attention_on_random_paged_rows(
         max_len=int(seq_lens.max()),
     )
     expected = _reference(q, keys, values, tables, seq_lens, block_size, window)
-    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=1e-2)
+    assert got.dtype == dtype
+    rtol, atol = PRECISION[dtype]
+    torch.testing.assert_close(got.float(), expected, rtol=rtol, atol=atol)
 
 
 def test_rows_read_their_own_row_of_the_runners_tables(kernel: DecodeAttentionKernel) -> None:
@@ -123,12 +131,13 @@ def test_rows_sharing_a_table_in_any_order_read_their_own_keys(
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_paged_engine_attends_with_the_kernel_as_with_sdpa(
-    kernel: DecodeAttentionKernel, tmp_path: Path
+    kernel: DecodeAttentionKernel, tmp_path: Path, dtype: torch.dtype
 ) -> None:
-    """bf16 engines with and without the kernel: prefill, decode and mixed steps (a
-    chunk beside decode rows) agree closely; the kernel runs every step's attention,
-    one query row per token."""
+    """Engines with and without the kernel: prefill, decode and mixed steps (a chunk
+    beside decode rows) agree closely (to float32's rounding in float32); the kernel
+    runs every step's attention, one query row per token."""
     model = build_tiny_model(tmp_path / "tiny", "llama")
     calls: list[int] = []
 
@@ -145,7 +154,7 @@ def test_the_paged_engine_attends_with_the_kernel_as_with_sdpa(
 
     counted = Counted(kernel)
     engines = [
-        PagedCpuBackend(model, dtype=torch.bfloat16, kv_cache_memory=2**24, decode_kernel=k)
+        PagedCpuBackend(model, dtype=dtype, kv_cache_memory=2**24, decode_kernel=k)
         for k in (counted, None)  # type: ignore[arg-type]
     ]
     outs = [mixed_step_logits(engine) for engine in engines]
@@ -153,6 +162,10 @@ def test_the_paged_engine_attends_with_the_kernel_as_with_sdpa(
     # one kernel call per layer per step, one query row per token of the step
     assert calls == [n for n in MIXED_STEP_TOKENS for _ in range(layers)]
     for with_kernel, with_sdpa in zip(*outs, strict=True):
+        if dtype == torch.float32:
+            torch.testing.assert_close(with_kernel, with_sdpa, rtol=1e-4, atol=1e-4)
+            assert torch.equal(with_kernel.argmax(-1), with_sdpa.argmax(-1))
+            continue
         torch.testing.assert_close(with_kernel, with_sdpa, rtol=0.05, atol=0.05)
         _same_greedy_up_to_near_ties(with_kernel, with_sdpa)
 

@@ -61,11 +61,15 @@ class DtypeMeasurement:
         return f"{where} on this CPU: {verdict}; float32 vs bfloat16 linears: {timings}"
 
 
-def time_step_linears(shapes: Sequence[tuple[int, int, int]]) -> Timer:
+def time_step_linears(
+    shapes: Sequence[tuple[int, int, int]],
+    packed: Callable[[torch.dtype], bool] = lambda dtype: False,
+) -> Timer:
     """A timer of one step's linears: `shapes` are (out, in, times per step) triples.
-    Each shape runs once per repeat with random weights at the dtype and row count asked;
-    the step's time is the sum of each shape's median times its count (every layer has
-    the same shapes, so one layer is timed, not all of them: seconds even for 70B)."""
+    Each shape runs once per repeat with random weights at the dtype and row count asked,
+    packed for oneDNN where `packed(dtype)` says the engine packs them; the step's time
+    is the sum of each shape's median times its count (every layer has the same shapes,
+    so one layer is timed, not all of them: seconds even for 70B)."""
 
     def timer(rows: int, dtype: torch.dtype) -> float:
         generator = torch.Generator().manual_seed(0)
@@ -74,7 +78,7 @@ def time_step_linears(shapes: Sequence[tuple[int, int, int]]) -> Timer:
             for out, inp, times in shapes:
                 weight = torch.randn(out, inp, generator=generator).to(dtype)
                 x = torch.randn(rows, inp, generator=generator).to(dtype)
-                linear = _linear_as_run(weight)
+                linear = _linear_as_run(weight, packed(dtype))
                 linear(x)  # fault in the weight, warm the kernel
                 samples = []
                 for _ in range(_REPEATS):
@@ -87,11 +91,11 @@ def time_step_linears(shapes: Sequence[tuple[int, int, int]]) -> Timer:
     return timer
 
 
-def _linear_as_run(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The linear the engine will run for `weight`: bf16 packed for oneDNN (`_packed`)."""
-    from tgi_backend_cpu._packed import pack_weight, packed_linear, packing_available
+def _linear_as_run(weight: torch.Tensor, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The linear the engine will run for `weight`: packed for oneDNN or `F.linear`."""
+    from tgi_backend_cpu._packed import pack_weight, packed_linear
 
-    if weight.dtype == torch.bfloat16 and packing_available():
+    if pack:
         packed = pack_weight(weight)
         return lambda x: packed_linear(x, packed, None)
     return lambda x: torch.nn.functional.linear(x, weight)

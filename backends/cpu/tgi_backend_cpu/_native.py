@@ -28,7 +28,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DecodeAttentionKernel", "NativeLibrary", "load_decode_attention", "load_library"]
+__all__ = [
+    "KERNEL_DTYPES",
+    "DecodeAttentionKernel",
+    "NativeLibrary",
+    "load_decode_attention",
+    "load_library",
+]
 
 # Not -ffast-math: with -shared, GCC before 13 still links crtfastmath.o, which turns on
 # flush-to-zero for the whole process when the library loads. These are the parts the
@@ -50,18 +56,23 @@ MAX_GROUP = 32
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 
 
+# The dtypes the compiled kernels take (decode attention: q, KV and out in one of them;
+# the layer ops too), by their functions' suffix.
+KERNEL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
 @dataclass(frozen=True, slots=True)
 class DecodeAttentionKernel:
-    """The loaded library's `tgi_decode_attention_bf16`, with what built it."""
+    """The loaded library's `tgi_decode_attention_{bf16,f32}`, with what built it."""
 
-    function: ctypes._CFuncPtr  # type: ignore[name-defined]
+    functions: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
     path: Path
     build_seconds: float | None  # None: loaded from the cache
 
     def __call__(
         self,
-        q: torch.Tensor,  # [R, H, D] bf16, last dim contiguous
-        keys: torch.Tensor,  # [slots, KVH, D] bf16, contiguous
+        q: torch.Tensor,  # [R, H, D] bf16 or float32, last dim contiguous
+        keys: torch.Tensor,  # [slots, KVH, D] q's dtype, contiguous
         values: torch.Tensor,
         tables: torch.Tensor,  # [rows, max_blocks] int64, contiguous rows
         table_rows: torch.Tensor,  # [R] int64
@@ -71,15 +82,15 @@ class DecodeAttentionKernel:
         scale: float,
         window: int | None,
         max_len: int,
-    ) -> torch.Tensor:  # [R, H, D] bf16
+    ) -> torch.Tensor:  # [R, H, D] q's dtype
         rows, heads, head_dim = q.shape
-        # the C code reads raw memory: each row's heads dense, bf16, int64 indices
-        assert q.dtype == keys.dtype == values.dtype == torch.bfloat16
+        # the C code reads raw memory: each row's heads dense, one dtype, int64 indices
+        assert q.dtype == keys.dtype == values.dtype and q.dtype in self.functions
         assert q.stride(2) == 1 and q.stride(1) == head_dim and keys.is_contiguous()
         assert values.is_contiguous() and tables.stride(1) == 1
         assert table_rows.is_contiguous() and seq_lens.is_contiguous()
         out = torch.empty((rows, heads, head_dim), dtype=q.dtype)
-        failed = self.function(
+        failed = self.functions[q.dtype](
             q.data_ptr(),
             q.stride(0),
             keys.data_ptr(),
@@ -168,11 +179,14 @@ def load_decode_attention(
     loaded, how = load_library(cache_dir, cpu_key, "decode_attention")
     if loaded is None:
         return None, how
-    function = loaded.library.tgi_decode_attention_bf16
-    function.restype = _I
-    function.argtypes = [_P, _L, _P, _P, _P, _P, _L, _P, _P, _I, _I, _I, _I, _I,
-                         ctypes.c_float, _I, _I, _I]  # fmt: skip
-    return DecodeAttentionKernel(function, loaded.path, loaded.build_seconds), how
+    functions = {}
+    for dtype, suffix in KERNEL_DTYPES.items():
+        function = getattr(loaded.library, f"tgi_decode_attention_{suffix}")
+        function.restype = _I
+        function.argtypes = [_P, _L, _P, _P, _P, _P, _L, _P, _P, _I, _I, _I, _I, _I,
+                             ctypes.c_float, _I, _I, _I]  # fmt: skip
+        functions[dtype] = function
+    return DecodeAttentionKernel(functions, loaded.path, loaded.build_seconds), how
 
 
 def _build(compiler: str, source: bytes, headers: dict[str, bytes], path: Path) -> str | None:

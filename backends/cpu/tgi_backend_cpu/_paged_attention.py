@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from tgi.runner import KvPool, StepLayout, StepRows, build_step
 from tgi_backend_cpu._layer_ops import CpuLayerOps
-from tgi_backend_cpu._native import DecodeAttentionKernel
+from tgi_backend_cpu._native import KERNEL_DTYPES, DecodeAttentionKernel
 
 __all__ = [
     "CpuPagedAttention",
@@ -337,11 +337,11 @@ class CpuPagedAttention:
         kernel: DecodeAttentionKernel | None = None,
         layer_ops: CpuLayerOps | None = None,
     ) -> None:
-        """`kernel`: every step's attention runs it (bf16 pools only); `dense` is then
-        not read.
+        """`kernel`: every step's attention runs it (bf16 and float32 pools); `dense` is
+        then not read.
         `layer_ops`: its `write_kv` stores each step's k/v (one call, not two copies)."""
-        if kernel is not None and pool.dtype != torch.bfloat16:
-            raise ValueError(f"the decode kernel reads bf16 KV, not {pool.dtype}")
+        if kernel is not None and pool.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"the decode kernel reads bf16 or float32 KV, not {pool.dtype}")
         self.pool = pool
         self.kernel = kernel
         self.layer_ops = layer_ops

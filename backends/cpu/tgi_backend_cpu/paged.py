@@ -37,8 +37,13 @@ from tgi_backend_cpu._host import (
     read_cpu_info,
 )
 from tgi_backend_cpu._layer_ops import CpuLayerOps, load_layer_ops
-from tgi_backend_cpu._native import DecodeAttentionKernel, load_decode_attention
-from tgi_backend_cpu._packed import PackedLinear, pack_linears_, packing_available
+from tgi_backend_cpu._native import KERNEL_DTYPES, DecodeAttentionKernel, load_decode_attention
+from tgi_backend_cpu._packed import (
+    PACKED_DTYPES,
+    PackedLinear,
+    pack_linears_,
+    packing_available,
+)
 from tgi_backend_cpu._paged_attention import CpuPagedAttention, DenseRows
 
 if TYPE_CHECKING:
@@ -78,11 +83,14 @@ class CpuDevice:
         host_ranks: int = 1,
         decode_kernel: DecodeAttentionKernel | None = None,
         layer_ops: CpuLayerOps | None = None,
+        pack_float32: bool = True,
     ) -> None:
         """`kv_cache_memory`: the pool's budget in bytes, None: a share of MemAvailable
         (split between the `host_ranks` ranks on this host); `dense_kv_bytes`: the dense
         copy's budget, None: as many bytes as the pool, 0: off; `layer_ops`: compiled
-        norms, rotary, SiLU-multiply and KV writes for bf16 models."""
+        norms, rotary, SiLU-multiply and KV writes for bf16 and float32 models;
+        `pack_float32`: float32 linears by oneDNN too (`_packed`'s NOTE), False keeps
+        MKL's `F.linear`."""
         self.host_ranks = host_ranks
         self.kv_dtype = kv_dtype
         self.quantize = quantize
@@ -91,13 +99,18 @@ class CpuDevice:
         self.decode_kernel = decode_kernel
         self.layer_ops = layer_ops
         self.meminfo = meminfo
+        self.pack_float32 = pack_float32
 
     def prepare_model(self, model: LlamaForCausalLM) -> ModelForward:
-        """Quantize the linears if asked, else pack bf16 ones for oneDNN (`_packed`);
-        bf16 layers get the compiled layer ops; the model itself runs each step (eager)."""
-        if self.quantize is None and model.dtype == torch.bfloat16 and packing_available():
-            logger.info("paged cpu engine packed %d bf16 linears for oneDNN", pack_linears_(model))
-        if self.layer_ops is not None and model.dtype == torch.bfloat16:
+        """Quantize the linears if asked, else pack them for oneDNN (`_packed`); bf16 and
+        float32 layers get the compiled layer ops; the model itself runs each step (eager)."""
+        if self.quantize is None and _packs(model.dtype, self.pack_float32):
+            logger.info(
+                "paged cpu engine packed %d %s linears for oneDNN",
+                pack_linears_(model, model.dtype),
+                str(model.dtype).removeprefix("torch."),
+            )
+        if self.layer_ops is not None and model.dtype in KERNEL_DTYPES:
             model.ops = self.layer_ops
         if self.quantize is not None:
             # Decode reads the quantized weights; prefill (48+ rows, where the int kernels
@@ -169,12 +182,14 @@ class PagedCpuBackend(RunnerBackend):
         group: ShardGroup | None = None,
         decode_kernel: DecodeAttentionKernel | None = None,
         layer_ops: CpuLayerOps | None = None,
+        pack_float32: bool = True,
     ) -> None:
         """Load a Llama-family checkpoint (dir, ModelFiles or .gguf); quantize if asked.
 
         `kv_cache_memory` is the pool's budget in bytes (`ServeConfig.kv_cache_memory`);
         None sizes the pool from MemAvailable at warmup. `group`: load this rank's shard
         (`tgi.parallel`); every rank's budget is its own, the pool the smallest.
+        `pack_float32`: see `CpuDevice`.
         """
         if quantize is not None and quantize not in ("int8", "int4"):
             raise ConfigError(f"--quantize {quantize} is not supported by the cpu backend")
@@ -189,8 +204,11 @@ class PagedCpuBackend(RunnerBackend):
         self.dtype = dtype
         self.dtype_reason: str | None = None  # why this dtype, when the backend chose it
         self.kv_dtype = kv_dtype or dtype
-        if decode_kernel is not None and (dtype, self.kv_dtype) != (torch.bfloat16,) * 2:
-            raise ConfigError(f"the decode kernel runs bf16 models and KV, not {dtype}")
+        if decode_kernel is not None and (dtype != self.kv_dtype or dtype not in KERNEL_DTYPES):
+            raise ConfigError(
+                f"the decode kernel runs bf16 or float32 models with KV of their dtype, not "
+                f"{dtype} with {self.kv_dtype} KV"
+            )
         self.device = CpuDevice(
             kv_dtype=self.kv_dtype,
             quantize=quantize,
@@ -200,6 +218,7 @@ class PagedCpuBackend(RunnerBackend):
             decode_kernel=decode_kernel,
             layer_ops=layer_ops,
             host_ranks=_host_ranks(group),
+            pack_float32=pack_float32,
         )
         self.runner = PagedModelRunner(loaded, self.device, block_size=BLOCK_SIZE)
         logger.info(
@@ -227,9 +246,10 @@ class PagedCpuBackend(RunnerBackend):
             threads = max(1, threads // world_size)
             threads_why = f"{threads_why}, shared by {world_size} ranks"
         torch.set_num_threads(threads)  # before measuring: the dtype is timed as it will run
+        pack_float32 = bool(config.backend_options.get("onednn_float32", True))
         asked = config.dtype if config.source_of("dtype") != "backend cpu" else None
         if asked is None and config.quantize is None:
-            dtype = _measured_dtype(config, model, cpu, threads, group)
+            dtype = _measured_dtype(config, model, cpu, threads, group, pack_float32)
         else:
             dtype = choose_dtype(asked, cpu, quantized=config.quantize is not None)
         logger.info("paged cpu engine computes in %s because %s", dtype.dtype, dtype.reason)
@@ -237,14 +257,14 @@ class PagedCpuBackend(RunnerBackend):
         kv_dtype = _DTYPES[config.kv_cache_dtype] if config.kv_cache_dtype else None
         kernel, layer_ops = None, None
         cpu_key = f"{cpu.model_name}|{','.join(sorted(cpu.flags))}"
-        bf16 = dtype.dtype == torch.bfloat16 and (kv_dtype or dtype.dtype) == torch.bfloat16
-        if bf16 and config.backend_options.get("decode_kernel", True):
+        kernel_dtype = dtype.dtype in KERNEL_DTYPES and (kv_dtype or dtype.dtype) == dtype.dtype
+        if kernel_dtype and config.backend_options.get("decode_kernel", True):
             kernel, how = load_decode_attention(config.resolved_cache_dir, cpu_key)
             logger.info(
                 "paged cpu engine decode attention: %s",
                 f"compiled kernel, {how}" if kernel else f"SDPA ({how})",
             )
-        if dtype.dtype == torch.bfloat16 and config.backend_options.get("layer_kernels", True):
+        if dtype.dtype in KERNEL_DTYPES and config.backend_options.get("layer_kernels", True):
             layer_ops, how = load_layer_ops(config.resolved_cache_dir, cpu_key)
             logger.info(
                 "paged cpu engine layer ops: %s",
@@ -260,6 +280,7 @@ class PagedCpuBackend(RunnerBackend):
             group=group,
             decode_kernel=kernel,
             layer_ops=layer_ops,
+            pack_float32=pack_float32,
         )
         backend.dtype_reason = dtype.reason
         return backend
@@ -297,6 +318,7 @@ def _measured_dtype(
     cpu: CpuInfo,
     threads: int,
     group: ShardGroup | None,
+    pack_float32: bool,
 ) -> DtypeChoice:
     """float32 or bfloat16, by timing this model's linears on this CPU (`_dtype_probe`'s
     NOTE), cached; with several ranks rank 0 decides for all (they must agree)."""
@@ -327,14 +349,21 @@ def _measured_dtype(
             "flags": sorted(cpu.flags),
             "torch": torch.__version__,
             "threads": threads,
-            "bf16_linears": "onednn-packed" if packing_available() else "plain",
+            "bf16_linears": "onednn-packed" if _packs(torch.bfloat16, pack_float32) else "plain",
+            "float32_linears": "onednn-packed" if _packs(torch.float32, pack_float32) else "plain",
             "shapes": shapes,
         }
     )
-    measurement = choose_by_measurement(
-        time_step_linears(shapes), config.resolved_cache_dir / "cpu-dtype" / key
-    )
+    timer = time_step_linears(shapes, packed=lambda dtype: _packs(dtype, pack_float32))
+    measurement = choose_by_measurement(timer, config.resolved_cache_dir / "cpu-dtype" / key)
     choice = DtypeChoice(_DTYPES[measurement.dtype], measurement.reason())
     if group is not None:
         group.broadcast_bytes(f"{measurement.dtype}\n{choice.reason}".encode())
     return choice
+
+
+def _packs(dtype: torch.dtype, pack_float32: bool) -> bool:
+    """Whether the engine runs `dtype`'s linears packed for oneDNN (`_packed`)."""
+    if dtype == torch.float32 and not pack_float32:
+        return False
+    return dtype in PACKED_DTYPES and packing_available(dtype)

@@ -119,15 +119,22 @@ def tgi_backend_options() -> BackendOptions:
         flags=(
             BackendFlag(
                 "decode_kernel",
-                "bf16 attention (decode rows and prompt chunks) by the compiled kernel "
+                "bf16 and float32 attention (decode rows and prompt chunks) by the compiled kernel "
                 "(built once with the C compiler on the PATH); false keeps SDPA",
                 type=bool,
                 default=True,
             ),
             BackendFlag(
                 "layer_kernels",
-                "bf16 RMSNorm, rotary, SiLU-multiply and KV writes by compiled kernels "
+                "bf16 and float32 RMSNorm, rotary, SiLU-multiply and KV writes by compiled kernels "
                 "(built once with the C compiler on the PATH); false keeps torch's ops",
+                type=bool,
+                default=True,
+            ),
+            BackendFlag(
+                "onednn_float32",
+                "float32 linears by oneDNN with weights packed once (MKL's GEMM is ~2.7x "
+                "slower on AMD CPUs); false keeps F.linear and MKL's exact bits",
                 type=bool,
                 default=True,
             ),
