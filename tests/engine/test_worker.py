@@ -101,11 +101,7 @@ async def test_a_worker_serves_the_tokens_of_the_in_process_engine(serve: Any) -
     assert described.dtype_reason == "--dtype float32 was asked for"
     # and so do the backend's own details (its attention and linears)
     assert described.details == local.router.engine.description.details
-    assert described.details == {
-        "decode_attention": "compiled kernel",
-        "linears": "onednn-packed",
-        "layer_ops": "compiled",
-    }
+    assert set(described.details) == {"decode_attention", "linears", "layer_ops"}
     # started with glibc's malloc asking for huge pages (TGI_ENGINE_HUGE_PAGES, default on)
     environ = Path(f"/proc/{described.pid}/environ").read_bytes().split(b"\0")
     tunables = [v for v in environ if v.startswith(b"GLIBC_TUNABLES=")]

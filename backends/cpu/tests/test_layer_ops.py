@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -38,6 +39,22 @@ def _norm(size: int, dtype: torch.dtype = BF16) -> RMSNorm:
     return norm.to(dtype)
 
 
+def _compiled_calls(
+    monkeypatch: pytest.MonkeyPatch, functions: dict[torch.dtype, Any], dtype: torch.dtype
+) -> list[int]:
+    """Counts the calls of `dtype`'s C function: a silent fall back to torch would pass
+    the comparisons alone."""
+    calls: list[int] = []
+    function = functions[dtype]
+
+    def counted(*args: Any) -> int:
+        calls.append(1)
+        return int(function(*args))
+
+    monkeypatch.setitem(functions, dtype, counted)
+    return calls
+
+
 def _within_one_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
     """bf16 values equal, or one bf16 step apart (a float32 sum taken in another order
     can round the other way); near zero, within 1e-6 (torch's bf16 RMSNorm, a layer_norm
@@ -57,7 +74,10 @@ DTYPES = [BF16, torch.float32]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 7, 200])  # 200 x 576: threads share the rows
-def test_add_rms_norm_equals_torchs(ops: CpuLayerOps, rows: int, dtype: torch.dtype) -> None:
+def test_add_rms_norm_equals_torchs(
+    ops: CpuLayerOps, rows: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _compiled_calls(monkeypatch, ops._norm, dtype)
     torch.manual_seed(rows)
     norm = _norm(576, dtype)
     hidden, delta = torch.randn(rows, 576, dtype=dtype), torch.randn(rows, 576, dtype=dtype)
@@ -68,12 +88,17 @@ def test_add_rms_norm_equals_torchs(ops: CpuLayerOps, rows: int, dtype: torch.dt
     alone, normed = ops.add_rms_norm(hidden, None, norm)
     assert alone is hidden
     _within_one_rounding(normed, TORCH_LAYER_OPS.add_rms_norm(hidden, None, norm)[1])
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "rotary_dim"), [(1, 64), (33, 64), (300, 64), (5, 32)])
 def test_rotary_rotates_q_and_k_in_place_as_torch_does(
-    ops: CpuLayerOps, rows: int, rotary_dim: int, dtype: torch.dtype
+    ops: CpuLayerOps,
+    rows: int,
+    rotary_dim: int,
+    dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """In place in the fused QKV output (q and k heads; v left alone), bitwise torch's
     in bf16 (float32: to its rounding, a multiply-add may be fused or not); a partial
@@ -88,7 +113,9 @@ def test_rotary_rotates_q_and_k_in_place_as_torch_does(
     qk_size = (heads + kv_heads) * head_dim
     want = TORCH_LAYER_OPS.rotary(qkv[:, :qk_size].view(rows, -1, head_dim), cos, sin)
     inplace = qkv.clone()
+    calls = _compiled_calls(monkeypatch, ops._rotary, dtype)
     got = ops.rotary(inplace[:, :qk_size].view(rows, -1, head_dim), cos, sin)
+    assert calls == [1]
     assert got.data_ptr() == inplace.data_ptr()
     if dtype == BF16:
         assert torch.equal(got, want)
@@ -98,17 +125,22 @@ def test_rotary_rotates_q_and_k_in_place_as_torch_does(
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 32, 100])
-def test_silu_mul_equals_torchs(ops: CpuLayerOps, rows: int, dtype: torch.dtype) -> None:
+def test_silu_mul_equals_torchs(
+    ops: CpuLayerOps, rows: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _compiled_calls(monkeypatch, ops._silu_mul, dtype)
     torch.manual_seed(rows)
     gate_up = torch.randn(rows, 2 * 1000, dtype=dtype) * 4  # 1000: a tail past 16-wide
     gate_up[0, :6] = torch.tensor([-100.0, -89.0, 0.0, 89.0, 100.0, -0.0])  # exp's edges
     _within_one_rounding(ops.silu_mul(gate_up), TORCH_LAYER_OPS.silu_mul(gate_up))
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_write_kv_equals_index_copy_and_refuses_a_slot_outside_the_pool(
-    ops: CpuLayerOps, dtype: torch.dtype
+    ops: CpuLayerOps, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    calls = _compiled_calls(monkeypatch, ops._write_kv, dtype)
     torch.manual_seed(0)
     qkv = torch.randn(4, (9 + 6) * 64, dtype=dtype).view(4, 15, 64)
     k, v = qkv[:, 9:12], qkv[:, 12:]  # strided rows, as the layer hands them
@@ -122,6 +154,7 @@ def test_write_kv_equals_index_copy_and_refuses_a_slot_outside_the_pool(
     with pytest.raises(IndexError):
         ops.write_kv(k, v, pool_k, pool_v, torch.tensor([1, 2, 32, 3]))
     assert torch.equal(pool_k, want_k)  # checked before anything is written
+    assert calls == [1, 1]  # the refusal came from the C function, not index_copy_
 
 
 def test_what_the_kernels_do_not_take_goes_to_torch(ops: CpuLayerOps) -> None:

@@ -4,7 +4,9 @@ does not (exactly in bf16, the same greedy tokens in float32)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +19,21 @@ from tgi_backend_cpu._packed import PackedLinear, pack_linears_
 from tgi_backend_cpu.paged import PagedCpuBackend
 from torch import nn
 
+from tgi.config import ServeConfig
+from tgi.models.source import ModelFiles, ModelKind
 from tgi.testing.ranks import greedy_steps
 from tgi.testing.tiny_models import build_tiny_model
 
-pytestmark = pytest.mark.skipif(not _packed.packing_available(), reason="no oneDNN here")
+pytestmark = pytest.mark.skipif(
+    not _packed.packing_available(torch.float32), reason="no oneDNN here"
+)
+# bf16 packing needs the CPU's bf16 path too (AVX512-BW/VL/DQ or AVX-NE-CONVERT)
+needs_bf16 = pytest.mark.skipif(
+    not _packed.packing_available(torch.bfloat16), reason="no oneDNN bf16 path on this CPU"
+)
 
 
+@needs_bf16
 @pytest.mark.parametrize("rows", [1, 7, 32, 130])
 @pytest.mark.parametrize(("out", "inp", "bias"), [(960, 576, False), (576, 1536, True)])
 def test_a_packed_linear_gives_f_linears_bits(rows: int, out: int, inp: int, bias: bool) -> None:
@@ -33,6 +44,7 @@ def test_a_packed_linear_gives_f_linears_bits(rows: int, out: int, inp: int, bia
         assert torch.equal(PackedLinear(linear)(x), F.linear(x, linear.weight, linear.bias))
 
 
+@needs_bf16
 def test_every_bf16_linear_is_packed_and_a_tied_embedding_stays_plain() -> None:
     model = nn.ModuleDict(
         {
@@ -75,6 +87,7 @@ def test_a_cpu_without_onednns_bf16_path_keeps_f_linear() -> None:
     assert done.stdout.strip() == "True"  # oneDNN's float32 path needs no bf16 ISA
 
 
+@needs_bf16
 def test_a_packing_engine_answers_exactly_as_a_plain_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,4 +126,41 @@ def test_a_float32_engine_packs_unless_told_not_to_and_keeps_its_greedy_tokens(
     (packed_tokens, packed_logits), (plain_tokens, plain_logits) = run(True), run(False)
     assert packed_tokens == plain_tokens
     torch.testing.assert_close(packed_logits, plain_logits, rtol=1e-4, atol=1e-4)
-    assert not torch.equal(packed_logits, plain_logits)  # oneDNN's GEMM, not MKL's
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no cc")
+def test_float32_from_config_runs_onednn_and_the_kernels_where_the_cpu_has_avx512(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--dtype float32` packs the linears unless `onednn_float32=false`; the compiled
+    attention and layer ops come with AVX-512 only (their float32 loops are scalar
+    without it)."""
+    model_dir = build_tiny_model(tmp_path / "tiny", "llama")
+    files = ModelFiles("tiny", ModelKind.LOCAL_DIR, model_dir, "LlamaForCausalLM", 512, None)
+    host = paged.read_cpu_info()
+
+    def details(flags: frozenset[str], **options: bool) -> dict[str, str]:
+        cpu = dataclasses.replace(host, flags=flags)
+        monkeypatch.setattr(paged, "read_cpu_info", lambda: cpu)
+        config = ServeConfig(
+            dtype="float32", cpu_threads=1, cache_dir=str(tmp_path / "cache"),
+            backend_options=options,
+        )  # fmt: skip
+        backend = PagedCpuBackend.from_config(config, files)
+        try:
+            return backend.engine_details
+        finally:
+            backend.close()
+
+    with_avx512 = frozenset({"avx2", "avx512f"})
+    assert details(with_avx512) == {
+        "decode_attention": "compiled kernel",
+        "linears": "onednn-packed",
+        "layer_ops": "compiled",
+    }
+    assert details(frozenset({"avx2"})) == {
+        "decode_attention": "sdpa",
+        "linears": "onednn-packed",
+        "layer_ops": "torch",
+    }
+    assert details(with_avx512, onednn_float32=False)["linears"] == "f.linear"

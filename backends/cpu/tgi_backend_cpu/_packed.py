@@ -13,7 +13,9 @@ MKL against 29.8 ms packed for oneDNN (15.6 against 9.2 ms at one row; 2571 agai
 1147 ms for 1536 rows); on an Intel Xeon with AMX oneDNN was ~12% faster. So float32 is
 packed too. Its last bits differ from MKL's (and from transformers' CPU path, which is
 MKL's): ~1e-6 of the values, which moves greedy output only at a near-tie.
-`--backend-option onednn_float32=false` keeps `F.linear` and MKL's exact bits.
+`--backend-option onednn_float32=false` keeps `F.linear` and MKL's exact bits (the
+compiled attention and layer ops have their own flags, `decode_kernel` and
+`layer_kernels`).
 """
 
 from __future__ import annotations

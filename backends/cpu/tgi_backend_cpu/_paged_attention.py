@@ -19,7 +19,7 @@ The mask is causal by absolute position (so chunked prefill, cached prefixes and
 decode rows all work) and, per layer, limited to a sliding window. Padded keys are masked;
 padded queries attend to key 0 only and their outputs are dropped.
 
-With the compiled attention kernel (`_native`, bf16 models), every step skips SDPA and
+With the compiled attention kernel (`_native`, bf16 and float32 models), every step skips SDPA and
 the dense copy altogether: the kernel reads each row's keys in place through its block
 table (`KernelMetadata`), and a row of several tokens (a prompt chunk, drafts) is one
 query row per token, each seeing the keys up to its own position (causal by

@@ -257,14 +257,18 @@ class PagedCpuBackend(RunnerBackend):
         kv_dtype = _DTYPES[config.kv_cache_dtype] if config.kv_cache_dtype else None
         kernel, layer_ops = None, None
         cpu_key = f"{cpu.model_name}|{','.join(sorted(cpu.flags))}"
-        kernel_dtype = dtype.dtype in KERNEL_DTYPES and (kv_dtype or dtype.dtype) == dtype.dtype
+        # float32's kernels vectorise with AVX-512 only; without it torch's ops are faster
+        compiled = dtype.dtype == torch.bfloat16 or (
+            dtype.dtype == torch.float32 and "avx512f" in cpu.flags
+        )
+        kernel_dtype = compiled and (kv_dtype or dtype.dtype) == dtype.dtype
         if kernel_dtype and config.backend_options.get("decode_kernel", True):
             kernel, how = load_decode_attention(config.resolved_cache_dir, cpu_key)
             logger.info(
                 "paged cpu engine decode attention: %s",
                 f"compiled kernel, {how}" if kernel else f"SDPA ({how})",
             )
-        if dtype.dtype in KERNEL_DTYPES and config.backend_options.get("layer_kernels", True):
+        if compiled and config.backend_options.get("layer_kernels", True):
             layer_ops, how = load_layer_ops(config.resolved_cache_dir, cpu_key)
             logger.info(
                 "paged cpu engine layer ops: %s",

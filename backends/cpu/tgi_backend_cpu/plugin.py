@@ -133,8 +133,9 @@ def tgi_backend_options() -> BackendOptions:
             ),
             BackendFlag(
                 "onednn_float32",
-                "float32 linears by oneDNN with weights packed once (MKL's GEMM is ~2.7x "
-                "slower on AMD CPUs); false keeps F.linear and MKL's exact bits",
+                "float32 linears by oneDNN with weights packed once (MKL's GEMM was up to "
+                "2.7x slower on an AMD EPYC); false keeps F.linear and MKL's bits (with "
+                "decode_kernel=false layer_kernels=false: torch's float32 path throughout)",
                 type=bool,
                 default=True,
             ),
