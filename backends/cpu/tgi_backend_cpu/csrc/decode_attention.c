@@ -105,16 +105,6 @@ static inline __m512 sum16(const __m512 v[16]) {
 #define KV_WEIGHT(f) round_bf16(f)
 #define KV_WEIGHT16(v) round_bf16x16(v)
 #include "decode_attention_impl.h"
-#undef KV_T
-#undef KV_NAME
-#undef KV_FAST
-#undef KV_SCORE_STEP
-#undef KV_SCORE_FMA
-#undef KV_LOAD16
-#undef KV_TO_F32
-#undef KV_FROM_F32
-#undef KV_WEIGHT
-#undef KV_WEIGHT16
 
 /* float32: fused multiply-adds of 16 values; nothing rounded */
 #define KV_T float
@@ -132,13 +122,3 @@ static inline __m512 sum16(const __m512 v[16]) {
 #define KV_WEIGHT(f) (f)
 #define KV_WEIGHT16(v) (v)
 #include "decode_attention_impl.h"
-#undef KV_T
-#undef KV_NAME
-#undef KV_FAST
-#undef KV_SCORE_STEP
-#undef KV_SCORE_FMA
-#undef KV_LOAD16
-#undef KV_TO_F32
-#undef KV_FROM_F32
-#undef KV_WEIGHT
-#undef KV_WEIGHT16

@@ -9,7 +9,7 @@
  *   KV_TO_F32, KV_FROM_F32   one element to and from float32
  *   KV_WEIGHT, KV_WEIGHT16   a softmax weight as it multiplies the values (bf16: rounded
  *                        to bf16, as torch's flash attention does; float32: unchanged)
- * and undefines them after. */
+ * It undefines them at its end, ready for the next dtype. */
 
 /* q . k over D values, accumulated in float32 */
 static inline float KV_NAME(dot)(const KV_T* q, const KV_T* k, int dim) {
@@ -308,3 +308,14 @@ int KV_NAME(tgi_decode_attention)(
     }
     return failed;
 }
+
+#undef KV_T
+#undef KV_NAME
+#undef KV_FAST
+#undef KV_SCORE_STEP
+#undef KV_SCORE_FMA
+#undef KV_LOAD16
+#undef KV_TO_F32
+#undef KV_FROM_F32
+#undef KV_WEIGHT
+#undef KV_WEIGHT16

@@ -36,14 +36,6 @@
 #define LO_STORE16(p, v) store_bf16x16((p), (v))
 #define LO_ROUND16(v) round_bf16x16(v)
 #include "layer_ops_impl.h"
-#undef LO_T
-#undef LO_NAME
-#undef LO_TO_F32
-#undef LO_FROM_F32
-#undef LO_ROUND
-#undef LO_LOAD16
-#undef LO_STORE16
-#undef LO_ROUND16
 
 #define LO_T float
 #define LO_NAME(x) TGI_CAT(x, f32)
@@ -54,11 +46,3 @@
 #define LO_STORE16(p, v) _mm512_storeu_ps((p), (v))
 #define LO_ROUND16(v) (v)
 #include "layer_ops_impl.h"
-#undef LO_T
-#undef LO_NAME
-#undef LO_TO_F32
-#undef LO_FROM_F32
-#undef LO_ROUND
-#undef LO_LOAD16
-#undef LO_STORE16
-#undef LO_ROUND16

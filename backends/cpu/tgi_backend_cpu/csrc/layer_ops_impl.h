@@ -4,7 +4,7 @@
  *   LO_TO_F32, LO_FROM_F32  one element to float32, and back rounded to LO_T
  *   LO_ROUND                a float32 rounded to LO_T's precision (float32: itself)
  *   LO_LOAD16, LO_STORE16, LO_ROUND16   the same, 16 at a time (AVX-512)
- * and undefines them after. */
+ * It undefines them at its end, ready for the next dtype. */
 
 /* summed = hidden + delta (rounded to LO_T; skipped when delta is NULL), then
  * normed = RMSNorm(summed) * weight: the mean of squares in float32, the weight applied
@@ -112,3 +112,12 @@ int LO_NAME(tgi_write_kv)(const LO_T* k, int64_t k_stride, const LO_T* v, int64_
     }
     return 0;
 }
+
+#undef LO_T
+#undef LO_NAME
+#undef LO_TO_F32
+#undef LO_FROM_F32
+#undef LO_ROUND
+#undef LO_LOAD16
+#undef LO_STORE16
+#undef LO_ROUND16
